@@ -1,0 +1,178 @@
+"""Typed, frozen config sections. Field comments are the documentation.
+
+Every field has a default, so a YAML file only names what it changes. Allowed
+values for string enums live in ``CHOICES``; cross-field rules live in
+``asura.config.validate``. Nothing here imports JAX: configs are validated
+before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 0  # grouped-query attention; 0 = n_heads
+    d_ff: int = 0  # MLP hidden width; 0 = 4*d_model (gelu) or 8/3*d_model rounded (swiglu)
+    n_layers: int = 2  # blocks in the shared stack
+    iterations: int = 3  # training depth (mean depth for sampled schedules)
+    max_iterations: int = 3  # size of the per-iteration parameter axis
+    extrapolation: str = "none"  # n > max_iterations: none (error) | last | cycle
+    mlp: str = "gelu"  # gelu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    injection: str = "projconcat"  # projconcat | add | none
+    iter_norm: bool = True  # per-iteration output norm h_t = LN_t(v)
+    post_norm: bool = True  # per-iteration post-block norm PostLN[t]
+    adapter: str = "none"  # none | abba | lora
+    adapter_rank: int = 4  # lora rank r, or ABBA r1
+    adapter_rank2: int = 4  # ABBA r2 (ΔW rank <= r1*r2)
+    adapter_gamma: float = 1.0  # scale of ΔW
+    adapter_targets: tuple[str, ...] = ("q", "k", "v", "o", "up", "down")
+    guidance: str = "none"  # none (final iteration only) | linear | uniform | explicit
+    guidance_weights: tuple[float, ...] = ()  # used when guidance=explicit; length max_iterations
+    qk_norm: bool = True
+    z_loss: float = 1e-4  # PaLM z-loss coefficient on logsumexp^2; 0 = off
+    ce_chunk: int = 0  # vocabulary chunk for streaming cross-entropy; 0 = whole vocabulary
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    param_dtype: str = "float32"
+    attention: str = "auto"  # auto | xla | cudnn | pallas
+    attn_block_q: int = 0  # Pallas block sizes; 0 = tuned default
+    attn_block_k: int = 0
+    remat: str = "none"  # none | block | iteration | sqrt
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return 64 * -(-(8 * self.d_model // 3) // 64)
+        return 4 * self.d_model
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    """Train-time depth schedule; each draw is a pure function of (seed, step)."""
+
+    schedule: str = "fixed"  # fixed | uniform | poisson_lognormal
+    min: int = 1  # uniform: lower bound
+    max: int = 0  # upper bound for sampled depths; 0 = model.max_iterations
+    sigma: float = 0.5  # poisson_lognormal: log-normal rate sigma (mean is model.iterations)
+    bptt_k: int = 0  # truncated backprop through the last k iterations; 0 = all
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "task"  # task | text | synthetic (on-device, for throughput)
+    task: str = "pointer_chase"  # see asura.data.tasks registry
+    difficulty: int = 3  # task knob (hops, digits, length, ...)
+    eval_difficulty: int = 0  # 0 = same as difficulty; raise it to test extrapolation
+    path: str = ""  # text: ArrayRecord shard glob from `python -m asura.data.prepare`
+    tokenizer: str = "byte"  # byte | path to tokenizers JSON | tiktoken:<encoding>
+    seq_len: int = 64
+    pack: bool = True  # first-fit packing of documents, with segment ids
+    shuffle: bool = True
+    num_epochs: int = 0  # 0 = repeat forever
+    prefetch: int = 2
+    worker_count: int = 0  # grain worker processes; 0 = in-process
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32  # global batch, in sequences
+    steps: int = 500  # optimiser steps
+    seed: int = 0
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    weight_decay: float = 0.1  # not applied to norms, biases or embeddings
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 = off
+    grad_accum: int = 1  # microbatches per optimiser step
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    eval_depths: tuple[int, ...] = ()  # depth sweep at eval; () = 1..max_iterations
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    max_nan_steps: int = 5  # consecutive non-finite steps before aborting
+    timing_skip_steps: int = 2  # compile/warm-up steps excluded from throughput
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "asura"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1 fills the remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+    # Logical axis -> mesh axes. Parameters and activations are annotated with
+    # the logical names; this table is the only place that maps them to devices.
+    rules: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "batch": ("data", "fsdp"),
+            "embed": ("fsdp",),
+            "vocab": ("tensor",),
+            "heads": ("tensor",),
+            "kv_heads": ("tensor",),
+            "mlp": ("tensor",),
+            "iteration": (),
+            "seq": (),
+            "head_dim": (),
+            "rank": (),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "asura"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def replace(self, **sections) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.extrapolation": ("none", "last", "cycle"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.injection": ("projconcat", "add", "none"),
+    "model.adapter": ("none", "abba", "lora"),
+    "model.guidance": ("none", "linear", "uniform", "explicit"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "xla", "cudnn", "pallas"),
+    "model.remat": ("none", "block", "iteration", "sqrt"),
+    "depth.schedule": ("fixed", "uniform", "poisson_lognormal"),
+    "data.source": ("task", "text", "synthetic"),
+}
+
+ADAPTER_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
+LOGICAL_AXES = ("batch", "embed", "vocab", "heads", "kv_heads", "mlp", "iteration", "seq", "head_dim", "rank")
+MESH_AXES = ("data", "fsdp", "tensor")

@@ -1,0 +1,121 @@
+"""Value and cross-field rules, checked before any JAX work.
+
+Each rule raises ConfigError with one line naming the key, the bad value and
+what is valid.
+"""
+
+from __future__ import annotations
+
+from asura.config.load import ConfigError
+from asura.config.schema import ADAPTER_TARGETS, CHOICES, LOGICAL_AXES, MESH_AXES, Config
+
+
+def _get(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _positive(cfg: Config, *keys: str, allow_zero: bool = False) -> None:
+    for k in keys:
+        v = _get(cfg, k)
+        if v < 0 or (v == 0 and not allow_zero):
+            need = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{k} must be {need}, got {v}")
+
+
+def validate(cfg: Config) -> None:
+    for key, valid in CHOICES.items():
+        v = _get(cfg, key)
+        if v not in valid:
+            raise ConfigError(f"{key}={v!r} is not valid; choose one of {', '.join(valid)}")
+
+    m, d, t = cfg.model, cfg.depth, cfg.train
+    _positive(cfg, "model.vocab_size", "model.d_model", "model.n_heads", "model.n_layers")
+    _positive(cfg, "model.iterations", "model.max_iterations", "model.norm_eps", "model.init_std")
+    _positive(cfg, "model.rope_theta")
+    _positive(cfg, "model.n_kv_heads", "model.d_ff", "model.z_loss", "model.ce_chunk", allow_zero=True)
+    _positive(cfg, "model.attn_block_q", "model.attn_block_k", allow_zero=True)
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
+    if m.d_head % 2:
+        raise ConfigError(f"head dim d_model/n_heads={m.d_head} must be even for RoPE")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    if m.iterations > m.max_iterations and m.extrapolation == "none":
+        raise ConfigError(
+            f"model.iterations={m.iterations} exceeds model.max_iterations={m.max_iterations}; "
+            "raise max_iterations or set model.extrapolation=last|cycle"
+        )
+    if m.adapter != "none":
+        _positive(cfg, "model.adapter_rank", "model.adapter_rank2")
+        if not m.adapter_targets:
+            raise ConfigError(f"model.adapter={m.adapter} needs model.adapter_targets (any of {', '.join(ADAPTER_TARGETS)})")
+    for tgt in m.adapter_targets:
+        if tgt not in ADAPTER_TARGETS:
+            raise ConfigError(f"model.adapter_targets has {tgt!r}; valid targets: {', '.join(ADAPTER_TARGETS)}")
+    if "gate" in m.adapter_targets and m.adapter != "none" and m.mlp != "swiglu":
+        raise ConfigError("model.adapter_targets has 'gate' but model.mlp=gelu has no gate projection")
+    if m.guidance == "explicit":
+        w = m.guidance_weights
+        if len(w) != m.max_iterations:
+            raise ConfigError(
+                f"model.guidance_weights has {len(w)} entries; guidance=explicit needs max_iterations={m.max_iterations}"
+            )
+        if any(x < 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
+            raise ConfigError(f"model.guidance_weights={list(w)} must be non-negative and sum to 1")
+        if any(b < a for a, b in zip(w, w[1:], strict=False)):
+            raise ConfigError(f"model.guidance_weights={list(w)} must be non-decreasing")
+    elif m.guidance_weights:
+        raise ConfigError(f"model.guidance_weights is set but model.guidance={m.guidance}; set guidance=explicit")
+    if m.ce_chunk and m.vocab_size % m.ce_chunk:
+        raise ConfigError(f"model.ce_chunk={m.ce_chunk} must divide model.vocab_size={m.vocab_size}")
+
+    depth_cap = d.max or m.max_iterations
+    if d.max < 0 or d.min < 1:
+        raise ConfigError(f"depth.min must be >= 1 and depth.max >= 0, got min={d.min} max={d.max}")
+    if depth_cap > m.max_iterations and m.extrapolation == "none":
+        raise ConfigError(
+            f"depth.max={d.max} exceeds model.max_iterations={m.max_iterations}; lower it or set model.extrapolation"
+        )
+    if d.schedule == "uniform" and d.min > depth_cap:
+        raise ConfigError(f"depth.min={d.min} exceeds depth.max={depth_cap} for the uniform schedule")
+    if d.schedule == "poisson_lognormal" and d.sigma <= 0:
+        raise ConfigError(f"depth.sigma must be > 0, got {d.sigma}")
+    if d.bptt_k < 0:
+        raise ConfigError(f"depth.bptt_k must be >= 0 (0 = full backprop), got {d.bptt_k}")
+
+    _positive(cfg, "data.seq_len", "data.difficulty")
+    _positive(cfg, "data.eval_difficulty", "data.num_epochs", "data.prefetch", "data.worker_count", allow_zero=True)
+    if cfg.data.source == "text" and not cfg.data.path:
+        raise ConfigError("data.source=text needs data.path (an ArrayRecord glob from `python -m asura.data.prepare`)")
+
+    _positive(cfg, "train.batch_size", "train.steps", "train.lr", "train.grad_accum", "train.log_every")
+    _positive(cfg, "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nan_steps")
+    _positive(cfg, "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.eval_batches", allow_zero=True)
+    _positive(cfg, "train.timing_skip_steps", "train.seed", allow_zero=True)
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
+        raise ConfigError(f"train.b1 and train.b2 must be in [0, 1), got {t.b1}, {t.b2}")
+    for depth in t.eval_depths:
+        if depth < 1 or (depth > m.max_iterations and m.extrapolation == "none"):
+            raise ConfigError(
+                f"train.eval_depths has {depth}; valid depths are 1..{m.max_iterations} "
+                "(or any depth >= 1 with model.extrapolation set)"
+            )
+
+    mesh = cfg.mesh
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got {sizes}")
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{k} must be a positive size or -1, got {v}")
+    for logical, axes in mesh.rules.items():
+        if logical not in LOGICAL_AXES:
+            raise ConfigError(f"mesh.rules has unknown logical axis {logical!r}; valid: {', '.join(LOGICAL_AXES)}")
+        for ax in axes:
+            if ax not in MESH_AXES:
+                raise ConfigError(f"mesh.rules.{logical} maps to unknown mesh axis {ax!r}; valid: {', '.join(MESH_AXES)}")
