@@ -140,7 +140,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         (elem, _ellipsis) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
         elif not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
