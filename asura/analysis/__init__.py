@@ -1,0 +1,11 @@
+"""Analysis of looped models: load, depth sweeps, per-iteration telemetry, early exit, plots.
+
+    load           load(path, step=None) -> Loaded(model, cfg, step, workdir)
+    depth          evaluate_depths, logits_at, model_telemetry, batches_telemetry
+    telemetry      pure telemetry over latents [S, B, T, D] + a head fn -> {key: [B, T, n]}
+    exits          Huginn-style exit criteria and accuracy-vs-mean-depth curves
+    plots          matplotlib helpers returning Figures
+    sweep_results  read a `python -m asura.sweep` directory
+
+Submodules are imported explicitly (they pull in JAX / matplotlib).
+"""

@@ -1,0 +1,173 @@
+"""Embedded reasoning tasks: offline, deterministic, random-access by (seed, stream, index).
+
+Every example is ASCII text ``prompt + answer + "\\n"`` tokenised byte-for-byte
+(token id = byte value), so a model vocabulary of 128 covers every task. The
+answer tokens (including the closing newline, so the model learns to stop) are
+the only ones scored. Pure numpy; no grain, no JAX.
+
+Difficulty knobs (``data.difficulty``):
+  pointer_chase  k hops: follow k assignments ``a=b;b=c;c=7;`` from the query variable to a digit
+  addition       n digits per operand (fixed width, zero padded); answer has n+1 digits
+  parity         n bits; answer is the XOR of all bits
+  reverse        n letters; answer is the string reversed
+  modular_arith  n terms of ``+``/``-`` digits mod 10 (sequential state tracking)
+"""
+
+from __future__ import annotations
+
+import itertools
+import string
+from dataclasses import dataclass
+
+import numpy as np
+
+TRAIN_STREAM = 0
+EVAL_STREAM = 1
+_LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str  # without the trailing newline
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer + "\n"
+
+    def encode(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens_L int32, answer_L bool): bytes, and which of them are scored."""
+        tokens_L = np.frombuffer(self.text.encode("ascii"), dtype=np.uint8).astype(np.int32)
+        answer_L = np.zeros(len(tokens_L), dtype=bool)
+        answer_L[len(self.prompt) :] = True
+        return tokens_L, answer_L
+
+
+class Task:
+    """A task is a pure generator: (rng, difficulty) -> Example, with a known maximum length."""
+
+    name: str = ""
+    vocab_size_needed: int = 128  # ASCII
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        raise NotImplementedError
+
+    def max_len(self, difficulty: int) -> int:
+        """Upper bound on the example length in tokens (all tasks here are fixed length)."""
+        raise NotImplementedError
+
+    def check_difficulty(self, difficulty: int) -> None:
+        if difficulty < 1:
+            raise ValueError(f"task {self.name}: difficulty must be >= 1, got {difficulty}")
+
+
+class PointerChase(Task):
+    """Shuffled assignments; the query's chain has k hops, a distractor chain has k too."""
+
+    name = "pointer_chase"
+
+    def check_difficulty(self, difficulty: int) -> None:
+        super().check_difficulty(difficulty)
+        if 2 * difficulty > len(_LETTERS):
+            raise ValueError(f"task pointer_chase: difficulty (hops) must be <= 13 (26 names), got {difficulty}")
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        k = difficulty
+        names = [_LETTERS[i] for i in rng.permutation(len(_LETTERS))[: 2 * k]]
+        value, other = rng.permutation(10)[:2]  # distinct values: the distractor never agrees
+        stmts = []
+        for chain, val in ((names[:k], value), (names[k:], other)):
+            stmts += [f"{a}={b};" for a, b in itertools.pairwise(chain)] + [f"{chain[-1]}={val};"]
+        order = rng.permutation(len(stmts))
+        return Example("".join(stmts[i] for i in order) + f"{names[0]}?", str(value))
+
+    def max_len(self, difficulty: int) -> int:
+        return 8 * difficulty + 4
+
+
+class Addition(Task):
+    name = "addition"
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        n = difficulty
+        a, b = (int("".join(map(str, rng.integers(0, 10, size=n)))) for _ in range(2))
+        return Example(f"{a:0{n}d}+{b:0{n}d}=", f"{a + b:0{n + 1}d}")
+
+    def max_len(self, difficulty: int) -> int:
+        return 3 * difficulty + 4
+
+
+class Parity(Task):
+    name = "parity"
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        bits = rng.integers(0, 2, size=difficulty)
+        return Example("".join(map(str, bits)) + "=", str(int(bits.sum()) % 2))
+
+    def max_len(self, difficulty: int) -> int:
+        return difficulty + 3
+
+
+class Reverse(Task):
+    name = "reverse"
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        s = "".join(_LETTERS[i] for i in rng.integers(0, len(_LETTERS), size=difficulty))
+        return Example(s + ">", s[::-1])
+
+    def max_len(self, difficulty: int) -> int:
+        return 2 * difficulty + 2
+
+
+class ModularArith(Task):
+    """``3+4-8+1=`` evaluated mod 10: n operations applied left to right to a start digit."""
+
+    name = "modular_arith"
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        digits = rng.integers(0, 10, size=difficulty + 1)
+        ops = rng.choice(["+", "-"], size=difficulty)
+        acc = int(digits[0])
+        for op, d in zip(ops, digits[1:]):
+            acc = (acc + int(d)) % 10 if op == "+" else (acc - int(d)) % 10
+        body = str(digits[0]) + "".join(f"{op}{d}" for op, d in zip(ops, digits[1:]))
+        return Example(body + "=", str(acc))
+
+    def max_len(self, difficulty: int) -> int:
+        return 2 * difficulty + 4
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (PointerChase, Addition, Parity, Reverse, ModularArith)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown data.task {name!r}; valid: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+def example_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """Independent generator per (seed, stream, index): examples are random-access and streams disjoint.
+
+    Counter-based Philox: (seed, stream) is the key and the index sits in the second counter word, so
+    streams never overlap (each example draws far fewer than 2**64 blocks); ~3x cheaper than SeedSequence.
+    """
+    mask = (1 << 64) - 1
+    return np.random.Generator(
+        np.random.Philox(key=[int(seed) & mask, int(stream) & mask], counter=[0, int(index), 0, 0])
+    )
+
+
+def make_example(task: Task, difficulty: int, seed: int, stream: int, index: int) -> Example:
+    return task.generate(example_rng(seed, stream, index), difficulty)
+
+
+def check_fits(task: Task, difficulty: int, seq_len: int, what: str = "data.difficulty") -> None:
+    """Raise if an example of this difficulty cannot fit a row of seq_len tokens."""
+    task.check_difficulty(difficulty)
+    need = task.max_len(difficulty)
+    if need > seq_len:
+        raise ValueError(
+            f"task {task.name} at {what}={difficulty} needs {need} tokens per example "
+            f"but data.seq_len={seq_len}; raise data.seq_len to >= {need} or lower the difficulty"
+        )

@@ -1,0 +1,94 @@
+"""Per-trial manifest (DIR/trials/<id>/manifest.json): everything a fair comparison needs.
+
+Resolved config, unique params and FLOPs/token from the accountant, tokens seen, the depth
+distribution and bptt_k, metrics at every evaluated depth, wall time and status. Reports
+and comparisons read manifests only, so they work without the optuna storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from asura.config.load import config_to_dict
+from asura.config.schema import Config
+from asura.flops import summary
+
+MANIFEST = "manifest.json"
+
+
+def accounting(cfg: Config, steps_done: int | None = None) -> dict:
+    s = summary(cfg)
+    steps = cfg.train.steps if steps_done is None else steps_done
+    tokens_seen = steps * cfg.train.batch_size * cfg.data.seq_len
+    return {
+        "params_unique": s["params_unique"],
+        "params_total": s["params_total"],
+        "flops_per_token_fwd": s["flops_per_token_fwd"],
+        "flops_per_token_train": s["flops_per_token_train"],
+        "train_tokens": s["train_tokens"],  # planned: steps × batch × seq_len
+        "train_flops": s["train_flops"],  # planned total; what iso-FLOP labels compare
+        "tokens_seen": tokens_seen,
+        "flops_seen": s["flops_per_token_train"] * tokens_seen,
+        "expected_depth": s["expected_depth"],
+        "depth_pmf": s["depth_pmf"],
+        "bptt_k": cfg.depth.bptt_k,
+    }
+
+
+def build(
+    *,
+    trial: int,
+    cell: dict,
+    cfg: Config,
+    status: str,
+    metric: str,
+    value: float | None,
+    evals: list,
+    final: dict | None,
+    steps_done: int | None,
+    wall_s: float,
+    error: str | None = None,
+) -> dict:
+    return {
+        "trial": trial,
+        **cell,  # key, group, seed, role, parent, overrides, aliases
+        "status": status,  # complete | pruned | failed | interrupted
+        "error": error,
+        "metric": metric,
+        "value": value,
+        "final": {str(d): m for d, m in (final or {}).items()},
+        "evals": [{"step": s, "depths": {str(d): m for d, m in ds.items()}} for s, ds in evals],
+        "wall_s": round(wall_s, 3),
+        **accounting(cfg, steps_done),
+        "config": config_to_dict(cfg),
+    }
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write(workdir: Path, manifest: dict) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_finite(manifest), indent=1, default=str))
+    os.replace(tmp, path)  # atomic: a concurrent report never reads half a manifest
+    return path
+
+
+def read_all(sweep_dir: Path) -> list[dict]:
+    """Every trial manifest under DIR/trials, in trial order."""
+    out = []
+    for p in sorted((Path(sweep_dir) / "trials").glob(f"*/{MANIFEST}")):
+        out.append(json.loads(p.read_text()))
+    return sorted(out, key=lambda m: m["trial"])

@@ -1,0 +1,292 @@
+"""Optuna study, workers and trial execution.
+
+Grid sweeps: every cell (variant × axes × seed, plus derived baselines) is a trial
+enqueued with its cell key in user_attrs; workers pop the queue (``study.optimize``
+pops waiting trials first). Resuming enqueues only the cells with no COMPLETE, PRUNED,
+WAITING or RUNNING trial, so finished cells never rerun and failed or interrupted ones do.
+A worker killed without cleanup leaves its trial RUNNING; optuna's heartbeat marks it
+FAIL after ``GRACE_S`` and ``RetryHeartbeatStaleTrialCallback`` requeues it, or ``--fail-running``
+does so at once when you know no other worker is alive.
+
+Search sweeps: TPE/random sampling until ``n_trials`` trials are COMPLETE or PRUNED
+(``MaxTrialsCallback``), counted across invocations and workers.
+
+Pruning: each eval's metric is reported with the eval index as the step, so the
+PercentilePruner compares trials at equal training progress (same eval_every).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from asura.config.load import with_overrides
+from asura.config.schema import Config
+from asura.sweep import manifest
+from asura.sweep.spec import METRICS, Cell, SweepSpec, field_type, grid_cells, load_spec
+from asura.sweep.trainer import TrialFn, subprocess_trial
+
+HEARTBEAT_S = 10
+GRACE_S = 60
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
+
+
+def default_workdir(spec: SweepSpec) -> Path:
+    return Path("runs") / "sweeps" / spec.study_name
+
+
+def storage_url(spec: SweepSpec, workdir: Path) -> str:
+    return spec.storage or f"sqlite:///{(workdir / 'study.db').resolve()}"
+
+
+def open_study(spec: SweepSpec, workdir: Path) -> optuna.Study:
+    url = storage_url(spec, workdir)
+    # sqlite serialises writers; a generous busy timeout lets several workers share one file.
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():  # heartbeats are "experimental" in optuna; they are what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
+    if spec.search is None:
+        sampler = optuna.samplers.RandomSampler(seed=0)  # never consulted: grid trials are enqueued
+    elif spec.search["method"] == "random":
+        sampler = optuna.samplers.RandomSampler(seed=spec.search["seed"])
+    else:
+        startup = min(10, max(1, spec.search["n_trials"] // 3))
+        sampler = optuna.samplers.TPESampler(seed=spec.search["seed"], n_startup_trials=startup)
+    p = spec.pruner
+    pruner = (
+        optuna.pruners.PercentilePruner(
+            p["percentile"], n_startup_trials=p["startup_trials"], n_warmup_steps=p["warmup_evals"]
+        )
+        if p
+        else optuna.pruners.NopPruner()
+    )
+    return optuna.create_study(
+        storage=storage,
+        study_name=spec.study_name,
+        sampler=sampler,
+        pruner=pruner,
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+
+
+def metric_value(spec: SweepSpec, cfg: Config, depths: dict) -> float | None:
+    """The sweep metric from {depth: metrics}: at metric@depth, else the training depth."""
+    if not depths:
+        return None
+    depths = {int(d): m for d, m in depths.items()}
+    want = spec.depth or cfg.model.iterations
+    below = [d for d in depths if d <= want]
+    d = want if want in depths else (max(below) if below else min(depths))
+    value = depths[d].get(METRICS[spec.metric][0])
+    return None if value is None else float(value)
+
+
+def cell_info(cell: Cell) -> dict:
+    return {k: getattr(cell, k) for k in ("key", "group", "seed", "role", "parent", "overrides", "aliases")}
+
+
+class _Idle(RuntimeError):
+    """A worker's fresh trial found no grid cell left (another worker took the last one)."""
+
+
+class Objective:
+    def __init__(self, spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None):
+        self.spec, self.workdir = spec, workdir
+        self.trial_fn = trial_fn or subprocess_trial
+        self.cells = {c.key: c for c in grid_cells(spec)[0]} if spec.search is None else {}
+
+    def _claim(self, trial: optuna.Trial) -> str:
+        # Only reached when the queue emptied between a worker's check and its ask().
+        taken = {t.user_attrs.get("cell") for t in trial.study.get_trials(deepcopy=False, states=CLAIMED)}
+        for key in self.cells:
+            if key not in taken:
+                trial.set_user_attr("cell", key)
+                return key
+        trial.set_user_attr("idle", True)
+        raise _Idle("no grid cell left for this worker")
+
+    def _resolve(self, trial: optuna.Trial) -> tuple[Config, dict]:
+        if self.spec.search is None:
+            key = trial.user_attrs.get("cell") or self._claim(trial)
+            cell = self.cells[key]
+            return cell.config, cell_info(cell)
+        params = {}
+        for key, p in self.spec.search["params"].items():
+            if "choices" in p:
+                params[key] = trial.suggest_categorical(key, p["choices"])
+            elif p["type"] == "int":
+                params[key] = trial.suggest_int(key, p["low"], p["high"], step=p.get("step", 1), log=p["log"])
+            else:
+                params[key] = trial.suggest_float(key, p["low"], p["high"], step=p.get("step"), log=p["log"])
+        seed = self.spec.seeds[0]
+        cfg = with_overrides(self.spec.base_config, {**params, "train.seed": seed})
+        short = ",".join(
+            f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+        )
+        group = f"#{trial.number}:{short}"
+        trial.set_user_attr("cell", f"{group}|seed={seed}")
+        info = {"key": f"{group}|seed={seed}", "group": group, "seed": seed, "role": "trial", "parent": None}
+        return cfg, {**info, "overrides": params, "aliases": ()}
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg, info = self._resolve(trial)
+        wd = self.workdir / "trials" / f"{trial.number:04d}"
+        evals: list[tuple[int, dict]] = []
+        reported: list[float] = []
+
+        def on_eval(step: int, depths: dict) -> None:
+            evals.append((step, depths))
+            value = metric_value(self.spec, cfg, depths)
+            if value is None:
+                return
+            reported.append(value)
+            trial.report(value, len(reported) - 1)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"eval {len(reported) - 1} (step {step}): {self.spec.metric}={value:.4g}")
+
+        status, value, final, steps_done, error = "interrupted", None, None, None, None
+        t0 = time.perf_counter()
+        try:
+            result = self.trial_fn(cfg, wd, on_eval)
+            final, steps_done = result["final"], result.get("step", cfg.train.steps)
+            value = metric_value(self.spec, cfg, final)
+            if value is None or not math.isfinite(value):
+                raise RuntimeError(f"{self.spec.metric} missing or not finite in the final eval: {final}")
+            status = "complete"
+            return value
+        except optuna.TrialPruned:
+            status = "pruned"
+            raise
+        except Exception as e:
+            status, error = "failed", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if status != "complete":
+                final = evals[-1][1] if evals else None
+                steps_done = evals[-1][0] if evals else 0
+                value = reported[-1] if reported else None
+            m = manifest.build(
+                trial=trial.number, cell=info, cfg=cfg, status=status, metric=self.spec.metric, value=value,
+                evals=evals, final=final, steps_done=steps_done, wall_s=time.perf_counter() - t0, error=error,
+            )  # fmt: skip
+            manifest.write(wd, m)
+
+
+def _waiting(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def _stop_when_queue_empty(study: optuna.Study, _trial) -> None:
+    if _waiting(study) == 0:
+        study.stop()
+
+
+def prepare(spec: SweepSpec, workdir: Path, fail_running: bool = False) -> optuna.Study:
+    """Create/load the study, requeue interrupted trials and enqueue every unfinished grid cell."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    study = open_study(spec, workdir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)  # heartbeat-stale RUNNING trials -> FAIL -> requeued by the callback
+    if fail_running:
+        storage = study._storage  # public BaseStorage API on the storage we built in open_study
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    cells, impossible = grid_cells(spec) if spec.search is None else ([], [])
+    taken = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=CLAIMED)}
+    for cell in cells:
+        if cell.key not in taken:
+            study.enqueue_trial({}, user_attrs={"cell": cell.key})
+    meta = {
+        "spec": str(spec.path),
+        "study_name": spec.study_name,
+        "storage": storage_url(spec, workdir),
+        "metric": spec.metric,
+        "direction": spec.direction,
+        "reference": spec.reference,
+        "groups": list(dict.fromkeys(c.group for c in cells)),
+        "impossible": impossible,
+    }
+    (workdir / "sweep.json").write_text(json.dumps(meta, indent=1))
+    return study
+
+
+def work(spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None, max_trials: int | None = None) -> None:
+    """One worker: run trials until the grid queue is empty or the search has n_trials done."""
+    study = open_study(spec, workdir)
+    objective = Objective(spec, workdir, trial_fn)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if spec.search is None:
+        if _waiting(study):
+            study.optimize(objective, n_trials=max_trials, callbacks=[_stop_when_queue_empty], catch=(Exception,))
+        return
+    n = spec.search["n_trials"]
+    left = n - len(study.get_trials(deepcopy=False, states=DONE))
+    if max_trials is not None:
+        left = min(left, max_trials)
+    if left > 0:
+        cb = MaxTrialsCallback(n, states=DONE)
+        study.optimize(objective, n_trials=left, callbacks=[cb], catch=(Exception,))
+
+
+def _worker_entry(spec_path: str, baselines: bool, workdir: str, trial_fn, max_trials) -> None:
+    work(load_spec(spec_path, baselines), Path(workdir), trial_fn, max_trials)
+
+
+def run_sweep(
+    spec_path: str | Path,
+    workdir: str | Path | None = None,
+    *,
+    workers: int = 1,
+    baselines: bool = False,
+    trial_fn: TrialFn | None = None,
+    max_trials: int | None = None,
+    fail_running: bool = False,
+    report: bool = True,
+) -> Path:
+    """Validate the spec, run (or resume) the sweep, write the report; returns the sweep dir.
+
+    ``max_trials`` caps the trials this invocation runs (per worker). ``trial_fn`` replaces
+    training (tests); with workers > 1 it must be a picklable top-level function.
+    """
+    spec = load_spec(spec_path, baselines)  # every trial config validated before anything runs
+    wd = Path(workdir) if workdir is not None else default_workdir(spec)
+    prepare(spec, wd, fail_running)
+    if workers <= 1:
+        work(spec, wd, trial_fn, max_trials)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fork after importing JAX/optuna threads is unsafe
+        procs = [
+            ctx.Process(target=_worker_entry, args=(str(spec.path), baselines, str(wd), trial_fn, max_trials))
+            for _ in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    if report:
+        from asura.sweep.report import write_report
+
+        write_report(wd)
+    return wd
+
+
+__all__ = ["Objective", "field_type", "metric_value", "open_study", "prepare", "run_sweep", "work"]

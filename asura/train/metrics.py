@@ -1,0 +1,121 @@
+"""Metric sinks: metrics.jsonl, TensorBoard (tensorboardX), optional W&B, and a tqdm bar.
+
+Only process 0 writes. Records are flat dicts of floats keyed like
+``train/loss`` or ``eval/d3/exact_match``; every record carries ``step``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_python(x: Any) -> Any:
+    """numpy/jax scalars and small arrays -> JSON-friendly floats/lists (NaN/Inf kept as floats)."""
+    a = np.asarray(x)
+    if a.ndim == 0:
+        v = a.item()
+        return float(v) if isinstance(v, float) or a.dtype.kind == "f" else v
+    return [to_python(v) for v in a]
+
+
+def flatten(prefix: str, metrics: dict) -> dict[str, Any]:
+    """{'ce_per_iter': [a, b]} -> {'prefix/ce_per_iter/1': a, ...} (iterations are 1-based)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        v = to_python(v)
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                out[f"{prefix}/{k}/{i + 1}"] = x
+        else:
+            out[f"{prefix}/{k}"] = v
+    return out
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop records logged after `max_step` (work a killed run did after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # torn last line from a kill
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    def __init__(self, workdir: Path, cfg, *, enabled: bool = True, total_steps: int = 0, initial_step: int = 0):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        if cfg.train.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"))
+        if cfg.train.wandb:
+            import wandb  # optional dependency
+
+            from asura.config import config_to_dict
+
+            self.wandb = wandb.init(project=cfg.train.wandb_project, name=cfg.name, config=config_to_dict(cfg))
+        if cfg.train.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, file=sys.stderr)
+
+    def write(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "time": time.time(), **record}
+        self.jsonl.write(json.dumps(rec, allow_nan=True) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def progress(self, step: int, postfix: dict[str, Any] | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        if postfix:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
+        self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,224 @@
+"""Generate notebooks/loop_depth.ipynb and notebooks/ablations.ipynb (stored without outputs).
+
+    python notebooks/make_notebooks.py
+
+Edit the cells here, not in the .ipynb files, and re-run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+CD_ROOT = """\
+import os
+import sys
+from pathlib import Path
+
+# Run from the repo root whether the kernel started there or in notebooks/.
+if Path.cwd().name == "notebooks":
+    os.chdir(Path.cwd().parent)
+sys.path.insert(0, str(Path.cwd()))
+"""
+
+LOOP_DEPTH = [
+    new_markdown_cell(
+        "# Loop depth: sweeps, extrapolation, telemetry and early exit\n\n"
+        "Trains a tiny looped model on pointer chasing (or loads an existing workdir), then:\n"
+        "1. evaluates loss / exact match at depths 1..max_iterations+3 (one compiled program, traced depth;\n"
+        "   depths past `model.max_iterations` use `model.extrapolation=last`),\n"
+        "2. looks at per-token, per-iteration telemetry through the shared head (logit lens),\n"
+        "3. compares Huginn-style early-exit criteria on an accuracy-versus-mean-depth Pareto plot.\n\n"
+        "Environment: `ASURA_NB_STEPS` (train steps, default 300), `ASURA_NB_WORKDIR` (workdir; an existing one\n"
+        "with checkpoints is resumed/reused, default `runs/notebook_loop_depth`), `ASURA_NB_OVERRIDES`\n"
+        "(extra space-separated `section.key=value` config overrides)."
+    ),
+    new_code_cell(
+        CD_ROOT
+        + """
+import numpy as np
+
+from asura.analysis import depth, exits, load, plots, telemetry
+from asura.config import load_config
+from asura.data.pipeline import build_eval_batches
+from asura.train.loop import run
+
+STEPS = int(os.environ.get("ASURA_NB_STEPS", "300"))
+WORKDIR = Path(os.environ.get("ASURA_NB_WORKDIR", "runs/notebook_loop_depth"))
+"""
+    ),
+    new_markdown_cell("## Train (or resume) with the real train loop"),
+    new_code_cell(
+        """\
+cfg = load_config(
+    "configs/demo.yaml",
+    [
+        "model.extrapolation=last",  # allow depths past max_iterations at eval
+        f"train.steps={STEPS}",
+        f"train.eval_every={STEPS}",
+        f"train.checkpoint_every={STEPS}",
+        f"train.log_every={max(1, STEPS // 10)}",
+        f"train.warmup_steps={min(50, STEPS)}",
+        "train.eval_batches=1",
+        "train.tensorboard=false",
+        "train.progress=false",
+        "train.async_checkpoint=false",
+        *os.environ.get("ASURA_NB_OVERRIDES", "").split(),  # e.g. a smaller model for CI
+    ],
+)
+summary = run(cfg, WORKDIR, install_signal_handlers=False)
+print(summary["status"], "step", summary["step"], "final train loss", summary["final_loss"])
+"""
+    ),
+    new_markdown_cell("## Load the model back from the workdir (latest valid checkpoint)"),
+    new_code_cell(
+        """\
+loaded = load.load(WORKDIR)
+model, cfg = loaded.model, loaded.cfg
+print(f"step {loaded.step}: trained depth {cfg.model.iterations}, max_iterations {cfg.model.max_iterations}, "
+      f"extrapolation={cfg.model.extrapolation!r}")
+batches = build_eval_batches(cfg, 2)
+"""
+    ),
+    new_markdown_cell("## Depth sweep, including extrapolation beyond the trained depth"),
+    new_code_cell(
+        """\
+DEPTHS = list(range(1, cfg.model.max_iterations + 4))
+results = depth.evaluate_depths(model, batches, DEPTHS)
+for r in results:
+    tag = "  (extrapolated)" if r["extrapolated"] else ""
+    print(f"n={r['depth']:2d}  loss {r['loss']:.4f}  token acc {r['token_accuracy']:.3f}  "
+          f"exact match {r['exact_match']:.3f}{tag}")
+fig = plots.plot_metric_vs_depth(results, ("loss",), cfg.model.iterations, cfg.model.max_iterations, title="CE")
+fig2 = plots.plot_metric_vs_depth(results, ("exact_match", "token_accuracy"), cfg.model.iterations,
+                                  cfg.model.max_iterations, title="accuracy")
+"""
+    ),
+    new_markdown_cell(
+        "## Per-token telemetry\n\n"
+        "Arrays `[B, T, n]`: state norm, cosine / relative change to the previous latent (t=1 compares with\n"
+        "h_0 = the embedding), KL(p_{t-1} || p_t) (NaN at t=1), entropy, per-iteration loss and correctness\n"
+        "through the shared final norm + unembedding. Means are over scored (answer) tokens."
+    ),
+    new_code_cell(
+        """\
+N_TEL = max(DEPTHS)
+tel, stacked = depth.batches_telemetry(model, batches, N_TEL)
+mask_BT = stacked["loss_mask"]
+summ = telemetry.summary(tel, mask_BT)
+for k in ("norm", "rel_change", "kl_prev", "entropy", "loss", "correct"):
+    print(f"{k:>10}: " + " ".join(f"{v:8.4f}" for v in summ[k]))
+fig = plots.plot_iteration_curves(summ, ("loss", "kl_prev", "rel_change", "entropy"))
+"""
+    ),
+    new_code_cell(
+        """\
+row = int(np.argmax(mask_BT.sum(1) > 0))  # first row with scored tokens
+fig = plots.plot_convergence_heatmap(tel, "kl_prev", example=row)
+fig2 = plots.plot_convergence_heatmap(tel, "loss", example=row, mask_BT=mask_BT)
+"""
+    ),
+    new_markdown_cell(
+        "## Early exit (Huginn-style, per token)\n\n"
+        "Each criterion stops a token at the first iteration where it holds (KL, entropy, relative latent\n"
+        "change below a threshold); the oracle stops at the first iteration that is correct and stays correct\n"
+        "(`oracle_first`: first correct at all). Exits are simulated on one full-depth pass."
+    ),
+    new_code_cell(
+        """\
+curves = exits.pareto(tel, mask_BT, batch=stacked)
+for c in curves:
+    best = int(np.argmax(c.accuracy))
+    print(f"{c.name:>12}: best acc {c.accuracy[best]:.3f} at mean depth {c.mean_depth[best]:.2f}")
+fig = plots.plot_exit_pareto(curves)
+fig2 = plots.plot_exit_pareto(curves, metric="exact_match", title="early exit: example exact match")
+"""
+    ),
+]
+
+ABLATIONS = [
+    new_markdown_cell(
+        "# Ablations: read a sweep directory\n\n"
+        "Reads the tables, plots and per-trial manifests written by `python -m asura.sweep SPEC --workdir DIR`.\n"
+        "Nothing is run or fabricated unless asked:\n"
+        "- `ASURA_SWEEP_DIR`: the sweep dir to read (default `runs/sweeps/tiny_cpu`);\n"
+        "- `ASURA_NB_RUN_SWEEP=1`: first run (or resume) the tiny preset `configs/sweeps/tiny_cpu.yaml` there."
+    ),
+    new_code_cell(
+        CD_ROOT
+        + """
+import subprocess
+
+from IPython.display import Image, Markdown, display
+
+from asura.analysis import sweep_results
+
+SWEEP_DIR = Path(os.environ.get("ASURA_SWEEP_DIR", "runs/sweeps/tiny_cpu"))
+if os.environ.get("ASURA_NB_RUN_SWEEP") == "1":
+    cmd = [sys.executable, "-m", "asura.sweep", "configs/sweeps/tiny_cpu.yaml", "--workdir", str(SWEEP_DIR)]
+    subprocess.run(cmd, check=True)
+    subprocess.run([sys.executable, "-m", "asura.sweep", "report", str(SWEEP_DIR)], check=True)
+try:
+    res = sweep_results.read_sweep(SWEEP_DIR)
+    print(f"{len(res.manifests)} trials, {len(res.rows)} groups in {res.directory}")
+except FileNotFoundError as e:
+    res = None
+    print(f"no sweep results: {e}")
+"""
+    ),
+    new_markdown_cell("## Summary table (mean ± std over seeds; labels say iso-param / iso-FLOP / neither)"),
+    new_code_cell(
+        """\
+if res is not None:
+    display(Markdown(res.summary_md or sweep_results.rows_markdown(res.rows)))
+"""
+    ),
+    new_markdown_cell("## The sweep's plots"),
+    new_code_cell(
+        """\
+if res is not None:
+    for p in res.plots:
+        print(p.name)
+        display(Image(filename=str(p)))
+"""
+    ),
+    new_markdown_cell("## Final metrics by evaluated depth, per group"),
+    new_code_cell(
+        """\
+if res is not None:
+    fig = sweep_results.plot_depth_curves(res, "loss")
+    fig2 = sweep_results.plot_depth_curves(res, "exact_match")
+"""
+    ),
+    new_markdown_cell("## Trials"),
+    new_code_cell(
+        """\
+if res is not None:
+    cols = ("trial", "group", "seed", "status", "value", "wall_s", "expected_depth")
+    display(Markdown(sweep_results.rows_markdown(res.manifests, cols)))
+"""
+    ),
+]
+
+
+def write(name: str, cells) -> Path:
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    path = HERE / name
+    nbformat.validate(nb)
+    nbformat.write(nb, path)
+    return path
+
+
+def main() -> None:
+    for name, cells in (("loop_depth.ipynb", LOOP_DEPTH), ("ablations.ipynb", ABLATIONS)):
+        print(write(name, cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Loading models from workdirs written in the train package's checkpoint format."""
+
+import jax
+import numpy as np
+import pytest
+
+from asura.analysis import load
+from asura.config import config_to_yaml, load_config
+from asura.train.checkpoint import CheckpointStore, config_meta
+from asura.train.state import init_state
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.max_iterations=2", "model.iterations=2", "train.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Steps 1 and 2 saved with CheckpointStore (step 2's params are step 1's + 1)."""
+    cfg = load_config("configs/demo.yaml", TINY)
+    wd = tmp_path_factory.mktemp("wd")
+    (wd / "config.yaml").write_text(config_to_yaml(cfg))
+    _, _, state = init_state(cfg)
+    store = CheckpointStore(wd / "checkpoints", keep=3, async_save=False)
+    store.save(1, state, {}, config_meta(cfg, 1))
+    state2 = {**state, "params": jax.tree.map(lambda x: x + 1.0, state["params"])}
+    store.save(2, state2, {}, config_meta(cfg, 2))
+    store.close()
+    return wd, cfg, state["params"]
+
+
+def _embed(model):
+    return np.asarray(model.embed[...])
+
+
+def test_load_latest_and_given_step(workdir):
+    wd, cfg, params1 = workdir
+    latest = load.load(wd)
+    assert latest.step == 2 and latest.cfg == cfg and latest.workdir == wd.resolve()
+    np.testing.assert_array_equal(_embed(latest.model), np.asarray(params1["embed"]) + 1.0)
+    for got in (load.load(wd, step=1), load.load(wd / "checkpoints" / "1"), load.load(wd / "checkpoints", step=1)):
+        assert got.step == 1
+        np.testing.assert_array_equal(_embed(got.model), np.asarray(params1["embed"]))
+    np.testing.assert_array_equal(_embed(load.model_from_params(cfg, params1)), np.asarray(params1["embed"]))
+
+
+def test_load_errors(workdir, tmp_path):
+    wd, _, _ = workdir
+    cases = [
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path, "no config.yaml"),
+        (wd / "config.yaml", "is not a directory"),
+    ]
+    for path, msg in cases:
+        with pytest.raises(load.LoadError, match=msg):
+            load.load(path)
+    with pytest.raises(load.LoadError, match=r"step 7 not found .*available: \[1, 2\]"):
+        load.load(wd, step=7)
+    (tmp_path / "config.yaml").write_text("model: {d_modle: 3}\n")
+    with pytest.raises(load.LoadError, match=r"not a valid config.*d_modle"):
+        load.load(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((wd / "config.yaml").read_text())
+    with pytest.raises(load.LoadError, match="has no checkpoints"):
+        load.load(empty)

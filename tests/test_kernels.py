@@ -1,0 +1,202 @@
+"""Flash-attention kernels (GPU/Triton-style and TPU/Mosaic-style) vs the fp32 reference, on CPU in interpret mode.
+
+Values and dq/dk/dv over a grid of shapes: T not a multiple of the block and T=1, 1-8 heads and GQA/MQA,
+head dims 32/48/64/128, causal on/off, segment ids on/off, fp32 and bf16. Error metric per METHOD.md:
+||out - ref|| / ||ref||, fresh random inputs per case. The denominator is floored at 0.1 RMS (unit-normal
+inputs give O(1) values) so an exactly-zero reference, e.g. dq at T=1 where ds = dp - delta cancels, must
+match to ~tol/10 absolute.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from asura.kernels import flash_gpu, flash_tpu, reference
+from asura.kernels.common import MASK_VALUE
+
+# Ids "triton"/"mosaic", not "gpu"/"tpu": conftest turns those keywords into hardware skips.
+KERNELS = {"triton": flash_gpu.flash_attention, "mosaic": flash_tpu.flash_attention}
+# Observed on CPU: fp32 ~3e-7, bf16 ~3e-3 (bf16 operands into the p@v / ds@k matmuls).
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(x).all(), "non-finite values (unwritten or poisoned output?)"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-1 * np.sqrt(ref.size)))
+
+
+def make_inputs(seed, B, T, N, K, H, dtype, *, seg: bool, S: int | None = None):
+    S = T if S is None else S
+    kq, kk, kv, ks, kd = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(kq, (B, T, N, H), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(dtype)
+    # Unsorted ids in {0,1,2}: interleaved segments, id 0 is just another segment.
+    seg_BT = jax.random.randint(ks, (B, T), 0, 3, jnp.int32) if seg else None
+    do = jax.random.normal(kd, (B, T, N, H), jnp.float32)
+    return q, k, v, seg_BT, do
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _out_and_grads(fn, q, k, v, seg, do, causal):
+    o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids_BT=seg, causal=causal), q, k, v)
+    return o, vjp(do.astype(o.dtype))
+
+
+# (B, T, N, K, H, causal, seg, dtype, block_q, block_k, S)
+CASES = [
+    pytest.param(2, 37, 4, 2, 32, True, True, jnp.float32, 16, 16, None, id="gqa-seg-Tpad-f32"),
+    pytest.param(1, 1, 2, 1, 64, True, False, jnp.float32, 16, 16, None, id="T1-causal-f32"),
+    pytest.param(1, 1, 1, 1, 32, False, True, jnp.bfloat16, 16, 16, None, id="T1-seg-bf16"),
+    pytest.param(1, 50, 3, 3, 32, False, False, jnp.float32, 16, 16, None, id="mha3-noncausal-f32"),
+    pytest.param(1, 20, 4, 2, 128, True, True, jnp.bfloat16, 16, 16, None, id="h128-gqa-seg-bf16"),
+    pytest.param(1, 33, 8, 2, 32, False, True, jnp.bfloat16, 16, 16, None, id="8heads-noncausal-seg-bf16"),
+    pytest.param(1, 40, 2, 2, 64, True, False, jnp.bfloat16, 32, 16, None, id="bq>bk-bf16"),
+    pytest.param(1, 48, 2, 1, 32, True, True, jnp.float32, 16, 32, None, id="bq<bk-pad-f32"),
+    pytest.param(1, 20, 2, 1, 48, True, False, jnp.float32, 16, 16, None, id="h48-f32"),
+    pytest.param(1, 40, 2, 1, 32, True, False, jnp.float32, 16, 16, 24, id="cross-S24-causal-f32"),
+]
+# Heavier extras, run with -m slow.
+CASES += [
+    pytest.param(*p, marks=pytest.mark.slow, id=i)
+    for p, i in [
+        ((2, 40, 4, 1, 64, True, True, jnp.bfloat16, 16, 16, None), "mqa-seg-bf16"),
+        ((1, 24, 1, 1, 128, True, False, jnp.float32, 16, 16, None), "h128-1head-f32"),
+        ((2, 64, 8, 8, 64, True, True, jnp.float32, 16, 32, None), "8heads-T64-f32"),
+    ]
+]
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize(("B", "T", "N", "K", "H", "causal", "seg", "dtype", "bq", "bk", "S"), CASES)
+def test_values_and_grads_match_reference(kernel, B, T, N, K, H, causal, seg, dtype, bq, bk, S):
+    seed = hash((kernel, B, T, N, K, H, causal, seg, bq, bk, S)) % 2**31
+    q, k, v, seg_BT, do = make_inputs(seed, B, T, N, K, H, dtype, seg=seg, S=S)
+    fn = functools.partial(KERNELS[kernel], block_q=bq, block_k=bk, interpret=True)
+    o, grads = _out_and_grads(fn, q, k, v, seg_BT, do, causal)
+    # Reference in fp32 on the same (possibly bf16-rounded) inputs.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    o_ref, grads_ref = _out_and_grads(reference.attention, *f32, seg_BT, do, causal)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert [g.dtype for g in grads] == [dtype] * 3
+    tol = TOL[dtype]
+    assert rel_err(o, o_ref) < tol
+    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert rel_err(g, g_ref) < tol, name
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_logsumexp_residual(kernel):
+    B, T, N, K, H = 1, 37, 2, 1, 32
+    q, k, v, seg_BT, _ = make_inputs(7, B, T, N, K, H, jnp.float32, seg=True)
+    mod = flash_gpu if kernel == "triton" else flash_tpu
+    cfg_fn = mod._Cfg
+    blocks = (16, 16, 4, 2) if kernel == "triton" else (16, 16)
+    cfg = cfg_fn(causal=True, T=T, S=T, H=H, fwd=blocks, bwd=blocks, interpret=True)
+    o, lse = mod._forward(q, k, v, seg_BT, cfg)
+    o_ref, lse_ref = reference.attention_with_lse(q, k, v, segment_ids_BT=seg_BT, causal=True)
+    assert rel_err(o, o_ref) < 1e-5
+    assert rel_err(lse.reshape(B, N, T), lse_ref) < 1e-5
+    assert float(np.max(lse)) > MASK_VALUE  # every row saw at least itself
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_inside_scan_checkpoint_grad(kernel):
+    """Two looped 'layers' through lax.scan with a rematerialised attention block, differentiated end to end."""
+    B, T, N, K, H, L = 1, 20, 2, 1, 32, 2
+    q, k, v, seg_BT, _ = make_inputs(11, B, T, N, K, H, jnp.float32, seg=True)
+    w_LHH = jax.random.normal(jax.random.PRNGKey(3), (L, H, H)) / np.sqrt(H)
+
+    def loss(w_LHH, q, attn):
+        def layer(x_BTNH, w_HH):
+            blk = jax.checkpoint(lambda x: attn(x @ w_HH, k, v, segment_ids_BT=seg_BT, causal=True))
+            return x_BTNH + blk(x_BTNH), None
+
+        x, _ = jax.lax.scan(layer, q, w_LHH)
+        return jnp.sum(jnp.sin(x))
+
+    kern = functools.partial(KERNELS[kernel], block_q=16, block_k=16, interpret=True)
+    val, grads = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, kern), argnums=(0, 1)))(w_LHH, q)
+    val_ref, grads_ref = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, reference.attention), argnums=(0, 1)))(
+        w_LHH, q
+    )
+    assert abs(float(val) - float(val_ref)) < 1e-4 * abs(float(val_ref)) + 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-4
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_default_blocks_and_short_sequence(kernel):
+    """No block sizes given: table defaults, clamped so T=5 is not padded to 128+."""
+    q, k, v, _, _ = make_inputs(5, 1, 5, 2, 2, 64, jnp.float32, seg=False)
+    o = KERNELS[kernel](q, k, v, causal=True, interpret=True)
+    assert rel_err(o, reference.attention(q, k, v, causal=True)) < 1e-5
+
+
+def test_interpret_defaults_on_cpu():
+    q, k, v, _, _ = make_inputs(2, 1, 8, 1, 1, 32, jnp.float32, seg=False)
+    o = flash_gpu.flash_attention(q, k, v, block_q=16, block_k=16)  # interpret=None -> True on CPU
+    assert rel_err(o, reference.attention(q, k, v)) < 1e-5
+
+
+def test_reference_matches_xla_impl():
+    from asura.model.attention import xla_attention
+
+    q, k, v, seg_BT, _ = make_inputs(9, 2, 24, 4, 2, 32, jnp.float32, seg=True)
+    for causal in (True, False):
+        o = reference.attention(q, k, v, segment_ids_BT=seg_BT, causal=causal)
+        assert rel_err(xla_attention(q, k, v, segment_ids_BT=seg_BT, causal=causal), o) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kernel", "kwargs", "match"),
+    [
+        ("triton", dict(block_q=24), "powers of 2"),
+        ("triton", dict(block_k=8), "powers of 2"),
+        ("mosaic", dict(block_q=12), "multiples of 8"),
+    ],
+)
+def test_bad_block_sizes_raise(kernel, kwargs, match):
+    q, k, v, _, _ = make_inputs(1, 1, 8, 1, 1, 32, jnp.float32, seg=False)
+    with pytest.raises(ValueError, match=match):
+        KERNELS[kernel](q, k, v, interpret=True, **kwargs)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_bad_shapes_raise(kernel):
+    q, k, v, _, _ = make_inputs(1, 1, 8, 3, 2, 32, jnp.float32, seg=False)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        KERNELS[kernel](q, k, v, interpret=True)
+    q, k, v, _, _ = make_inputs(1, 1, 8, 1, 1, 512, jnp.float32, seg=False)
+    with pytest.raises(ValueError, match="head_dim"):
+        KERNELS[kernel](q, k, v, interpret=True)
+
+
+def test_cost_estimate_counts_causal_half():
+    from asura.kernels.common import cost_estimate
+
+    q = jax.ShapeDtypeStruct((2, 64, 4, 32), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 64, 2, 32), jnp.bfloat16)
+    full, causal = cost_estimate(q, k, causal=False), cost_estimate(q, k, causal=True)
+    assert full.flops == 4 * 2 * 4 * 64 * 64 * 32 and causal.flops == full.flops // 2
+    assert cost_estimate(q, k, causal=True, backward=True).flops == causal.flops * 5 // 2
+
+
+@pytest.mark.slow
+def test_mosaic_kernel_under_tpu_simulator_with_nan_poisoned_memory():
+    """TPU-memory simulator: uninitialised buffers read as NaN, so any unwritten output/scratch shows up."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
+    q, k, v, seg_BT, do = make_inputs(13, 1, 20, 2, 1, 32, jnp.float32, seg=True)
+    fn = functools.partial(flash_tpu.flash_attention, block_q=16, block_k=16, interpret=params)
+    o, grads = _out_and_grads(fn, q, k, v, seg_BT, do, True)
+    o_ref, grads_ref = _out_and_grads(reference.attention, q, k, v, seg_BT, do, True)
+    assert rel_err(o, o_ref) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-5
