@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from asura.config.schema import ModelConfig
@@ -104,7 +105,7 @@ class LoopedLM(nnx.Module):
     def scan_len(self, n, depth_cap=None) -> int:
         """Static number of loop steps S; checks n against max_iterations."""
         M = self.cfg.max_iterations
-        static_n = int(n) if isinstance(n, int) else None
+        static_n = int(n) if isinstance(n, int | np.integer) else None
         if static_n is not None and static_n < 1:
             raise ValueError(f"depth n must be >= 1, got {n}")
         S = int(depth_cap) if depth_cap is not None else max(M, static_n or 0)
@@ -158,7 +159,7 @@ class LoopedLM(nnx.Module):
         per-step "ce"/"acc" (0 for t >= n) and, if `latents`, "h" (h_{n-1} repeated for t >= n).
         """
         cfg = self.cfg
-        if unroll and not isinstance(n, int):
+        if unroll and not isinstance(n, int | np.integer):
             raise ValueError("unroll=True needs a static python int depth n")
         S = self.scan_len(n, depth_cap)
         B, T = tokens_BT.shape
@@ -203,8 +204,11 @@ class LoopedLM(nnx.Module):
                     carry, ys = run(carry, t)
                 else:
                     fr = frozen(t, n, bptt_k)
-                    out = run(carry, t)
-                    carry, ys = jax.tree.map(lambda x, f=fr: jnp.where(f, jax.lax.stop_gradient(x), x), out)
+                    if isinstance(fr, bool):  # static k: drop the frozen step's backward from the graph
+                        carry, ys = frozen_run(carry, t) if fr else run(carry, t)
+                    else:
+                        out = run(carry, t)
+                        carry, ys = jax.tree.map(lambda x, f=fr: jnp.where(f, jax.lax.stop_gradient(x), x), out)
                 steps.append(ys)
             ys = jax.tree.map(lambda *xs: jnp.stack(xs), *steps) if steps[0] else {}
             return carry, ys, S, n_arr

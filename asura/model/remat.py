@@ -38,9 +38,11 @@ def scan_iterations(body: Callable, carry, S: int, policy: str):
     t >= S as a skipped step (it does: t >= S >= n).
     """
     check(policy)
+    if policy == "sqrt" and S <= 2:  # too short to nest: √S chunks of one step is per-iteration remat
+        policy = "iteration"
     if policy == "iteration":
         body = jax.checkpoint(body, prevent_cse=False)
-    if policy != "sqrt" or S <= 2:
+    if policy != "sqrt":
         return jax.lax.scan(body, carry, jnp.arange(S))
     chunk = math.ceil(math.sqrt(S))
     n_chunks = math.ceil(S / chunk)

@@ -37,9 +37,9 @@ def initialize() -> None:
     coordinator = env.get("ASURA_COORDINATOR")
     if not coordinator or "ASURA_PROCESS_ID" not in env:
         raise ValueError("ASURA_NUM_PROCESSES > 1 needs ASURA_COORDINATOR=host:port and ASURA_PROCESS_ID")
-    if jax.config.read("jax_platforms") in (None, "", "cpu") or env.get("JAX_PLATFORMS") == "cpu":
-        # CPU processes need a collectives backend to talk to each other.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes need a collectives backend to talk to each other; the flag
+    # only affects the CPU client, so it is harmless on GPU/TPU hosts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     local = env.get("ASURA_LOCAL_DEVICES")
     jax.distributed.initialize(
         coordinator_address=coordinator,

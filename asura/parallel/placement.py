@@ -1,0 +1,126 @@
+"""MeshPlacement: the train loop's device placement over a (data, fsdp, tensor) mesh.
+
+Same interface as ``asura.train.state.Placement`` (single device), so the train
+loop does not know which one it has:
+
+* parameters are sharded by their logical axis names through ``mesh.rules``;
+* optimiser-state leaves that mirror a parameter (Adam's mu/nu) take that
+  parameter's sharding; scalars are replicated;
+* each process contributes its own batch rows, assembled into global arrays
+  sharded over the ``batch`` rule;
+* the model's activation constraints (``asura.parallel.logical.constrain``)
+  see the mesh while the step is traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from asura.config import Config
+from asura.parallel.logical import use_rules
+from asura.parallel.mesh import global_batch, make_mesh, named_sharding
+
+
+def _path_key(path) -> tuple[str, ...]:
+    out = []
+    for p in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(p, attr):
+                out.append(str(getattr(p, attr)))
+                break
+        else:
+            out.append(str(p))
+    return tuple(out)
+
+
+def param_names(cfg: Config) -> dict[tuple[str, ...], tuple[str | None, ...] | None]:
+    """{param path: logical axis names}, read from an abstract (unallocated) model."""
+    from asura.model import LoopedLM
+    from asura.parallel.mesh import _leaf_names
+
+    names: dict[tuple[str, ...], tuple[str | None, ...] | None] = {}
+
+    def build():
+        model = LoopedLM(cfg.model, rngs=nnx.Rngs(0))
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            names[tuple(str(p) for p in path)] = _leaf_names(var)
+        return 0
+
+    jax.eval_shape(build)
+    return names
+
+
+class MeshPlacement:
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh | None = None):
+        self.cfg = cfg
+        self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+        self.rules: Mapping = cfg.mesh.rules
+        self.n_devices = self.mesh.size
+        self._names = param_names(cfg)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    # ------------------------------------------------------------- shardings
+    def state_shardings(self, state):
+        """NamedSharding per leaf of the train-state pytree (arrays or ShapeDtypeStructs)."""
+        by_path = {}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
+            key = _path_key(path)
+            by_path[key] = named_sharding(self._names.get(key), tuple(np.shape(leaf)), self.mesh, self.rules)
+
+        def one(path, leaf):
+            key = _path_key(path)
+            shape = tuple(np.shape(leaf))
+            # Longest suffix of the leaf's path that names a parameter of the same shape
+            # (params/..., opt_state/0/mu/..., opt_state/0/nu/...).
+            for i in range(len(key)):
+                sh = by_path.get(key[i:])
+                if sh is not None and len(sh.spec) <= len(shape):
+                    ref = self._names.get(key[i:])
+                    if ref is None or len(ref) == len(shape):
+                        return sh
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(one, state)
+
+    def abstract(self, shapes):
+        """ShapeDtypeStructs carrying target shardings: orbax restores straight onto this mesh."""
+        shardings = self.state_shardings(shapes)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    # ------------------------------------------------------------- placement
+    def state(self, state):
+        return jax.device_put(state, self.state_shardings(state))
+
+    def batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return global_batch({k: np.asarray(v) for k, v in batch.items()}, self.mesh, self.rules)
+
+    def to_local(self, x: jax.Array) -> np.ndarray:
+        """This process's rows of a batch-sharded array, in order."""
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        seen, rows = set(), []
+        for s in shards:
+            start = s.index[0].start or 0
+            if start not in seen:
+                seen.add(start)
+                rows.append(np.asarray(s.data))
+        return np.concatenate(rows, axis=0)
+
+    def _traced(self, fn):
+        def wrapped(*args):
+            with use_rules(self.mesh, self.rules):
+                return fn(*args)
+
+        return wrapped
+
+    def jit_step(self, fn, donate_state: bool = True):
+        return jax.jit(self._traced(fn), donate_argnums=(0,) if donate_state else ())
+
+    def jit_eval(self, fn):
+        return jax.jit(self._traced(fn))
