@@ -5,6 +5,7 @@ Modes:
   ckpt    WORKDIR OUT.json    save on (2,4), restore onto (8,1) and (1,1)
   dist    RANK PORT OUT.json  one of two jax.distributed processes; 3 train steps
   single  OUT.json            the same 3 steps in one process (reference for `dist`)
+  loop    WORKDIR OUT.json    the real train loop on (2,4), resumed onto (8,1)
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ OVERRIDES = [
     "train.lr=1e-2",
     "train.warmup_steps=0",
 ]
+
+
+def dump(obj, path) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def cfg_for(mesh: tuple[int, int, int] = (-1, 1, 1)):
@@ -98,7 +104,7 @@ def mode_meshes(out):
             "specs": specs,
             "opt_specs": opt_specs,
         }
-    json.dump({"ref_losses": ref_losses, "meshes": results}, open(out, "w"))
+    dump({"ref_losses": ref_losses, "meshes": results}, out)
 
 
 def flat_arrays(tree):
@@ -141,7 +147,7 @@ def mode_ckpt(workdir, out):
             "max_err": max(float(np.max(np.abs(got[k] - saved[k]))) for k in saved),
             "device_counts": sorted(devs),
         }
-    json.dump(res, open(out, "w"))
+    dump(res, out)
 
 
 def mode_dist(rank, port, out):
@@ -159,7 +165,7 @@ def mode_dist(rank, port, out):
     half = cfg.train.batch_size // 2
     local = [{k: v[rank * half : (rank + 1) * half] for k, v in b.items()} for b in batches(cfg, 3)]
     _, losses, _ = run_steps(cfg, MeshPlacement(cfg), local, [2, 1, 2])
-    json.dump({"rank": rank, "devices": jax.device_count(), "losses": losses}, open(out, "w"))
+    dump({"rank": rank, "devices": jax.device_count(), "losses": losses}, out)
 
 
 def mode_single(out):
@@ -167,9 +173,34 @@ def mode_single(out):
 
     cfg = cfg_for()
     _, losses, _ = run_steps(cfg, Placement(cfg), batches(cfg, 3), [2, 1, 2])
-    json.dump({"losses": losses}, open(out, "w"))
+    dump({"losses": losses}, out)
+
+
+def mode_loop(workdir, out):
+    """The real train loop on a (2,4) mesh: straight vs stopped + resumed on (8,1)."""
+    from pathlib import Path
+
+    from asura.config import with_overrides
+    from asura.train.loop import FAST_COMPILE, run
+
+    base = with_overrides(cfg_for((2, 4, 1)), ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2"])
+    quiet = {"say": lambda m: None, "install_signal_handlers": False, "compiler_options": FAST_COMPILE}
+    straight = run(base, Path(workdir) / "straight", **quiet)
+    run(base, Path(workdir) / "resumed", stop_after=2, **quiet)
+    resumed = run(with_overrides(base, ["mesh.data=8", "mesh.fsdp=1"]), Path(workdir) / "resumed", **quiet)
+    a, b = flat(straight["params"]), flat(resumed["params"])
+    dump(
+        {
+            "resumed_from": resumed["resumed_from"],
+            "max_err": max(float(np.max(np.abs(a[k] - b[k]))) for k in a),
+            "losses": [straight["eval"]["eval/loss"], resumed["eval"]["eval/loss"]],  # final eval at step 4
+            "embed_spec": str(straight["params"]["embed"].sharding.spec),
+        },
+        out,
+    )
 
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"meshes": mode_meshes, "ckpt": mode_ckpt, "dist": mode_dist, "single": mode_single}[mode](*args)
+    modes = {"meshes": mode_meshes, "ckpt": mode_ckpt, "dist": mode_dist, "single": mode_single, "loop": mode_loop}
+    modes[mode](*args)

@@ -25,7 +25,7 @@ def test_demo_loads_and_extends_base():
     assert cfg.name == "demo"
     # From base.yaml, not restated in demo.yaml.
     assert cfg.model.injection == "projconcat"
-    assert cfg.data.task == "pointer_chase"
+    assert cfg.model.qk_norm is True and cfg.train.seed == 0
 
 
 def test_overrides_coerce_types():

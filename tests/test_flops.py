@@ -192,7 +192,7 @@ def test_impossible_is_clear(capsys):
         iso_flop_width(cfg)
     rep = report(cfg)
     assert set(rep["iso_flop_width"]) == {"impossible"}
-    main(["model.d_model=64", "model.n_layers=1"])
+    main(["--config", "configs/base.yaml", "model.d_model=64", "model.n_layers=1"])
     assert "impossible: iso_flop_width" in capsys.readouterr().out
 
 

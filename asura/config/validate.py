@@ -6,6 +6,8 @@ what is valid.
 
 from __future__ import annotations
 
+import itertools
+
 from asura.config.load import ConfigError
 from asura.config.schema import ADAPTER_TARGETS, CHOICES, LOGICAL_AXES, MESH_AXES, Config
 
@@ -49,7 +51,9 @@ def validate(cfg: Config) -> None:
     if m.adapter != "none":
         _positive(cfg, "model.adapter_rank", "model.adapter_rank2")
         if not m.adapter_targets:
-            raise ConfigError(f"model.adapter={m.adapter} needs model.adapter_targets (any of {', '.join(ADAPTER_TARGETS)})")
+            raise ConfigError(
+                f"model.adapter={m.adapter} needs model.adapter_targets (any of {', '.join(ADAPTER_TARGETS)})"
+            )
     for tgt in m.adapter_targets:
         if tgt not in ADAPTER_TARGETS:
             raise ConfigError(f"model.adapter_targets has {tgt!r}; valid targets: {', '.join(ADAPTER_TARGETS)}")
@@ -63,7 +67,7 @@ def validate(cfg: Config) -> None:
             )
         if any(x < 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
             raise ConfigError(f"model.guidance_weights={list(w)} must be non-negative and sum to 1")
-        if any(b < a for a, b in zip(w, w[1:], strict=False)):
+        if any(b < a for a, b in itertools.pairwise(w)):
             raise ConfigError(f"model.guidance_weights={list(w)} must be non-decreasing")
     elif m.guidance_weights:
         raise ConfigError(f"model.guidance_weights is set but model.guidance={m.guidance}; set guidance=explicit")
@@ -118,4 +122,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"mesh.rules has unknown logical axis {logical!r}; valid: {', '.join(LOGICAL_AXES)}")
         for ax in axes:
             if ax not in MESH_AXES:
-                raise ConfigError(f"mesh.rules.{logical} maps to unknown mesh axis {ax!r}; valid: {', '.join(MESH_AXES)}")
+                raise ConfigError(
+                    f"mesh.rules.{logical} maps to unknown mesh axis {ax!r}; valid: {', '.join(MESH_AXES)}"
+                )

@@ -56,8 +56,9 @@ def param_names(cfg: Config) -> dict[tuple[str, ...], tuple[str | None, ...] | N
 
 
 class MeshPlacement:
-    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None):
         self.cfg = cfg
+        self.compiler_options = compiler_options
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
         self.rules: Mapping = cfg.mesh.rules
         self.n_devices = self.mesh.size
@@ -119,8 +120,20 @@ class MeshPlacement:
 
         return wrapped
 
+    def _opts(self) -> dict:
+        return {"compiler_options": self.compiler_options} if self.compiler_options else {}
+
     def jit_step(self, fn, donate_state: bool = True):
-        return jax.jit(self._traced(fn), donate_argnums=(0,) if donate_state else ())
+        return jax.jit(self._traced(fn), donate_argnums=(0,) if donate_state else (), **self._opts())
 
     def jit_eval(self, fn):
-        return jax.jit(self._traced(fn))
+        return jax.jit(self._traced(fn), **self._opts())
+
+
+def make_placement(cfg: Config, compiler_options: dict | None = None):
+    """Single-device placement on one device, MeshPlacement whenever there are several."""
+    if jax.device_count() == 1:
+        from asura.train.state import Placement
+
+        return Placement(cfg, compiler_options)
+    return MeshPlacement(cfg, compiler_options=compiler_options)

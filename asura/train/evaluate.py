@@ -27,11 +27,13 @@ def evaluate(
     placed: Sequence[dict],
     exact_match: Callable,
     depths: Sequence[int],
+    to_local: Callable = np.asarray,
 ) -> dict[str, float]:
     """Flat metrics: eval/d{n}/{loss,ce,accuracy,exact_match} per depth, plus eval/{...} at the trained depth.
 
     `batches` are host numpy batches (for exact_match); `placed` the same on device.
-    Loss-like metrics are token-weighted means over batches.
+    Loss-like metrics are token-weighted means over batches; with several processes, exact
+    match is over this process's rows (losses are global).
     """
     out: dict[str, float] = {}
     for n in depths:
@@ -40,7 +42,8 @@ def evaluate(
         tokens = correct = examples = 0.0
         for host, dev in zip(batches, placed):
             metrics, pred_BT = eval_fn(params, dev, n_arr)
-            metrics, pred_BT = jax.device_get((metrics, pred_BT))
+            metrics = jax.device_get(metrics)
+            pred_BT = to_local(pred_BT)  # this process's rows (multi-host: the global array is not addressable)
             t = float(metrics.get("tokens", 1.0))
             tokens += t
             for k, v in metrics.items():

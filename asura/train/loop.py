@@ -38,7 +38,7 @@ from asura.train import throughput
 from asura.train.checkpoint import CheckpointStore, check_resume_config, config_meta
 from asura.train.evaluate import eval_depths, evaluate
 from asura.train.metrics import MetricsWriter, flatten, to_python, truncate_jsonl
-from asura.train.state import Placement, abstract_state, count_params, init_state
+from asura.train.state import abstract_state, count_params, init_state
 from asura.train.step import make_eval_step, make_train_step
 
 # Tests and quick experiments: ~3x faster XLA:CPU compiles, slower steps.
@@ -110,7 +110,9 @@ def _train_iterator(cfg: Config):
 def _eval_batches(cfg: Config, data) -> list[dict]:
     if cfg.data.source == "synthetic":  # held-out steps of the synthetic stream
         return [jax.device_get(data.synthetic_batch(cfg, 2**30 + i)) for i in range(cfg.train.eval_batches)]
-    return data.build_eval_batches(cfg, cfg.train.eval_batches)
+    return data.build_eval_batches(
+        cfg, cfg.train.eval_batches, process_index=jax.process_index(), process_count=jax.process_count()
+    )
 
 
 def _nan_steps_from_env() -> set[int]:
@@ -170,8 +172,11 @@ def run(
     signals = _Signals(install_signal_handlers and jax.process_count() == 1)
     try:
         _prepare_workdir(cfg, workdir, store, say)
-        placement = Placement(cfg, compiler_options)
+        from asura.parallel.placement import make_placement
+
+        placement = make_placement(cfg, compiler_options)  # a mesh whenever there are several devices
         graphdef, rest, abstract = abstract_state(cfg)
+        abstract = placement.abstract(abstract)  # restore straight onto this run's shardings
         train_iter = _train_iterator(cfg)
         restored = store.restore_latest_valid(abstract, warn=say) if store.steps() else None
         if restored is not None:
@@ -207,7 +212,9 @@ def run(
             window_t0 = time.perf_counter()
         if start >= t.steps:  # nothing left to train: report the checkpoint's eval
             say(f"already trained to step {start} (train.steps={t.steps})")
-            last_eval = evaluate(cfg, eval_fn, state["params"], eval_host, eval_dev, data.exact_match, depths)
+            last_eval = evaluate(
+                cfg, eval_fn, state["params"], eval_host, eval_dev, data.exact_match, depths, placement.to_local
+            )
 
         def save(step: int, eval_loss: float | None = None) -> None:
             nonlocal last_saved
@@ -253,7 +260,9 @@ def run(
                     },
                 )
             if step_done % t.eval_every == 0 or is_last:
-                last_eval = evaluate(cfg, eval_fn, state["params"], eval_host, eval_dev, data.exact_match, depths)
+                last_eval = evaluate(
+                    cfg, eval_fn, state["params"], eval_host, eval_dev, data.exact_match, depths, placement.to_local
+                )
                 writer.write(step_done, last_eval)
                 say(_eval_line(step_done, last_eval, depths))
             if do_ckpt and int(jax.device_get(m["nan_streak"])):

@@ -105,5 +105,12 @@ class Placement:
     def jit_eval(self, fn):
         return jax.jit(fn, **self._opts())
 
+    def abstract(self, shapes):
+        """Restore target: ShapeDtypeStructs on this device."""
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.sharding), shapes)
+
+    def to_local(self, x: jax.Array) -> np.ndarray:
+        return np.asarray(x)
+
     def _opts(self) -> dict:
         return {"compiler_options": self.compiler_options} if self.compiler_options else {}
