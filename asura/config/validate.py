@@ -63,7 +63,8 @@ def validate(cfg: Config) -> None:
         w = m.guidance_weights
         if len(w) != m.max_iterations:
             raise ConfigError(
-                f"model.guidance_weights has {len(w)} entries; guidance=explicit needs max_iterations={m.max_iterations}"
+                f"model.guidance_weights has {len(w)} entries; guidance=explicit needs "
+                f"max_iterations={m.max_iterations}"
             )
         if any(x < 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
             raise ConfigError(f"model.guidance_weights={list(w)} must be non-negative and sum to 1")
