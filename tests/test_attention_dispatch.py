@@ -33,6 +33,19 @@ def _resolve(impl, H=64, dtype=jnp.bfloat16, backend="cpu", seg=False):
     return A.resolve_impl(impl, q, k, segment_ids_BT=seg_BT, backend=backend)
 
 
+def test_auto_avoids_pallas_under_a_multi_device_mesh(monkeypatch):
+    from types import SimpleNamespace
+
+    from asura.parallel import logical
+
+    monkeypatch.setitem(logical._STATE, "mesh", SimpleNamespace(size=8))
+    assert _resolve("auto", backend="gpu") == "cudnn"
+    assert _resolve("auto", backend="tpu") == "xla"
+    assert _resolve("pallas", backend="gpu") == "pallas"  # an explicit choice is still honoured
+    monkeypatch.setitem(logical._STATE, "mesh", SimpleNamespace(size=1))
+    assert _resolve("auto", backend="gpu") == "pallas"
+
+
 @pytest.mark.parametrize(
     ("backend", "H", "dtype", "seg", "want"),
     [

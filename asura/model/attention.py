@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from asura.parallel.logical import active_mesh
+
 AttentionFn = Callable[..., jax.Array]
 _IMPLS: dict[str, AttentionFn] = {}
 
@@ -179,6 +181,11 @@ def resolve_impl(
     kw = dict(backend=backend, has_segment_ids=segment_ids_BT is not None)
     if impl == "auto":
         order = {"tpu": ("pallas", "xla"), "gpu": ("pallas", "cudnn", "xla")}.get(backend, ("xla",))
+        mesh = active_mesh()
+        if mesh is not None and mesh.size > 1:
+            # Our pallas_call has no partitioning rule yet, so GSPMD would gather its
+            # inputs onto every device; XLA and cuDNN attention partition natively.
+            order = tuple(name for name in order if name != "pallas")
         return next(name for name in order if supports(name, *args, **kw)[0])
     if impl not in IMPL_CHOICES or impl not in _IMPLS:
         raise ValueError(f"attention impl {impl!r} is not available; choose one of {', '.join(IMPL_CHOICES)}")

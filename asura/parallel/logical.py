@@ -44,6 +44,11 @@ def logical_to_spec(
     return PartitionSpec(*out)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh installed by `use_rules` (None outside it)."""
+    return _STATE["mesh"]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; identity when no mesh is installed."""
     mesh = _STATE["mesh"]
