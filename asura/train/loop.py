@@ -250,21 +250,15 @@ def run(
                     window_t0, window_steps = time.perf_counter(), 0
                 last_train = record
                 writer.write(step_done, record)
-                writer.progress(
-                    step_done,
-                    {
-                        "loss": record["train/loss"],
-                        "acc": record.get("train/accuracy", float("nan")),
-                        "lr": record["train/lr"],
-                        "em": last_eval.get("eval/exact_match", float("nan")),
-                    },
-                )
+                writer.progress(step_done, _bar_fields(record, last_eval))
             if step_done % t.eval_every == 0 or is_last:
                 last_eval = evaluate(
                     cfg, eval_fn, state["params"], eval_host, eval_dev, data.exact_match, depths, placement.to_local
                 )
                 writer.write(step_done, last_eval)
                 say(_eval_line(step_done, last_eval, depths))
+                if last_train:  # refresh the bar's exact match, which would otherwise lag one eval
+                    writer.progress(step_done, _bar_fields(last_train, last_eval))
             if do_ckpt and int(jax.device_get(m["nan_streak"])):
                 say(f"step {step_done}: not checkpointing during a non-finite streak")
             elif do_ckpt:
@@ -297,6 +291,16 @@ def run(
         "nan_total": int(jax.device_get(state["nan_total"])),
         "wall_s": time.time() - t_start,
         "params": state["params"],
+    }
+
+
+def _bar_fields(train: dict, ev: dict) -> dict[str, float]:
+    nan = float("nan")
+    return {
+        "loss": train["train/loss"],
+        "acc": train.get("train/accuracy", nan),
+        "lr": train["train/lr"],
+        "em": ev.get("eval/exact_match", nan),
     }
 
 
