@@ -9,7 +9,9 @@ mode. Conventions: scores are fp32, masked scores are dropped with `where`
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -155,3 +157,26 @@ def check_inputs(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT) -> None:
 
 def scale_for(H: int) -> float:
     return 1.0 / math.sqrt(H)
+
+
+def flash_custom_vjp(forward: Callable, backward: Callable) -> Callable:
+    """Wrap a kernel pair in a custom_vjp: f(q, k, v, seg, cfg) -> o, saving (q, k, v, seg, o, lse).
+
+    forward(q, k, v, seg, cfg) -> (o, lse); backward(q, k, v, seg, o, lse, do, cfg) -> (dq, dk, dv).
+    Both lowerings share this, so the residuals and the vjp plumbing cannot drift apart.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def flash(q, k, v, seg, cfg):
+        return forward(q, k, v, seg, cfg)[0]
+
+    def flash_fwd(q, k, v, seg, cfg):
+        o, lse = forward(q, k, v, seg, cfg)
+        return o, (q, k, v, seg, o, lse)
+
+    def flash_bwd(cfg, res, do):
+        q, k, v, seg, o, lse = res
+        return (*backward(q, k, v, seg, o, lse, do, cfg), None)  # no cotangent for segment ids
+
+    flash.defvjp(flash_fwd, flash_bwd)
+    return flash

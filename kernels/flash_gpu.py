@@ -266,23 +266,7 @@ def _backward(q, k, v, seg, o, lse_BNT, do, cfg: _Cfg):
     return dq_p[:, : cfg.T, :, : cfg.H], group_sum(dk_p), group_sum(dv_p)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, cfg: _Cfg):
-    return _forward(q, k, v, seg, cfg)[0]
-
-
-def _flash_fwd(q, k, v, seg, cfg: _Cfg):
-    o, lse = _forward(q, k, v, seg, cfg)
-    return o, (q, k, v, seg, o, lse)
-
-
-def _flash_bwd(cfg: _Cfg, res, do):
-    q, k, v, seg, o, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cfg)
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = C.flash_custom_vjp(_forward, _backward)
 
 
 def supports(q_shape, k_shape, dtype) -> tuple[bool, str]:

@@ -106,11 +106,30 @@ def _fwd_kernel(*refs, cfg: _Cfg, has_seg: bool, n_k: int, precision):
         lse_ref[...] = lse_Q1
 
 
+def _p_ds(q_QH, k_KH, v_KH, do_QH, lse_ref, dl_ref, segs, i, j, cfg: _Cfg, precision):
+    """Recomputed probabilities and score gradients of block (i, j): shared by dq and dk/dv."""
+    bq, bk = cfg.bwd
+    s_QK = C.dot(q_QH, k_KH, C.NT, precision) * C.scale_for(cfg.H)
+    dp_QK = C.dot(do_QH, v_KH, C.NT, precision)
+    mask = C.block_mask(
+        i * bq,
+        j * bk,
+        bq,
+        bk,
+        causal=cfg.causal,
+        kv_len=_kv_len(cfg, bk),
+        q_seg_Q1=segs[0][...] if segs else None,
+        k_seg_1K=segs[1][...] if segs else None,
+    )
+    return C.recompute_p_ds(s_QK, dp_QK, lse_ref[...], dl_ref[...], mask)
+
+
 def _dq_kernel(*refs, cfg: _Cfg, has_seg: bool, n_k: int, precision):
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dq_ref, dq_sc = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, dq_sc = refs
+    segs = (qs_ref, ks_ref) if has_seg else None
     bq, bk = cfg.bwd
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -120,20 +139,8 @@ def _dq_kernel(*refs, cfg: _Cfg, has_seg: bool, n_k: int, precision):
 
     @pl.when(_live(i, j, bq, bk, cfg.causal))
     def _step():
-        k_KH, v_KH = k_ref[...], v_ref[...]
-        s_QK = C.dot(q_ref[...], k_KH, C.NT, precision) * C.scale_for(cfg.H)
-        dp_QK = C.dot(do_ref[...], v_KH, C.NT, precision)
-        mask = C.block_mask(
-            i * bq,
-            j * bk,
-            bq,
-            bk,
-            causal=cfg.causal,
-            kv_len=_kv_len(cfg, bk),
-            q_seg_Q1=qs_ref[...] if has_seg else None,
-            k_seg_1K=ks_ref[...] if has_seg else None,
-        )
-        _, ds_QK = C.recompute_p_ds(s_QK, dp_QK, lse_ref[...], dl_ref[...], mask)
+        k_KH = k_ref[...]
+        _, ds_QK = _p_ds(q_ref[...], k_KH, v_ref[...], do_ref[...], lse_ref, dl_ref, segs, i, j, cfg, precision)
         dq_sc[...] += C.dot(ds_QK.astype(k_KH.dtype), k_KH, C.NN, precision)
 
     @pl.when(j == n_k - 1)
@@ -146,6 +153,7 @@ def _dkdv_kernel(*refs, cfg: _Cfg, has_seg: bool, n_q: int, precision):
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+    segs = (qs_ref, ks_ref) if has_seg else None
     bq, bk = cfg.bwd
     j, i = pl.program_id(2), pl.program_id(3)
 
@@ -157,19 +165,7 @@ def _dkdv_kernel(*refs, cfg: _Cfg, has_seg: bool, n_q: int, precision):
     @pl.when(_live(i, j, bq, bk, cfg.causal))
     def _step():
         q_QH, do_QH = q_ref[...], do_ref[...]
-        s_QK = C.dot(q_QH, k_ref[...], C.NT, precision) * C.scale_for(cfg.H)
-        dp_QK = C.dot(do_QH, v_ref[...], C.NT, precision)
-        mask = C.block_mask(
-            i * bq,
-            j * bk,
-            bq,
-            bk,
-            causal=cfg.causal,
-            kv_len=_kv_len(cfg, bk),
-            q_seg_Q1=qs_ref[...] if has_seg else None,
-            k_seg_1K=ks_ref[...] if has_seg else None,
-        )
-        p_QK, ds_QK = C.recompute_p_ds(s_QK, dp_QK, lse_ref[...], dl_ref[...], mask)
+        p_QK, ds_QK = _p_ds(q_QH, k_ref[...], v_ref[...], do_QH, lse_ref, dl_ref, segs, i, j, cfg, precision)
         # Explicit .T: Mosaic matmuls natively take a transposed rhs, not lhs.
         dv_sc[...] += C.dot(p_QK.T.astype(do_QH.dtype), do_QH, C.NN, precision)
         dk_sc[...] += C.dot(ds_QK.T.astype(q_QH.dtype), q_QH, C.NN, precision)
@@ -290,23 +286,7 @@ def _backward(q, k, v, seg, o, lse_BNT1, do, cfg: _Cfg):
     return dq_BNTH[:, :, : cfg.T].transpose(0, 2, 1, 3), group_sum(dk_BNSH), group_sum(dv_BNSH)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, seg, cfg: _Cfg):
-    return _forward(q, k, v, seg, cfg)[0]
-
-
-def _flash_fwd(q, k, v, seg, cfg: _Cfg):
-    o, lse = _forward(q, k, v, seg, cfg)
-    return o, (q, k, v, seg, o, lse)
-
-
-def _flash_bwd(cfg: _Cfg, res, do):
-    q, k, v, seg, o, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cfg)
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = C.flash_custom_vjp(_forward, _backward)
 
 
 def supports(q_shape, k_shape, dtype) -> tuple[bool, str]:

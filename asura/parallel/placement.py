@@ -70,20 +70,17 @@ class MeshPlacement:
         """NamedSharding per leaf of the train-state pytree (arrays or ShapeDtypeStructs)."""
         by_path = {}
         for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
-            key = _path_key(path)
-            by_path[key] = named_sharding(self._names.get(key), tuple(np.shape(leaf)), self.mesh, self.rules)
+            key, shape = _path_key(path), tuple(np.shape(leaf))
+            by_path[key] = (shape, named_sharding(self._names.get(key), shape, self.mesh, self.rules))
 
         def one(path, leaf):
-            key = _path_key(path)
-            shape = tuple(np.shape(leaf))
+            key, shape = _path_key(path), tuple(np.shape(leaf))
             # Longest suffix of the leaf's path that names a parameter of the same shape
             # (params/..., opt_state/0/mu/..., opt_state/0/nu/...).
             for i in range(len(key)):
-                sh = by_path.get(key[i:])
-                if sh is not None and len(sh.spec) <= len(shape):
-                    ref = self._names.get(key[i:])
-                    if ref is None or len(ref) == len(shape):
-                        return sh
+                param_shape, sharding = by_path.get(key[i:], (None, None))
+                if param_shape == shape:
+                    return sharding
             return self.replicated
 
         return jax.tree_util.tree_map_with_path(one, state)
