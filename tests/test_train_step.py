@@ -129,3 +129,27 @@ def test_resume_config_check():
         check_resume_config(old, tiny("train.lr=0.5"))
     with pytest.raises(ConfigMismatchError, match=r"model\.d_model"):
         check_resume_config(old, tiny("model.d_model=64"))
+
+
+def test_depths_past_max_iterations_run_at_their_depth_not_clipped():
+    """With an extrapolation mode, train and eval depths above max_iterations must really run
+    that deep (the model clips a traced n to its scan length unless given depth_cap)."""
+    from asura.model import depth_distribution, sample_depth
+    from asura.train.state import merge_model
+    from asura.train.step import make_eval_step
+
+    cfg = tiny("model.extrapolation=last", "model.iterations=5", "train.eval_depths=[3,5]")
+    assert sample_depth(cfg, 0) == 5 and depth_distribution(cfg) == {5: 1.0}
+    graphdef, rest, state = init_state(cfg)
+    batch = {k: jnp.asarray(v) for k, v in batch_for(cfg).items()}
+    model = merge_model(graphdef, state["params"], rest)
+
+    ev = jax.jit(make_eval_step(cfg, graphdef, rest), compiler_options=FAST_COMPILE)
+    got = {n: float(ev(state["params"], batch, jnp.int32(n))[0]["ce"]) for n in (3, 5)}
+    want = {n: float(model.loss(batch, n=n)[1]["ce"]) for n in (3, 5)}
+    assert got[5] != got[3]
+    np.testing.assert_allclose([got[3], got[5]], [want[3], want[5]], rtol=1e-5)
+
+    step = jax.jit(make_train_step(cfg, graphdef, rest), compiler_options=FAST_COMPILE)
+    _, metrics = step(state, batch, jnp.int32(5), jnp.float32(1.0))
+    np.testing.assert_allclose(float(metrics["loss"]), float(model.loss(batch, n=5)[0]), rtol=1e-5)

@@ -15,25 +15,9 @@ import numpy as np
 from flax import nnx
 
 from asura.analysis import telemetry as tel_lib
+from asura.model.depth import scan_cap as depth_cap_for  # one rule for model, train and analysis
 
 TRACES = {"eval": 0, "telemetry": 0}  # trace counters: tests assert one compile per sweep
-
-
-def depth_cap_for(model_cfg, depths) -> int | None:
-    """Static scan length for a sweep: None within max_iterations, else max(depths) (needs extrapolation)."""
-    depths = [int(d) for d in depths]
-    if not depths or min(depths) < 1:
-        raise ValueError(f"depths must be positive integers, got {depths}")
-    m = model_cfg.max_iterations
-    beyond = sorted({d for d in depths if d > m})
-    if not beyond:
-        return None
-    if model_cfg.extrapolation not in ("last", "cycle"):
-        raise ValueError(
-            f"depths {beyond} exceed model.max_iterations={m} but model.extrapolation={model_cfg.extrapolation!r}; "
-            "evaluate past the trained depth only with extrapolation='last' or 'cycle'"
-        )
-    return max(beyond)
 
 
 @nnx.jit(static_argnames=("depth_cap",))

@@ -23,7 +23,31 @@ from asura.config.schema import Config
 
 
 def depth_cap(cfg: Config) -> int:
-    return cfg.depth.max or cfg.model.max_iterations
+    """Largest training depth: depth.max, else max_iterations (or the training depth, if larger)."""
+    return cfg.depth.max or max(cfg.model.max_iterations, cfg.model.iterations)
+
+
+def scan_cap(model_cfg, depths) -> int | None:
+    """Static scan length serving every depth in `depths` with one compiled program.
+
+    None (= max_iterations) when they all fit; else max(depths), which needs
+    model.extrapolation. Callers passing a traced n must pass this as the model's
+    depth_cap: the model clips a traced n to its scan length, so without it a depth
+    past max_iterations would silently run at max_iterations.
+    """
+    depths = [int(d) for d in depths]
+    if not depths or min(depths) < 1:
+        raise ValueError(f"depths must be positive integers, got {depths}")
+    m = model_cfg.max_iterations
+    beyond = sorted({d for d in depths if d > m})
+    if not beyond:
+        return None
+    if model_cfg.extrapolation not in ("last", "cycle"):
+        raise ValueError(
+            f"depths {beyond} exceed model.max_iterations={m} but model.extrapolation={model_cfg.extrapolation!r}; "
+            "run past the trained depth only with extrapolation='last' or 'cycle'"
+        )
+    return max(beyond)
 
 
 def _rng(cfg: Config, step: int) -> np.random.Generator:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from asura.config import Config
+from asura.model.depth import depth_cap, scan_cap
+from asura.train.evaluate import eval_depths
 from asura.train.optim import lr_schedule, make_optimizer
 from asura.train.state import merge_model
 
@@ -24,10 +26,11 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 def _loss_and_grads(cfg: Config, graphdef, rest):
     bptt_k = cfg.depth.bptt_k
+    cap = scan_cap(cfg.model, [depth_cap(cfg)])  # sampled depths past max_iterations (extrapolation)
 
     def loss_fn(params, batch, n, poison):
         model = merge_model(graphdef, params, rest)
-        loss, aux = model.loss(batch, n=n, bptt_k=bptt_k)
+        loss, aux = model.loss(batch, n=n, bptt_k=bptt_k, depth_cap=cap)
         return loss * poison, aux
 
     return jax.value_and_grad(loss_fn, has_aux=True)
@@ -113,10 +116,13 @@ def make_train_step(cfg: Config, graphdef, rest):
 def make_eval_step(cfg: Config, graphdef, rest):
     """eval(params, batch, n) -> (metrics, pred_BT): loss/aux at depth n and greedy predictions."""
 
+    cap = scan_cap(cfg.model, eval_depths(cfg))  # eval depths may run past max_iterations
+
     def evaluate(params, batch, n):
         model = merge_model(graphdef, params, rest)
-        loss, aux = model.loss(batch, n=n, bptt_k=0)
-        logits_BTV = model(batch["inputs"], n=n, positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+        loss, aux = model.loss(batch, n=n, bptt_k=0, depth_cap=cap)
+        seg_BT, pos_BT = batch["segment_ids"], batch["positions"]
+        logits_BTV = model(batch["inputs"], n=n, positions_BT=pos_BT, segment_ids_BT=seg_BT, depth_cap=cap)
         pred_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
         return {"loss": loss, **aux}, pred_BT
 
