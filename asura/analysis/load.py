@@ -87,9 +87,7 @@ def load(path: str | Path, step: int | None = None, warn=None) -> Loaded:
     if step is not None and step not in steps:
         raise LoadError(f"step {step} not found in {workdir / 'checkpoints'}; available: {steps}")
 
-    import orbax.checkpoint as ocp
-
-    from asura.train.checkpoint import CheckpointStore
+    from asura.train.checkpoint import CheckpointStore, first_line
     from asura.train.state import abstract_state, merge_model
 
     graphdef, rest, abstract = abstract_state(cfg)
@@ -102,12 +100,9 @@ def load(path: str | Path, step: int | None = None, warn=None) -> Loaded:
             step, state = restored[0], restored[1]
         else:
             try:
-                # Same item name and restore args as CheckpointStore, for one chosen step.
-                out = store.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+                state = store.restore(step, abstract)[0]
             except Exception as e:  # any orbax failure means this step is unusable
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise LoadError(f"checkpoint step {step} in {workdir} does not restore: {first}") from None
-            state = out["state"]
+                raise LoadError(f"checkpoint step {step} in {workdir} does not restore: {first_line(e)}") from None
     finally:
         store.close()
     return Loaded(merge_model(graphdef, state["params"], rest), cfg, int(step), workdir)

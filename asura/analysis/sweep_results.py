@@ -11,7 +11,6 @@ Group rows are computed in memory with the sweep's own ``report.group_rows``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ class SweepResults:
 def read_sweep(directory: str | Path) -> SweepResults:
     """Load a sweep dir; ``FileNotFoundError`` (one line) when it holds no trial manifests."""
     from asura.sweep import manifest
-    from asura.sweep.report import group_rows
+    from asura.sweep.report import group_rows, read_meta
 
     d = Path(directory).expanduser().resolve()
     if not d.is_dir():
@@ -39,8 +38,7 @@ def read_sweep(directory: str | Path) -> SweepResults:
     manifests = manifest.read_all(d)
     if not manifests:
         raise FileNotFoundError(f"sweep dir {d} has no trials/<id>/manifest.json")
-    meta_path = d / "sweep.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_meta(d)
     md = d / "summary.md"
     return SweepResults(
         directory=d,

@@ -173,11 +173,16 @@ GROUP_COLS = ["group", "role", "parent", "reference", "label", "n_complete", "n_
               "delta", "values", "seeds", *ACCOUNTING, "expected_depth", "bptt_k"]  # fmt: skip
 
 
+def read_meta(sweep_dir: str | Path) -> dict:
+    """The sweep's sweep.json ({} before the runner has written it)."""
+    path = Path(sweep_dir) / "sweep.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write_report(sweep_dir: str | Path) -> dict:
     """Write tables and plots for a sweep dir; returns {"rows": [...], "files": [...]}."""
     d = Path(sweep_dir)
-    meta_path = d / "sweep.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_meta(d)
     manifests = manifest.read_all(d)
     rows = group_rows(manifests, meta)
     _write_csv(d / "trials.csv", manifests, TRIAL_COLS)

@@ -116,6 +116,11 @@ def _preservation(keep: int):
     )
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, capped: orbax errors can run to pages."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 class CheckpointStore:
     def __init__(self, directory: Path, *, keep: int, async_save: bool):
         self.directory = Path(directory).resolve()
@@ -142,24 +147,27 @@ class CheckpointStore:
     def best_step(self) -> int | None:
         return self.mngr.best_step()
 
+    def restore(self, step: int, abstract_state) -> tuple[Any, Any, dict]:
+        """(state, data_state, meta) of one step; raises whatever orbax raises for a bad step."""
+        out = self.mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        state = jax.block_until_ready(out["state"])
+        return state, decode_data_state(out["data"]), dict(out["meta"])
+
     def restore_latest_valid(self, abstract_state, *, warn=None) -> tuple[int, Any, Any, dict] | None:
         """(step, state, data_state, meta) from the newest step that restores; None if there is none."""
         warn = warn or (lambda m: warnings.warn(m, stacklevel=2))
         for step in reversed(self.steps()):
             try:
-                out = self.mngr.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-                state = jax.block_until_ready(out["state"])
-                return step, state, decode_data_state(out["data"]), dict(out["meta"])
+                return (step, *self.restore(step, abstract_state))
             except Exception as e:  # any failure means this step is unusable
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {first}); falling back")
+                warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {first_line(e)}); falling back")
                 self._quarantine(step)
         return None
 
