@@ -6,6 +6,7 @@ Modes:
   dist    RANK PORT OUT.json  one of two jax.distributed processes; 3 train steps
   single  OUT.json            the same 3 steps in one process (reference for `dist`)
   loop    WORKDIR OUT.json    the real train loop on (2,4), resumed onto (8,1)
+  pallas  OUT.json            attention=pallas per shard (shard_map) on meshes == xla on one device
 """
 
 from __future__ import annotations
@@ -176,6 +177,41 @@ def mode_single(out):
     dump({"losses": losses}, out)
 
 
+def mode_pallas(out):
+    """Pallas attention (interpret mode on CPU) inside shard_map on data x tensor meshes vs XLA on one device."""
+    import jax
+
+    from asura.config import with_overrides
+    from asura.parallel.placement import MeshPlacement
+    from asura.train.state import Placement
+
+    cfg = with_overrides(cfg_for(), ["model.attention=xla", "model.n_kv_heads=2"])
+    bs = batches(cfg, 2)
+    assert "segment_ids" in bs[0]  # packed rows: the kernels get segment ids per shard too
+    _, ref_losses, ref_params = run_steps(cfg, Placement(cfg), bs, [2, 1])
+    ref_flat = flat(ref_params)
+    shard_map_calls = []
+    real_shard_map = jax.shard_map
+
+    def counting_shard_map(*args, **kwargs):
+        shard_map_calls.append(str(kwargs.get("in_specs")))
+        return real_shard_map(*args, **kwargs)
+
+    jax.shard_map = counting_shard_map
+    res = {}
+    for mesh in [(2, 2, 2)]:  # batch over data x fsdp, heads over tensor
+        cfg_m = with_overrides(cfg_for(mesh), ["model.attention=pallas", "model.n_kv_heads=2"])
+        shard_map_calls.clear()
+        _, losses, params = run_steps(cfg_m, MeshPlacement(cfg_m), bs, [2, 1])
+        got = flat(params)
+        res["x".join(map(str, mesh))] = {
+            "losses": losses,
+            "max_param_err": max(float(np.max(np.abs(got[k] - ref_flat[k]))) for k in ref_flat),
+            "shard_map_in_specs": sorted(set(shard_map_calls)),
+        }
+    dump({"ref_losses": ref_losses, "meshes": res}, out)
+
+
 def mode_loop(workdir, out):
     """The real train loop on a (2,4) mesh: straight vs stopped + resumed on (8,1)."""
     from pathlib import Path
@@ -202,5 +238,12 @@ def mode_loop(workdir, out):
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    modes = {"meshes": mode_meshes, "ckpt": mode_ckpt, "dist": mode_dist, "single": mode_single, "loop": mode_loop}
+    modes = {
+        "meshes": mode_meshes,
+        "ckpt": mode_ckpt,
+        "dist": mode_dist,
+        "single": mode_single,
+        "loop": mode_loop,
+        "pallas": mode_pallas,
+    }
     modes[mode](*args)

@@ -33,17 +33,36 @@ def _resolve(impl, H=64, dtype=jnp.bfloat16, backend="cpu", seg=False):
     return A.resolve_impl(impl, q, k, segment_ids_BT=seg_BT, backend=backend)
 
 
-def test_auto_avoids_pallas_under_a_multi_device_mesh(monkeypatch):
-    from types import SimpleNamespace
+def _mesh(monkeypatch, data=1, fsdp=1, tensor=1, **rules):
+    from jax.sharding import AbstractMesh
 
+    from asura.config.schema import MeshConfig
     from asura.parallel import logical
 
-    monkeypatch.setitem(logical._STATE, "mesh", SimpleNamespace(size=8))
+    mesh = AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"))
+    monkeypatch.setitem(logical._STATE, "mesh", mesh)
+    monkeypatch.setitem(logical._STATE, "rules", {**MeshConfig().rules, **rules})
+
+
+def test_pallas_under_a_mesh_needs_shardable_shapes(monkeypatch):
+    """Under a multi-device mesh the kernel runs per shard; auto skips it only where shard_map can't split the call."""
+    _mesh(monkeypatch, data=2, tensor=2)  # B=2 rows, 4 query / 2 kv heads: divisible
+    assert _resolve("auto", backend="gpu") == "pallas"
+    assert _resolve("auto", backend="tpu") == "pallas"
+    ok, _, specs = A.shard_specs((2, 16, 4, 64), (2, 16, 2, 64))
+    assert ok and tuple(specs[0]) == ("data", None, "tensor", None) and tuple(specs[2]) == ("data", None)
+    _mesh(monkeypatch, data=2, tensor=4)  # 2 kv heads over 4 tensor shards
     assert _resolve("auto", backend="gpu") == "cudnn"
     assert _resolve("auto", backend="tpu") == "xla"
-    assert _resolve("pallas", backend="gpu") == "pallas"  # an explicit choice is still honoured
-    monkeypatch.setitem(logical._STATE, "mesh", SimpleNamespace(size=1))
-    assert _resolve("auto", backend="gpu") == "pallas"
+    with pytest.raises(ValueError, match="kv heads 2 not divisible by the 4 shards of mesh axes tensor"):
+        _resolve("pallas", backend="gpu")
+    _mesh(monkeypatch, data=4)  # batch 2 over 4 data shards
+    assert "batch 2 not divisible" in A.shard_specs((2, 16, 4, 64), (2, 16, 2, 64))[1]
+    _mesh(monkeypatch, data=2, tensor=2, seq=("tensor",), heads=(), kv_heads=())  # context parallel rules
+    with pytest.raises(ValueError, match="needs seq and head_dim unsharded"):
+        _resolve("pallas", backend="gpu")
+    _mesh(monkeypatch, data=1)  # one device: no shard_map at all
+    assert A.shard_specs((2, 16, 4, 64), (2, 16, 2, 64)) == (True, "ok", None)
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,16 @@ never materialised by callers: pass `causal` and optional `segment_ids_BT`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from asura.parallel.logical import active_mesh
+from asura.kernels.lowering import target_platform
+from asura.parallel.logical import active_mesh, logical_to_spec
 
 AttentionFn = Callable[..., jax.Array]
 _IMPLS: dict[str, AttentionFn] = {}
@@ -70,8 +74,8 @@ _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _backend() -> str:
-    """Current platform: 'cpu', 'gpu' or 'tpu' (tests monkeypatch this)."""
-    return jax.default_backend()
+    """Platform lowered for: 'cpu', 'gpu' or 'tpu' (an AOT target's, else the host's; tests monkeypatch this)."""
+    return target_platform()
 
 
 def _cudnn_max_head_dim() -> int:
@@ -112,14 +116,15 @@ def supports(
         return True, "ok"
     if impl == "pallas":
         if backend in ("gpu", "cpu"):  # cpu: the Triton-style kernel in interpret mode
-            from asura.kernels import flash_gpu
-
-            return flash_gpu.supports(q_shape, k_shape, dt)
-        if backend == "tpu":
-            from asura.kernels import flash_tpu
-
-            return flash_tpu.supports(q_shape, k_shape, dt)
-        return False, f"no Pallas kernel for backend {backend!r}"
+            from asura.kernels import flash_gpu as kernel
+        elif backend == "tpu":
+            from asura.kernels import flash_tpu as kernel
+        else:
+            return False, f"no Pallas kernel for backend {backend!r}"
+        ok, why = kernel.supports(q_shape, k_shape, dt)
+        if ok:
+            ok, why = shard_specs(q_shape, k_shape)[:2]
+        return ok, why
     return False, f"unknown attention impl {impl!r}; choose one of {', '.join(IMPL_CHOICES)}"
 
 
@@ -131,20 +136,68 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None, causal=True,
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=causal, implementation="cudnn")
 
 
+def shard_specs(q_shape, k_shape) -> tuple[bool, str, tuple[P, P, P] | None]:
+    """(ok, why, (q, kv, segment-id) PartitionSpecs) for running a kernel per shard of the active mesh.
+
+    Specs are None without a multi-device mesh. A pallas_call has no partitioning rule, so under a
+    mesh it runs inside shard_map on each device's batch rows and heads; that needs the sequence and
+    head_dim unsharded (no context parallelism), the same mesh axes on query and kv heads (so GQA
+    groups stay on one device), and every sharded dim divisible by its mesh axes.
+    """
+    mesh = active_mesh()
+    if mesh is None or mesh.size == 1:
+        return True, "ok", None
+    q_spec = logical_to_spec(("batch", "seq", "heads", "head_dim"))
+    kv_spec = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"))
+    if any(spec[i] is not None for spec in (q_spec, kv_spec) for i in (1, 3)):
+        return False, f"Pallas attention needs seq and head_dim unsharded under a mesh, rules give q {q_spec}", None
+    if q_spec[2] != kv_spec[2]:
+        return False, f"Pallas attention needs heads and kv_heads on one mesh axis set: {q_spec} vs {kv_spec}", None
+
+    def n_shards(entry) -> int:
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        return int(np.prod([mesh.shape[a] for a in axes]))
+
+    (B, _, N, _), K = q_shape, k_shape[2]
+    for what, size, entry in (("batch", B, q_spec[0]), ("query heads", N, q_spec[2]), ("kv heads", K, q_spec[2])):
+        if size % n_shards(entry):
+            return False, f"{what} {size} not divisible by the {n_shards(entry)} shards of mesh axes {entry}", None
+    return True, "ok", (q_spec, kv_spec, P(q_spec[0], None))
+
+
 @register("pallas")
 def pallas_attention(
     q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None, causal=True, block_q: int = 0, block_k: int = 0, **_: object
 ) -> jax.Array:
-    """GPU (Triton) kernel on gpu, TPU (Mosaic) kernel on tpu, interpret-mode GPU kernel on cpu."""
+    """GPU (Triton) kernel on gpu, TPU (Mosaic) kernel on tpu, interpret-mode GPU kernel on cpu;
+    per shard (shard_map over batch and heads) under a multi-device mesh."""
     backend = _backend()
-    kw = dict(segment_ids_BT=segment_ids_BT, causal=causal, block_q=block_q or None, block_k=block_k or None)
     if backend == "tpu":
         from asura.kernels import flash_tpu
 
-        return flash_tpu.flash_attention(q_BTNH, k_BSKH, v_BSKH, **kw, interpret=False)
-    from asura.kernels import flash_gpu
+        kernel = functools.partial(flash_tpu.flash_attention, interpret=False)
+    else:
+        from asura.kernels import flash_gpu
 
-    return flash_gpu.flash_attention(q_BTNH, k_BSKH, v_BSKH, **kw, interpret=backend == "cpu")
+        kernel = functools.partial(flash_gpu.flash_attention, interpret=backend == "cpu")
+    kernel = functools.partial(kernel, causal=causal, block_q=block_q or None, block_k=block_k or None)
+    ok, why, specs = shard_specs(q_BTNH.shape, k_BSKH.shape)
+    if not ok:
+        raise ValueError(f"pallas attention: {why}")
+    if specs is None:
+        return kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT)
+    q_spec, kv_spec, seg_spec = specs
+    seg = () if segment_ids_BT is None else (segment_ids_BT,)
+
+    def local(q, k, v, *seg):
+        return kernel(q, k, v, segment_ids_BT=seg[0] if seg else None)
+
+    # check_vma off: the kernel is purely per-shard (no collectives), and pallas_call's
+    # varying-axes typing differs across the jax versions we support.
+    return jax.shard_map(
+        local, mesh=active_mesh(), in_specs=(q_spec, kv_spec, kv_spec, *[seg_spec] * len(seg)), out_specs=q_spec,
+        check_vma=False,
+    )(q_BTNH, k_BSKH, v_BSKH, *seg)  # fmt: skip
 
 
 def attention(
@@ -181,11 +234,6 @@ def resolve_impl(
     kw = dict(backend=backend, has_segment_ids=segment_ids_BT is not None)
     if impl == "auto":
         order = {"tpu": ("pallas", "xla"), "gpu": ("pallas", "cudnn", "xla")}.get(backend, ("xla",))
-        mesh = active_mesh()
-        if mesh is not None and mesh.size > 1:
-            # Our pallas_call has no partitioning rule yet, so GSPMD would gather its
-            # inputs onto every device; XLA and cuDNN attention partition natively.
-            order = tuple(name for name in order if name != "pallas")
         return next(name for name in order if supports(name, *args, **kw)[0])
     if impl not in IMPL_CHOICES or impl not in _IMPLS:
         raise ValueError(f"attention impl {impl!r} is not available; choose one of {', '.join(IMPL_CHOICES)}")
