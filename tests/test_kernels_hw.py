@@ -1,8 +1,9 @@
-"""The Pallas/Triton kernel compiled for a real NVIDIA GPU (interpret=False) vs the fp32 reference.
+"""The Pallas kernels compiled for real hardware (interpret=False) vs the fp32 reference.
 
-Skipped without a GPU (conftest). Same metric as test_kernels.py; the reference runs with full-fp32
-matmuls (XLA on Ampere+ otherwise uses TF32 for fp32 dots, ~1e-3 relative error, which would hide or
-fake kernel errors). Shapes are realistic enough to exercise the tuned default tiles, and T is never
+Each test runs once per accelerator kind: the Triton kernel on an NVIDIA GPU, the Mosaic kernel on a
+TPU; the conftest skips the kinds that are absent (so all of this skips on a CPU). Same metric as
+test_kernels.py; the reference runs with full-fp32 matmuls (XLA otherwise uses TF32 / bf16 passes
+for fp32 dots, ~1e-3 relative error, which would hide or fake kernel errors). Shapes are realistic enough to exercise the tuned default tiles, and T is never
 a block multiple so the padding and the causal diagonal blocks are both on the path.
 """
 
@@ -15,11 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from asura.kernels import flash_gpu, reference
+from asura.kernels import flash_gpu, flash_tpu, reference
 from flax import nnx
 from test_kernels import TOL, make_inputs, rel_err
 
-pytestmark = pytest.mark.gpu
+# Ids "triton"/"mosaic"; the marks carry the hardware requirement.
+HW = [
+    pytest.param(flash_gpu, id="triton", marks=pytest.mark.gpu),
+    pytest.param(flash_tpu, id="mosaic", marks=pytest.mark.tpu),
+]
 
 
 def _out_and_grads(fn, q, k, v, seg, do, causal):
@@ -38,7 +43,7 @@ def _reference(q, k, v, seg, do, causal):
 
 
 # (B, T, N, K, H, causal, seg, dtype, block_q, block_k); None blocks = tuned defaults.
-GPU_CASES = [
+CASES = [
     pytest.param(2, 1000, 8, 2, 128, True, True, jnp.bfloat16, None, None, id="h128-gqa-seg-bf16-defaults"),
     pytest.param(2, 1000, 8, 8, 64, True, False, jnp.bfloat16, None, None, id="h64-mha-bf16-defaults"),
     pytest.param(1, 777, 4, 1, 128, False, False, jnp.bfloat16, None, None, id="h128-mqa-noncausal-bf16"),
@@ -49,10 +54,15 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("B", "T", "N", "K", "H", "causal", "seg", "dtype", "bq", "bk"), GPU_CASES)
-def test_compiled_values_and_grads_match_reference(B, T, N, K, H, causal, seg, dtype, bq, bk):
+@pytest.mark.parametrize("mod", HW)
+@pytest.mark.parametrize(("B", "T", "N", "K", "H", "causal", "seg", "dtype", "bq", "bk"), CASES)
+def test_compiled_values_and_grads_match_reference(mod, B, T, N, K, H, causal, seg, dtype, bq, bk):
+    if not mod.supports((B, T, N, H), (B, T, K, H), dtype)[0]:
+        pytest.skip(mod.supports((B, T, N, H), (B, T, K, H), dtype)[1])
+    if mod is flash_tpu and bq is not None:
+        bq, bk = 4 * bq, 4 * bk  # Mosaic tiles are multiples of 128 on the lane axis
     q, k, v, seg_BT, do = make_inputs(hash((B, T, N, K, H, causal, seg)) % 2**31, B, T, N, K, H, dtype, seg=seg)
-    fn = functools.partial(flash_gpu.flash_attention, block_q=bq, block_k=bk, interpret=False)
+    fn = functools.partial(mod.flash_attention, block_q=bq, block_k=bk, interpret=False)
     o, grads = _out_and_grads(fn, q, k, v, seg_BT, do, causal)
     o_ref, grads_ref = _reference(q, k, v, seg_BT, do, causal)
     assert o.dtype == dtype and [g.dtype for g in grads] == [dtype] * 3
@@ -61,7 +71,8 @@ def test_compiled_values_and_grads_match_reference(B, T, N, K, H, causal, seg, d
         assert rel_err(g, g_ref) < TOL[dtype], name
 
 
-def test_compiled_inside_scan_remat_grad():
+@pytest.mark.parametrize("mod", HW)
+def test_compiled_inside_scan_remat_grad(mod):
     B, T, N, K, H, L = 2, 256, 4, 2, 64, 3
     q, k, v, seg_BT, _ = make_inputs(11, B, T, N, K, H, jnp.float32, seg=True)
     w_LHH = jax.random.normal(jax.random.PRNGKey(3), (L, H, H)) / np.sqrt(H)
@@ -75,7 +86,7 @@ def test_compiled_inside_scan_remat_grad():
         return jnp.sum(jnp.sin(x))
 
     with jax.default_matmul_precision("float32"):
-        kern = functools.partial(flash_gpu.flash_attention, interpret=False)
+        kern = functools.partial(mod.flash_attention, interpret=False)
         val, grads = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, kern), argnums=(0, 1)))(w_LHH, q)
         val_ref, grads_ref = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, reference.attention), argnums=(0, 1)))(
             w_LHH, q
@@ -85,8 +96,10 @@ def test_compiled_inside_scan_remat_grad():
         assert rel_err(g, g_ref) < 1e-4
 
 
-def test_looped_model_pallas_matches_xla():
+@pytest.mark.parametrize("mod", HW)
+def test_looped_model_pallas_matches_xla(mod):
     """The whole looped model (traced depth, remat, packed segments) with attention=pallas vs attention=xla."""
+    del mod  # dispatch picks the backend's kernel; the parameter only carries the hardware mark
     from asura.config.schema import ModelConfig
     from asura.model import LoopedLM
 
