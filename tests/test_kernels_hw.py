@@ -3,8 +3,9 @@
 Each test runs once per accelerator kind: the Triton kernel on an NVIDIA GPU, the Mosaic kernel on a
 TPU; the conftest skips the kinds that are absent (so all of this skips on a CPU). Same metric as
 test_kernels.py; the reference runs with full-fp32 matmuls (XLA otherwise uses TF32 / bf16 passes
-for fp32 dots, ~1e-3 relative error, which would hide or fake kernel errors). Shapes are realistic enough to exercise the tuned default tiles, and T is never
-a block multiple so the padding and the causal diagonal blocks are both on the path.
+for fp32 dots, ~1e-3 relative error, which would hide or fake kernel errors). Shapes are realistic
+enough to exercise the tuned default tiles, and T is never a block multiple, so the padding and the
+causal diagonal blocks are both on the path.
 """
 
 from __future__ import annotations
