@@ -3,7 +3,7 @@
 Interpret mode (test_kernels.py) proves the math; this proves the same code gets through the lowering a
 GPU or TPU run would use (no interpret fallback, no primitive Triton/Mosaic lacks, BlockSpecs legal for
 each backend), for forward and backward, alone and inside the looped model's scan with remat. Compiling
-and running the lowered kernels needs the chip (tests/test_kernels_gpu.py, bench/RESULTS.md).
+and running the lowered kernels needs the chip (tests/test_kernels_hw.py, bench/RESULTS.md).
 """
 
 from __future__ import annotations
