@@ -231,3 +231,16 @@ def test_bfloat16_compute_fp32_params_and_logits():
     assert logits.dtype == jnp.float32 and np.isfinite(float(loss))
     err = float(jnp.abs(logits - ref_logits).max() / jnp.abs(ref_logits).max())
     assert 0 < err < 0.1, err  # bf16 rounding shows up, but stays small
+
+
+@pytest.mark.parametrize("cfg", [VANILLA, ALL_ON], ids=["guidance-none", "guidance-linear"])
+def test_loss_with_pred_matches_argmax_of_logits(cfg):
+    """Evaluation's one-pass predictions equal argmax of a separate forward, at every depth (incl. n < S)."""
+    model = build(cfg, 6)
+    batch = make_batch(8, packed=True)
+    for n in range(1, cfg.max_iterations + 1):
+        loss, aux = model.loss(batch, n=n, with_pred=True)
+        loss_plain, _ = model.loss(batch, n=n)
+        logits = model(batch["inputs"], n=n, segment_ids_BT=batch["segment_ids"])
+        np.testing.assert_array_equal(aux["pred"], np.argmax(np.asarray(logits), axis=-1))
+        assert float(loss) == float(loss_plain)

@@ -239,11 +239,13 @@ class LoopedLM(nnx.Module):
         _, ys, _, _ = self._loop(tokens_BT, n, positions_BT, segment_ids_BT, depth_cap, unroll, latents=True)
         return ys["h"]
 
-    def loss(self, batch, n=None, bptt_k=0, depth_cap=None, unroll=False):
+    def loss(self, batch, n=None, bptt_k=0, depth_cap=None, unroll=False, with_pred=False):
         """Guidance-weighted masked-mean CE over iterations + z-loss; see module docstring.
 
         aux["ce_per_iter"] has S entries, 0 for t >= n. With guidance='none' only the
-        final iteration is scored, so only entry n-1 is nonzero.
+        final iteration is scored, so only entry n-1 is nonzero. with_pred adds
+        aux["pred"] = argmax of the final iteration's logits [B, T] from the same loop,
+        so evaluation needs one pass instead of loss + __call__.
         """
         cfg = self.cfg
         n = cfg.iterations if n is None else n
@@ -264,8 +266,10 @@ class LoopedLM(nnx.Module):
         else:
             S = self.scan_len(n, depth_cap)
             w_S = guidance_weights(cfg, jnp.clip(jnp.asarray(n, jnp.int32), 1, S), S, self.slot)
-            (_, loss, z_term), ys, S, n_arr = self._loop(*args, score=score, w_S=w_S, bptt_k=bptt_k)
+            (h_BTD, loss, z_term), ys, S, n_arr = self._loop(*args, score=score, w_S=w_S, bptt_k=bptt_k)
             ce_S = ys["ce"]
             ce, acc = ce_S[n_arr - 1], ys["acc"][n_arr - 1]
         aux = {"ce": ce, "ce_per_iter": ce_S, "z_loss": z_term, "accuracy": acc, "tokens": mask_BT.sum()}
+        if with_pred:  # the carry's latent is the final iteration's (skipped steps pass it through)
+            aux["pred"] = jnp.argmax(self.head(h_BTD), axis=-1).astype(jnp.int32)
         return loss, aux

@@ -120,10 +120,8 @@ def make_eval_step(cfg: Config, graphdef, rest):
 
     def evaluate(params, batch, n):
         model = merge_model(graphdef, params, rest)
-        loss, aux = model.loss(batch, n=n, bptt_k=0, depth_cap=cap)
-        seg_BT, pos_BT = batch["segment_ids"], batch["positions"]
-        logits_BTV = model(batch["inputs"], n=n, positions_BT=pos_BT, segment_ids_BT=seg_BT, depth_cap=cap)
-        pred_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
+        loss, aux = model.loss(batch, n=n, bptt_k=0, depth_cap=cap, with_pred=True)
+        pred_BT = aux.pop("pred")
         return {"loss": loss, **aux}, pred_BT
 
     return evaluate
