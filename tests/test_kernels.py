@@ -105,11 +105,10 @@ def test_logsumexp_residual(kernel):
     assert float(np.max(lse)) > MASK_VALUE  # every row saw at least itself
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
-def test_inside_scan_checkpoint_grad(kernel):
-    """Two looped 'layers' through lax.scan with a rematerialised attention block, differentiated end to end."""
-    B, T, N, K, H, L = 1, 20, 2, 1, 32, 2
-    q, k, v, seg_BT, _ = make_inputs(11, B, T, N, K, H, jnp.float32, seg=True)
+def scan_remat_value_and_grads(attn, B, T, N, K, H, L, seed=11):
+    """L looped 'layers' through lax.scan with a rematerialised attention block: (loss, d/dw, d/dq) for attn
+    and for the reference on the same inputs."""
+    q, k, v, seg_BT, _ = make_inputs(seed, B, T, N, K, H, jnp.float32, seg=True)
     w_LHH = jax.random.normal(jax.random.PRNGKey(3), (L, H, H)) / np.sqrt(H)
 
     def loss(w_LHH, q, attn):
@@ -120,11 +119,16 @@ def test_inside_scan_checkpoint_grad(kernel):
         x, _ = jax.lax.scan(layer, q, w_LHH)
         return jnp.sum(jnp.sin(x))
 
+    def run(fn):
+        return jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, fn), argnums=(0, 1)))(w_LHH, q)
+
+    return run(attn), run(reference.attention)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_inside_scan_checkpoint_grad(kernel):
     kern = functools.partial(KERNELS[kernel], block_q=16, block_k=16, interpret=True)
-    val, grads = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, kern), argnums=(0, 1)))(w_LHH, q)
-    val_ref, grads_ref = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, reference.attention), argnums=(0, 1)))(
-        w_LHH, q
-    )
+    (val, grads), (val_ref, grads_ref) = scan_remat_value_and_grads(kern, B=1, T=20, N=2, K=1, H=32, L=2)
     assert abs(float(val) - float(val_ref)) < 1e-4 * abs(float(val_ref)) + 1e-5
     for g, g_ref in zip(grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-4

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from asura.kernels import flash_gpu, flash_tpu, reference
 from flax import nnx
-from test_kernels import TOL, make_inputs, rel_err
+from test_kernels import TOL, make_inputs, rel_err, scan_remat_value_and_grads
 
 # Ids "triton"/"mosaic"; the marks carry the hardware requirement.
 HW = [
@@ -74,24 +74,9 @@ def test_compiled_values_and_grads_match_reference(mod, B, T, N, K, H, causal, s
 
 @pytest.mark.parametrize("mod", HW)
 def test_compiled_inside_scan_remat_grad(mod):
-    B, T, N, K, H, L = 2, 256, 4, 2, 64, 3
-    q, k, v, seg_BT, _ = make_inputs(11, B, T, N, K, H, jnp.float32, seg=True)
-    w_LHH = jax.random.normal(jax.random.PRNGKey(3), (L, H, H)) / np.sqrt(H)
-
-    def loss(w_LHH, q, attn):
-        def layer(x_BTNH, w_HH):
-            blk = jax.checkpoint(lambda x: attn(x @ w_HH, k, v, segment_ids_BT=seg_BT, causal=True))
-            return x_BTNH + blk(x_BTNH), None
-
-        x, _ = jax.lax.scan(layer, q, w_LHH)
-        return jnp.sum(jnp.sin(x))
-
     with jax.default_matmul_precision("float32"):
         kern = functools.partial(mod.flash_attention, interpret=False)
-        val, grads = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, kern), argnums=(0, 1)))(w_LHH, q)
-        val_ref, grads_ref = jax.jit(jax.value_and_grad(lambda w, q: loss(w, q, reference.attention), argnums=(0, 1)))(
-            w_LHH, q
-        )
+        (val, grads), (val_ref, grads_ref) = scan_remat_value_and_grads(kern, B=2, T=256, N=4, K=2, H=64, L=3)
     assert abs(float(val) - float(val_ref)) < 1e-4 * abs(float(val_ref)) + 1e-4
     for g, g_ref in zip(grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-4
