@@ -158,6 +158,14 @@ def check_inputs(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT) -> None:
         raise ValueError(f"segment_ids {segment_ids_BT.shape} need shape (B, T)={B, T} and S == T")
 
 
+def validate(kernel: str, supports: Callable, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT) -> None:
+    """Entry checks every kernel makes: compatible shapes, then the kernel's own limits (ValueError)."""
+    check_inputs(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    ok, why = supports(q_BTNH.shape, k_BSKH.shape, q_BTNH.dtype)
+    if not ok:
+        raise ValueError(f"{kernel}: {why}")
+
+
 def scale_for(H: int) -> float:
     return 1.0 / math.sqrt(H)
 
@@ -166,7 +174,8 @@ def flash_custom_vjp(forward: Callable, backward: Callable) -> Callable:
     """Wrap a kernel pair in a custom_vjp: f(q, k, v, seg, cfg) -> o, saving (q, k, v, seg, o, lse).
 
     forward(q, k, v, seg, cfg) -> (o, lse); backward(q, k, v, seg, o, lse, do, cfg) -> (dq, dk, dv).
-    Both lowerings share this, so the residuals and the vjp plumbing cannot drift apart.
+    Both lowerings share this, so the residuals and the vjp plumbing cannot drift apart. The
+    returned f casts v to q's dtype and segment ids (or None) to int32 before the kernels see them.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -182,4 +191,8 @@ def flash_custom_vjp(forward: Callable, backward: Callable) -> Callable:
         return (*backward(q, k, v, seg, o, lse, do, cfg), None)  # no cotangent for segment ids
 
     flash.defvjp(flash_fwd, flash_bwd)
-    return flash
+
+    def call(q, k, v, seg, cfg):
+        return flash(q, k, v.astype(q.dtype), None if seg is None else seg.astype(jnp.int32), cfg)
+
+    return call

@@ -312,10 +312,7 @@ def flash_attention(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Causal/segmented GQA flash attention, BTNH in and out; fp32 accumulation, output in q's dtype."""
-    C.check_inputs(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
-    ok, why = supports(q_BTNH.shape, k_BSKH.shape, q_BTNH.dtype)
-    if not ok:
-        raise ValueError(f"flash_tpu: {why}")
+    C.validate("flash_tpu", supports, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     T, H, S = q_BTNH.shape[1], q_BTNH.shape[3], k_BSKH.shape[1]
     table = DEFAULT_BLOCKS[min(256, max(64, C.next_pow2(H)))]
     cfg = _Cfg(
@@ -327,5 +324,4 @@ def flash_attention(
         bwd=_blocks(block_q_bwd or block_q, block_k_bwd or block_k, table["bwd"], T, S),
         interpret=C.default_interpret(interpret),
     )
-    seg = None if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
-    return _flash(q_BTNH, k_BSKH, v_BSKH.astype(q_BTNH.dtype), seg, cfg)
+    return _flash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg)
