@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not hasattr(jax.sharding, "AbstractDevice"), rea
 
 # Ids avoid bare "gpu"/"tpu" (conftest treats those keywords as hardware markers).
 TARGET_KERNEL = {"h100": (flash_gpu, "gpu"), "tpu-v5e": (flash_tpu, "tpu")}
-BWD_NAMES = {"fwd", "dq", "dkdv"}
+KERNEL_NAMES = {"fwd", "dq", "dkdv"}
 
 
 def _sds(shape, dtype):
@@ -65,7 +65,7 @@ def test_forward_and_backward_lower_to_kernels(target, B, T, N, K, H, dtype, seg
     low = L.lower(_grad_fn(mod, seg, causal), *args, target_name=target)
     calls = L.kernel_calls(low, L.TARGETS[target][3])
     # One forward, one dq and one dk/dv kernel; nothing fell back to XLA attention or interpret mode.
-    assert sorted(calls) == sorted(f"flash_{k}_{suffix}" for k in BWD_NAMES)
+    assert sorted(calls) == sorted(f"flash_{k}_{suffix}" for k in KERNEL_NAMES)
     assert "while" not in _outside_kernels(low.as_text())  # interpret mode would lower the grid to loops
 
 
