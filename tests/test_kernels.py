@@ -9,12 +9,14 @@ match to ~tol/10 absolute.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from asura.kernels import common as C
 from asura.kernels import flash_gpu, flash_tpu, reference
 from asura.kernels.common import MASK_VALUE
 
@@ -95,9 +97,8 @@ def test_logsumexp_residual(kernel):
     B, T, N, K, H = 1, 37, 2, 1, 32
     q, k, v, seg_BT, _ = make_inputs(7, B, T, N, K, H, jnp.float32, seg=True)
     mod = flash_gpu if kernel == "triton" else flash_tpu
-    cfg_fn = mod._Cfg
-    blocks = (16, 16, 4, 2) if kernel == "triton" else (16, 16)
-    cfg = cfg_fn(causal=True, T=T, S=T, H=H, fwd=blocks, bwd=blocks, interpret=True)
+    tiles = C.Tiles(16, 16, (4, 2) if kernel == "triton" else ())
+    cfg = C.FlashConfig(causal=True, T=T, S=T, H=H, fwd=tiles, bwd=tiles, interpret=True)
     o, lse = mod._forward(q, k, v, seg_BT, cfg)
     o_ref, lse_ref = reference.attention_with_lse(q, k, v, segment_ids_BT=seg_BT, causal=True)
     assert rel_err(o, o_ref) < 1e-5
@@ -189,6 +190,120 @@ def test_cost_estimate_counts_causal_half():
     full, causal = cost_estimate(q, k, causal=False), cost_estimate(q, k, causal=True)
     assert full.flops == 4 * 2 * 4 * 64 * 64 * 32 and causal.flops == full.flops // 2
     assert cost_estimate(q, k, causal=True, backward=True).flops == causal.flops * 5 // 2
+
+
+# ---- The shared core (common.py) on its own: facts as data, tile rules, plumbing helpers ----
+
+BACKENDS = {"triton": flash_gpu, "mosaic": flash_tpu}
+
+
+def test_default_row_is_the_head_dim_bucket():
+    # The rules each backend had spelled out before they shared default_row: pad H to a power of 2,
+    # then clamp to the table (GPU buckets 32..256, TPU buckets 64..256).
+    for H in range(1, 257):
+        gpu_bucket = max(32, C.next_pow2(H))
+        tpu_bucket = min(256, max(64, C.next_pow2(H)))
+        assert C.default_row(flash_gpu.DEFAULT_BLOCKS, H) is flash_gpu.DEFAULT_BLOCKS[gpu_bucket], H
+        assert C.default_row(flash_tpu.DEFAULT_BLOCKS, H) is flash_tpu.DEFAULT_BLOCKS[tpu_bucket], H
+
+
+@pytest.mark.parametrize(
+    ("kernel", "legal", "illegal", "cover"),
+    [
+        # Triton: powers of 2 >= 16; a tile covering n rows is the next power of 2, at least 16.
+        ("triton", [16, 32, 64, 256], [0, 8, 24, 48, 96, -16], {1: 16, 16: 16, 17: 32, 100: 128, 1000: 1024}),
+        # Mosaic: multiples of 8; a tile covering n rows is n rounded up to 8.
+        ("mosaic", [8, 24, 136, 512], [0, 4, 12, 100, -8], {1: 8, 8: 8, 37: 40, 1000: 1000}),
+    ],
+)
+def test_tile_rules(kernel, legal, illegal, cover):
+    rule = BACKENDS[kernel].TILES
+    assert [rule.legal(b) for b in legal] == [True] * len(legal)
+    assert [rule.legal(b) for b in illegal] == [False] * len(illegal)
+    assert {n: rule.cover(n) for n in cover} == cover
+
+
+def test_resolve_tiles_shrinks_to_the_sequence_and_overrides_launch_knobs():
+    gpu, tpu = flash_gpu._BACKEND, flash_tpu._BACKEND
+    row = (128, 64, 4, 3)
+    assert C.resolve_tiles(gpu, row, None, None, 1000, 1000) == C.Tiles(128, 64, (4, 3))
+    assert C.resolve_tiles(gpu, row, None, None, 5, 40) == C.Tiles(16, 64, (4, 3))  # T=5 is not padded to 128
+    assert C.resolve_tiles(gpu, row, 32, None, 1000, 1000, (8, None)) == C.Tiles(32, 64, (8, 3))
+    assert C.resolve_tiles(tpu, (512, 512), None, 24, 37, 1000) == C.Tiles(40, 24, ())
+    with pytest.raises(ValueError, match="flash_tpu: blocks must be multiples of 8, got block_q=512 block_k=20"):
+        C.resolve_tiles(tpu, (512, 512), None, 20, 37, 37)
+
+
+def test_entry_builds_the_config_from_table_and_request(monkeypatch):
+    seen = []
+    backend = dataclasses.replace(flash_gpu._BACKEND, flash=lambda q, k, v, seg, cfg: seen.append(cfg) or q)
+    q = jnp.zeros((1, 300, 2, 48), jnp.bfloat16)
+    C.flash_attention(backend, q, q, q, block_k=32, launch=(None, 5), interpret=True)
+    (cfg,) = seen
+    fwd, bwd = flash_gpu.DEFAULT_BLOCKS[64]["fwd"], flash_gpu.DEFAULT_BLOCKS[64]["bwd"]
+    assert (cfg.T, cfg.S, cfg.H, cfg.causal, cfg.interpret) == (300, 300, 48, True, True)
+    assert cfg.fwd == C.Tiles(fwd[0], 32, (fwd[2], 5)) and cfg.bwd == C.Tiles(bwd[0], 32, (bwd[2], 5))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "H", "dtype", "why"),
+    [
+        ("triton", 256, jnp.float16, "ok"),
+        ("triton", 257, jnp.bfloat16, "head_dim 257 > 256 (Triton tiles would not fit in shared memory)"),
+        ("triton", 64, jnp.int8, "dtype int8 not in float32/bfloat16/float16"),
+        ("mosaic", 256, jnp.bfloat16, "ok"),
+        ("mosaic", 512, jnp.float32, "head_dim 512 > 256"),
+        ("mosaic", 64, jnp.float16, "dtype float16 not in float32/bfloat16"),
+    ],
+)
+def test_supports_reads_the_backend_limits(kernel, H, dtype, why):
+    mod = BACKENDS[kernel]
+    assert mod.LIMITS.max_head_dim == mod.MAX_HEAD_DIM
+    assert mod.supports((1, 8, 2, H), (1, 8, 1, H), dtype) == (why == "ok", why)
+
+
+def test_group_sum_adds_each_kv_heads_query_heads():
+    B, S, K, G, H = 2, 5, 3, 4, 8
+    # Small integers: every sum order gives the same exact fp32 result, so the oracle can loop.
+    x_BSNH = jax.random.randint(jax.random.PRNGKey(0), (B, S, K * G, H), -8, 8).astype(jnp.float32)
+    want = np.zeros((B, S, K, H), np.float32)
+    for n in range(K * G):
+        want[:, :, n // G] += np.asarray(x_BSNH[:, :, n])  # GQA: query head n reads kv head n // G
+    got = C.group_sum(x_BSNH, K, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+    assert C.partials_dtype(G, jnp.bfloat16) == jnp.float32 and C.partials_dtype(1, jnp.bfloat16) == jnp.bfloat16
+
+
+@pytest.mark.parametrize(("bq", "bk"), [(16, 16), (32, 16), (16, 32), (24, 40), (128, 64)])
+def test_causal_block_ranges_match_brute_force(bq, bk):
+    T = S = 200
+    n_q, n_k = -(-T // bq), -(-S // bk)
+    for i in range(n_q):
+        seen = [j for j in range(n_k) if (i + 1) * bq - 1 >= j * bk]  # last query row of i reaches key j*bk
+        assert int(C.causal_k_end(jnp.int32(i), bq, bk, n_k)) == max(seen) + 1, i
+    for j in range(n_k):
+        seen_by = [i for i in range(n_q) if (i + 1) * bq - 1 >= j * bk]
+        assert int(C.first_q_block(jnp.int32(j), bq, bk)) == min(seen_by), j
+
+
+def test_segment_padding_and_ref_unpacking():
+    seg_BT = jnp.array([[3, 3, 1]], jnp.int32)
+    q_seg, k_seg = C.pad_segments(seg_BT, 4, 8)
+    np.testing.assert_array_equal(q_seg, [[3, 3, 1, 0]])
+    np.testing.assert_array_equal(k_seg, [[3, 3, 1, 0, 0, 0, 0, 0]])
+    assert C.pad_segments(None, 4, 8) == []
+    assert C.split_refs(["q", "k", "v", "qs", "ks", "o", "lse"], 3, True) == (
+        ("q", "k", "v"),
+        ("qs", "ks"),
+        ("o", "lse"),
+    )
+    assert C.split_refs(["q", "k", "v", "o", "lse"], 3, False) == (("q", "k", "v"), (None, None), ("o", "lse"))
+
+
+def test_kv_len_only_when_keys_are_padded():
+    cfg = C.FlashConfig(causal=True, T=37, S=37, H=32, fwd=C.Tiles(16, 16), bwd=C.Tiles(16, 16), interpret=True)
+    assert cfg.kv_len(16) == 37 and dataclasses.replace(cfg, S=32).kv_len(16) is None
 
 
 @pytest.mark.slow
