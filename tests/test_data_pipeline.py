@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from asura.config.load import load_config
-from asura.data import pipeline, tasks
+from asura.data import pipeline, sources, tasks
 from asura.data.packing import FIELDS
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -19,6 +19,12 @@ def make_cfg(*overrides):
     # Pinned task settings: the tests must not move when configs/demo.yaml is retuned.
     pinned = ["data.task=pointer_chase", "data.difficulty=3", "data.seq_len=48", "model.max_iterations=3"]
     return load_config(DEMO, ["train.batch_size=8", *pinned, *overrides])
+
+
+@pytest.fixture
+def task_epoch(monkeypatch):
+    """set(n): a task "epoch" of n examples, so finite-epoch tests end quickly."""
+    return lambda n: monkeypatch.setattr(sources, "TASK_EPOCH", n)
 
 
 def take(it, n=None):
@@ -80,22 +86,24 @@ def test_determinism_and_seed_sensitivity():
 
 
 @pytest.mark.parametrize("pack", [True, False])
-def test_exact_resume_across_epochs(pack):
+def test_exact_resume_across_epochs(pack, task_epoch):
+    task_epoch(30)
     cfg = make_cfg("data.num_epochs=3", "data.shuffle=true", f"data.pack={str(pack).lower()}")
-    full = take(pipeline.build_train_iterator(cfg, task_epoch=30))
+    full = take(pipeline.build_train_iterator(cfg))
     assert 9 <= len(full) <= 14  # 3 epochs of 30 examples, 8 rows per batch, finite
     for n in (1, 5, len(full) - 1):
-        it = pipeline.build_train_iterator(cfg, task_epoch=30)
+        it = pipeline.build_train_iterator(cfg)
         head = take(it, n)
         state = json.loads(json.dumps(it.get_state()))  # must be JSON-serialisable
-        fresh = pipeline.build_train_iterator(cfg, task_epoch=30)
+        fresh = pipeline.build_train_iterator(cfg)
         fresh.set_state(state)
         assert_batches_equal(head + take(fresh), full)
 
 
-def test_epoch_packs_every_example_exactly_once_and_reshuffles():
+def test_epoch_packs_every_example_exactly_once_and_reshuffles(task_epoch):
+    task_epoch(64)
     cfg = make_cfg("data.num_epochs=2", "data.difficulty=1", "data.seq_len=40")  # 12-token examples, 3 per row
-    batches = take(pipeline.build_train_iterator(cfg, task_epoch=64))
+    batches = take(pipeline.build_train_iterator(cfg))
     for b in batches:
         check_row_invariants(b)
     got = segments(batches)
@@ -118,12 +126,10 @@ def test_loss_mask_scores_only_answers():
             assert scored == text.split("?")[1]  # "7\n": the answer and the newline
 
 
-def test_process_slices_disjoint_and_covering():
+def test_process_slices_disjoint_and_covering(task_epoch):
+    task_epoch(45)
     cfg = make_cfg("data.num_epochs=1", "train.batch_size=6")
-    per_proc = [
-        segments(take(pipeline.build_train_iterator(cfg, process_index=i, process_count=3, task_epoch=45)))
-        for i in range(3)
-    ]
+    per_proc = [segments(take(pipeline.build_train_iterator(cfg, process_index=i, process_count=3))) for i in range(3)]
     for i in range(3):
         for j in range(i + 1, 3):
             assert not set(per_proc[i]) & set(per_proc[j])
@@ -180,8 +186,10 @@ def test_check_compatible_batch_split_and_source():
     with pytest.raises(ValueError, match="batch_size=8 is not divisible by process_count=3"):
         pipeline.check_compatible(cfg, process_count=3)
     bad = cfg.replace(data=dataclasses.replace(cfg.data, source="video"))
-    with pytest.raises(ValueError, match=r"unknown data.source 'video'; valid: task, text, synthetic"):
+    with pytest.raises(ValueError, match=r"data.source='video' is not valid; choose one of task, text, synthetic"):
         pipeline.check_compatible(bad)
+    with pytest.raises(ValueError, match=r"process_index=4 must be in \[0, process_count=4\)"):
+        pipeline.build_train_iterator(cfg, process_index=4, process_count=4)
 
 
 def test_synthetic_batch_on_device():

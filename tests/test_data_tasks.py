@@ -106,8 +106,14 @@ def test_tasks_and_synthetic_work_without_grain():
         "pipeline.check_compatible(cfg)\n"
         "print(pipeline.synthetic_batch(cfg, 3)['inputs'].shape)\n"
         "try:\n    pipeline.build_train_iterator(cfg)\nexcept ImportError as e:\n    print(e)\n"
+        "import asura.data, dataclasses\n"
+        "syn = cfg.replace(data=dataclasses.replace(cfg.data, source='synthetic'))\n"
+        "asura.data.check_compatible(syn)\n"
+        "batch, evals = next(asura.data.build_train_iterator(syn)), asura.data.build_eval_batches(syn, 2)\n"
+        "print(batch['inputs'].shape, len(evals))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert re.fullmatch(r"\d{3}\+\d{3}=\d{4}", lines[0]) and lines[1] == "(32, 64)"
     assert "needs the `grain` package" in lines[2] and "data.source=synthetic" in lines[2]
+    assert lines[3] == "(32, 64) 2"

@@ -51,28 +51,48 @@ def read_split(out, split):
     return [text.decode_record(ds[i]) for i in range(len(ds))]
 
 
+def split_docs(out):
+    """[train, eval] documents as byte strings (byte tokenizer), in shard order."""
+    return [[bytes(t.astype(np.uint8)) for t in read_split(out, s)] for s in ("train", "eval")]
+
+
+def assert_split_of(docs, train, evals):
+    """Each source document is, in order, one train document, one eval document, or a train head + eval tail."""
+    i = j = 0
+    for d in docs:
+        if i < len(train) and train[i] == d:
+            i += 1
+        elif j < len(evals) and evals[j] == d:
+            j += 1
+        else:
+            assert i < len(train) and j < len(evals) and train[i] + evals[j] == d, d
+            i, j = i + 1, j + 1
+    assert (i, j) == (len(train), len(evals))
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     docs = write_corpus(root)
     out = root / "shards"
     globs = [str(root / f"doc0{i}*.txt") for i in range(3)]  # several globs, in order
-    argv = ["--input", *globs, "--output", str(out)]
-    assert prepare.main([*argv, "--eval-every", "6", "--docs-per-shard", "5"]) == 0
+    argv = ["--input", *globs, "--output", str(out), "--eval-fraction", "0.2", "--eval-min-tokens", "200"]
+    assert prepare.main([*argv, "--docs-per-shard", "5"]) == 0
     return root, docs, out
 
 
 def test_prepare_byte_round_trip(corpus):
     _, docs, out = corpus
     meta = json.loads((out / "metadata.json").read_text())
-    train_docs = [d for i, d in enumerate(docs) if i % 6 != 5]
-    eval_docs = [d for i, d in enumerate(docs) if i % 6 == 5]
+    train_docs, eval_docs = split_docs(out)
+    assert_split_of([d.encode() for d in docs], train_docs, eval_docs)
     assert meta["tokenizer"] == "byte" and meta["vocab_size"] == 256
     assert meta["train"]["documents"] == len(train_docs) and meta["eval"]["documents"] == len(eval_docs)
-    assert meta["train"]["tokens"] == sum(len(d.encode()) for d in train_docs)
+    assert meta["train"]["tokens"] == sum(map(len, train_docs)) and meta["eval"]["tokens"] == sum(map(len, eval_docs))
     assert len([s for s in meta["shards"] if s.startswith("train-")]) == -(-len(train_docs) // 5)
-    assert [bytes(t.astype(np.uint8)).decode() for t in read_split(out, "train")] == train_docs
-    assert [bytes(t.astype(np.uint8)).decode() for t in read_split(out, "eval")] == eval_docs
+    total, longest = sum(len(d.encode()) for d in docs), max(len(d.encode()) for d in docs)
+    assert meta["eval"]["tokens"] >= 200 and abs(meta["eval"]["tokens"] - 0.2 * total) <= longest
+    assert meta["eval_split"]["fraction"] == 0.2 and meta["eval_split"]["min_tokens"] == 200
 
 
 def test_prepare_wordlevel_tokenizer_json(tmp_path):
@@ -88,11 +108,13 @@ def test_prepare_wordlevel_tokenizer_json(tmp_path):
     src.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     out = tmp_path / "out"
     argv = ["--input", str(src), "--text-field", "body", "--output", str(out), "--tokenizer", tok_path]
-    assert prepare.main([*argv, "--eval-every", "0"]) == 0
+    assert prepare.main([*argv, "--eval-fraction", "0.3", "--eval-min-tokens", "1"]) == 0
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["vocab_size"] == len(vocab) and meta["train"]["tokens"] == 12
+    assert meta["vocab_size"] == len(vocab) and meta["train"]["tokens"] + meta["eval"]["tokens"] == 12
     dec = tokenizer.load_tokenizer(tok_path)
-    assert [dec.decode(ids) for ids in read_split(out, "train")] == docs
+    # 3, 4, 5 words: the first fills the 1-token floor whole; 30% of 12 tokens needs no more
+    assert [dec.decode(ids) for ids in read_split(out, "eval")] == docs[:1]
+    assert [dec.decode(ids) for ids in read_split(out, "train")] == docs[1:]
     cfg = make_cfg("data.source=text", f"data.path={out}", f"data.tokenizer={tok_path}", "data.seq_len=8")
     assert pipeline.data_vocab_size(cfg) == len(vocab)
     pipeline.check_compatible(cfg)
@@ -107,19 +129,23 @@ def test_prepare_hf_dataset_through_injected_loader(tmp_path):
         return iter(rows)
 
     out = tmp_path / "hf"
-    argv = ["--hf-dataset", "local/toy", "--hf-split", "validation", "--output", str(out), "--eval-every", "0"]
+    argv = ["--hf-dataset", "local/toy", "--hf-split", "validation", "--output", str(out), "--eval-min-tokens", "1"]
     assert prepare.main(argv, hf_loader=loader) == 0
     assert calls == [("local/toy", "validation", None)]
-    got = [bytes(t.astype(np.uint8)).decode() for t in read_split(out, "train")]
-    assert got == [r["text"] for r in rows]
+    train, evals = split_docs(out)
+    assert_split_of([r["text"].encode() for r in rows], train, evals)
+    assert len(evals) == 1 and len(train) == 6
     with pytest.raises(ValueError, match=r"--hf-text-field 'body' not in row 0 of local/toy; fields: \['id', 'text'\]"):
         list(prepare.hf_documents("local/toy", text_field="body", loader=lambda *a: iter(rows)))
 
 
 def test_prepare_builtin_pydoc(tmp_path):
-    assert prepare.main(["--builtin", "pydoc", "--output", str(tmp_path / "p"), "--eval-every", "10"]) == 0
+    """The offline default must come with an eval split worth evaluating on (it used to be 1 document, 930 tokens)."""
+    assert prepare.main(["--builtin", "pydoc", "--output", str(tmp_path / "p")]) == 0
     meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
-    assert meta["train"]["documents"] + meta["eval"]["documents"] > 50 and meta["train"]["tokens"] > 100_000
+    train, evals = meta["train"], meta["eval"]
+    assert train["documents"] + evals["documents"] > 50 and train["tokens"] > 100_000
+    assert evals["documents"] >= 10 and 0.04 <= evals["tokens"] / (train["tokens"] + evals["tokens"]) <= 0.06
 
 
 def text_cfg(out, *overrides):
@@ -127,7 +153,8 @@ def text_cfg(out, *overrides):
 
 
 def expected_chunks(docs, seq_len):
-    return [bytes(c) for d in docs for c in text.chunk(np.frombuffer(d.encode(), np.uint8), seq_len)]
+    """docs: byte strings."""
+    return [bytes(c) for d in docs for c in text.chunk(np.frombuffer(d, np.uint8), seq_len)]
 
 
 def segment_bytes(batches):
@@ -140,17 +167,17 @@ def segment_bytes(batches):
 
 @pytest.mark.parametrize("pack", ["true", "false"])
 def test_text_epoch_covers_every_token_once(corpus, pack):
-    _, docs, out = corpus
+    _, _, out = corpus
     cfg = text_cfg(out, "data.num_epochs=1", f"data.pack={pack}", "data.seq_len=24")
     batches = take(pipeline.build_train_iterator(cfg))
     for b in batches:
         check_row_invariants(b)
         n_docs = sum(int(seg_T.max()) for seg_T in b["segment_ids"])
         assert b["loss_mask"].sum() == (b["segment_ids"] > 0).sum() - n_docs  # text scores every in-doc target
-    train_docs = [d for i, d in enumerate(docs) if i % 6 != 5]
+    train_docs, _ = split_docs(out)
     assert collections.Counter(segment_bytes(batches)) == collections.Counter(expected_chunks(train_docs, 24))
     n_real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
-    assert n_real == sum(len(d.encode()) for d in train_docs)
+    assert n_real == sum(map(len, train_docs))
 
 
 def test_text_resume_with_shuffle_and_epochs(corpus):
@@ -168,20 +195,20 @@ def test_text_resume_with_shuffle_and_epochs(corpus):
 
 
 def test_text_process_slices_disjoint_and_covering(corpus):
-    _, docs, out = corpus
+    _, _, out = corpus
     cfg = text_cfg(out, "data.num_epochs=1", "train.batch_size=4")
     per_proc = [
         segment_bytes(take(pipeline.build_train_iterator(cfg, process_index=i, process_count=2))) for i in range(2)
     ]
     assert not set(per_proc[0]) & set(per_proc[1])
-    train_docs = [d for i, d in enumerate(docs) if i % 6 != 5]
+    train_docs, _ = split_docs(out)
     assert collections.Counter(per_proc[0] + per_proc[1]) == collections.Counter(expected_chunks(train_docs, 32))
 
 
 def test_text_eval_batches_use_eval_shards(corpus):
-    _, docs, out = corpus
+    _, _, out = corpus
     ev = pipeline.build_eval_batches(text_cfg(out), 5)
-    eval_docs = [d for i, d in enumerate(docs) if i % 6 == 5]
+    _, eval_docs = split_docs(out)
     assert collections.Counter(segment_bytes(ev)) == collections.Counter(expected_chunks(eval_docs, 32))
 
 

@@ -1,9 +1,13 @@
 """Tokenise text into ArrayRecord shards: ``python -m asura.data.prepare``.
 
-One record per document (little-endian int32 token ids). Every ``--eval-every``-th
-document (N-1, 2N-1, ...) goes to ``eval-*.array_record``, the rest to
-``train-*.array_record``; ``metadata.json`` records the tokenizer, vocab size and
-per-shard counts. Set ``data.path`` to the output directory.
+One record per document (little-endian int32 token ids) in ``train-*.array_record`` and
+``eval-*.array_record``; ``metadata.json`` records the tokenizer, vocab size, the eval split's
+parameters and per-shard counts. Set ``data.path`` to the output directory.
+
+The eval split (asura.data.eval_split) holds out about ``--eval-fraction`` of the tokens (default
+5%) and at least ``--eval-min-tokens`` (default 2048), by whole documents where they fit; a long
+document may give its tail to eval and its head to training. A corpus too small for both splits
+is refused.
 
 Sources (exactly one):
   --input GLOB [GLOB ...]   local files; a .jsonl file yields one document per line (--text-field),
@@ -13,11 +17,14 @@ Sources (exactly one):
   --hf-dataset NAME         a Hugging Face dataset, streamed (needs `datasets` and network/cache)
 
 Example:  python -m asura.data.prepare --builtin pydoc --output data/pydoc
+
+Every bad input is answered with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import glob
 import json
 import os
@@ -26,10 +33,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from asura.data.eval_split import PIECE_TOKENS, EvalSplit
 from asura.data.text import FORMAT, METADATA, TOKEN_DTYPE
 from asura.data.tokenizer import load_tokenizer
+from asura.registry import Registry
 
-BUILTINS = ("pydoc",)
+BUILTINS: Registry[Callable[[], Iterator[str]]] = Registry("--builtin", "offline corpora that ship with Python")
 
 
 # ------------------------------------------------------------------ sources
@@ -48,25 +57,44 @@ def file_documents(patterns: list[str], text_field: str = "text") -> Iterator[st
 
 def _read_files(paths: list[str], text_field: str) -> Iterator[str]:
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            if not path.endswith(".jsonl"):
-                yield f.read()
-                continue
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if text_field not in row:
-                        raise ValueError(f"{path}:{line_no} has no field {text_field!r}; fields: {sorted(row)}")
-                    yield row[text_field]
+        try:
+            with open(path, encoding="utf-8") as f:
+                if not path.endswith(".jsonl"):
+                    yield f.read()
+                    continue
+                for line_no, line in enumerate(f, 1):
+                    if line.strip():
+                        yield _jsonl_text(line, f"{path}:{line_no}", text_field)
+        except UnicodeDecodeError as e:  # its message names no file
+            raise ValueError(
+                f"--input file {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); pass text or .jsonl files"
+            ) from None
 
 
-def builtin_documents(name: str) -> Iterator[str]:
-    if name != "pydoc":
-        raise ValueError(f"unknown --builtin {name!r}; valid: {', '.join(BUILTINS)}")
+def _jsonl_text(line: str, where: str, text_field: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not JSON ({e.msg}); a .jsonl file holds one JSON object per line") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} is a JSON {type(row).__name__}, not an object with a {text_field!r} field")
+    if text_field not in row:
+        raise ValueError(f"{where} has no field {text_field!r}; fields: {sorted(row)}")
+    if not isinstance(row[text_field], str):
+        raise ValueError(f"{where} field {text_field!r} is a {type(row[text_field]).__name__}, not a string")
+    return row[text_field]
+
+
+@BUILTINS.register("pydoc")
+def _pydoc_documents() -> Iterator[str]:
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
         yield topics[key]
+
+
+def builtin_documents(name: str) -> Iterator[str]:
+    return BUILTINS[name]()
 
 
 def _load_hf(name: str, split: str, config: str | None):
@@ -114,8 +142,8 @@ class _ShardWriter:
         if self._writer is None or self.stats[self._name]["documents"] == self.docs_per_shard:
             self.close()
             self._name = f"{self.split}-{len(self.stats):05d}.array_record"
-            self._writer = ArrayRecordWriter(os.path.join(self.output, self._name), "group_size:1")
             self.stats[self._name] = {"documents": 0, "tokens": 0, "max_doc_tokens": 0}
+            self._writer = ArrayRecordWriter(os.path.join(self.output, self._name), "group_size:1")
         self._writer.write(ids_L.astype(TOKEN_DTYPE).tobytes())
         s = self.stats[self._name]
         s["documents"] += 1
@@ -127,6 +155,24 @@ class _ShardWriter:
             self._writer.close()
             self._writer = None
 
+    def totals(self) -> dict[str, int]:
+        return {k: sum(s[k] for s in self.stats.values()) for k in ("documents", "tokens")}
+
+    def remove(self) -> None:
+        self.close()
+        for name in self.stats:
+            path = os.path.join(self.output, name)
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is an existing file; --output names a directory to write shards into")
+    old = glob.glob(os.path.join(output, "*.array_record")) + glob.glob(os.path.join(output, METADATA))
+    if old and not overwrite:
+        raise ValueError(f"--output {output!r} already holds prepared shards; pass --overwrite to replace them")
+
 
 def prepare(
     documents: Iterable[str],
@@ -134,64 +180,127 @@ def prepare(
     tokenizer: str = "byte",
     *,
     docs_per_shard: int = 10_000,
-    eval_every: int = 50,
+    eval_fraction: float = 0.05,
+    eval_min_tokens: int = 2048,
     overwrite: bool = False,
     source: str = "",
 ) -> dict:
-    """Tokenise documents into shards under ``output``; returns the metadata written to metadata.json."""
+    """Tokenise documents into shards under ``output``; returns the metadata written to metadata.json.
+
+    On any failure what this call wrote is removed, so ``output`` never holds a half corpus.
+    """
     tok = load_tokenizer(tokenizer)
-    if docs_per_shard < 1 or eval_every < 0:
-        raise ValueError(f"--docs-per-shard must be >= 1 and --eval-every >= 0, got {docs_per_shard}, {eval_every}")
+    if docs_per_shard < 1:
+        raise ValueError(f"--docs-per-shard must be >= 1, got {docs_per_shard}")
+    split = EvalSplit(eval_fraction, eval_min_tokens)
+    _check_output(output, overwrite)
+    created = not os.path.exists(output)
     os.makedirs(output, exist_ok=True)
-    old = glob.glob(os.path.join(output, "*.array_record")) + glob.glob(os.path.join(output, METADATA))
-    if old and not overwrite:
-        raise ValueError(f"--output {output!r} already holds prepared shards; pass --overwrite to replace them")
-    for path in old:
+    for path in glob.glob(os.path.join(output, "*.array_record")) + glob.glob(os.path.join(output, METADATA)):
         os.remove(path)
     writers = {s: _ShardWriter(output, s, docs_per_shard) for s in ("train", "eval")}
-    index = 0
-    for texts in _batched(documents, 256):
-        for ids in tok.encode_batch(texts):
-            if ids:  # an empty document has nothing to learn from
-                split = "eval" if eval_every and index % eval_every == eval_every - 1 else "train"
-                writers[split].write(np.asarray(ids, dtype=np.int64))
-                index += 1
-    for w in writers.values():
-        w.close()
-    train = writers["train"].stats
-    if not train:
-        raise ValueError(f"no training documents were written to {output!r} (the source held {index} non-empty)")
-    meta = {
-        "format": FORMAT,
-        "source": source,
-        "tokenizer": tok.spec,
-        "vocab_size": tok.vocab_size,
-        "dtype": TOKEN_DTYPE.str,
-        "train": {k: sum(s[k] for s in train.values()) for k in ("documents", "tokens")},
-        "eval": {k: sum(s[k] for s in writers["eval"].stats.values()) for k in ("documents", "tokens")},
-        "shards": {**train, **writers["eval"].stats},
-    }
-    with open(os.path.join(output, METADATA), "w") as f:
-        json.dump(meta, f, indent=1)
+    done = False
+    try:
+        for texts in _batched(documents, 256):
+            for ids in tok.encode_batch(texts):
+                if ids:  # an empty document has nothing to learn from
+                    part = split(np.asarray(ids, dtype=np.int64))
+                    for name, ids_L in part._asdict().items():
+                        if ids_L is not None:
+                            writers[name].write(ids_L)
+        for w in writers.values():
+            w.close()
+        train, evals = writers["train"].totals(), writers["eval"].totals()
+        if split.seen == 0:
+            raise ValueError(f"the source holds no non-empty documents; nothing was written to {output!r}")
+        if train["tokens"] < evals["tokens"]:
+            raise ValueError(
+                f"the corpus has only {split.seen} tokens: too few to hold out --eval-min-tokens={eval_min_tokens} "
+                "and train on more than that; add text or lower --eval-min-tokens"
+            )
+        meta = {
+            "format": FORMAT,
+            "source": source,
+            "tokenizer": tok.spec,
+            "vocab_size": tok.vocab_size,
+            "dtype": TOKEN_DTYPE.str,
+            "train": train,
+            "eval": evals,
+            "eval_split": {
+                "fraction": eval_fraction,
+                "min_tokens": eval_min_tokens,
+                "piece_tokens": PIECE_TOKENS,
+                "cut_documents": split.cut_documents,
+            },
+            "shards": {**writers["train"].stats, **writers["eval"].stats},
+        }
+        with open(os.path.join(output, METADATA), "w") as f:
+            json.dump(meta, f, indent=1)
+        done = True
+    finally:
+        if not done:
+            for w in writers.values():
+                w.remove()
+            if os.path.exists(os.path.join(output, METADATA)):
+                os.remove(os.path.join(output, METADATA))
+            if created and not os.listdir(output):
+                os.rmdir(output)
     return meta
 
 
-def main(argv: list[str] | None = None, *, hf_loader: Callable | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m asura.data.prepare", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
+# ------------------------------------------------------------------ CLI
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its whole usage block and exit; one line is enough
+        raise _UsageError(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="python -m asura.data.prepare", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--input", nargs="+", help="file globs (quote them)")
-    src.add_argument("--builtin", choices=BUILTINS)
+    src.add_argument("--builtin", help=f"one of: {', '.join(BUILTINS.names)}")
     src.add_argument("--hf-dataset")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", help="directory to write the shards into")
     p.add_argument("--tokenizer", default="byte", help="byte | path/to/tokenizer.json | tiktoken:<encoding>")
     p.add_argument("--text-field", default="text", help="field of .jsonl rows")
     p.add_argument("--hf-split", default="train")
     p.add_argument("--hf-text-field", default="text")
     p.add_argument("--hf-config", default=None)
     p.add_argument("--docs-per-shard", type=int, default=10_000)
-    p.add_argument("--eval-every", type=int, default=50, help="every N-th document goes to eval; 0 = none")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="share of tokens held out for eval")
+    p.add_argument("--eval-min-tokens", type=int, default=2048, help="the eval split holds at least this many")
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def _parse(p: _Parser, argv: list[str]) -> argparse.Namespace:
+    """Arguments, or a _UsageError whose message is one line naming what is wrong."""
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        flags = [o for a in p._actions for o in a.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid flags: {' '.join(flags)}"
+        raise _UsageError(f"unknown argument {unknown[0]!r}{hint}")
+    if not (args.input or args.builtin or args.hf_dataset):
+        raise _UsageError("no source: pass one of --input GLOB..., --builtin NAME, --hf-dataset NAME")
+    if not args.output:
+        raise _UsageError("no --output DIR to write the shards into")
+    return args
+
+
+def main(argv: list[str] | None = None, *, hf_loader: Callable | None = None) -> int:
+    p = _parser()
+    try:
+        args = _parse(p, sys.argv[1:] if argv is None else argv)
+    except _UsageError as e:
+        print(f"error: {e} (see --help)", file=sys.stderr)
+        return 2
     try:
         if args.input:
             docs, source = file_documents(args.input, args.text_field), f"files:{' '.join(args.input)}"
@@ -205,17 +314,21 @@ def main(argv: list[str] | None = None, *, hf_loader: Callable | None = None) ->
             args.output,
             args.tokenizer,
             docs_per_shard=args.docs_per_shard,
-            eval_every=args.eval_every,
+            eval_fraction=args.eval_fraction,
+            eval_min_tokens=args.eval_min_tokens,
             overwrite=args.overwrite,
             source=source,
         )
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, OSError) as e:  # every input problem we name is a ValueError; OSError names its path
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    train, evals = meta["train"], meta["eval"]
+    share = evals["tokens"] / (train["tokens"] + evals["tokens"])
     print(
-        f"wrote {meta['train']['documents']} train / {meta['eval']['documents']} eval documents, "
-        f"{meta['train']['tokens']} train tokens, {len(meta['shards'])} shards, vocab {meta['vocab_size']} "
-        f"({meta['tokenizer']}) to {args.output}"
+        f"wrote {train['documents']} train / {evals['documents']} eval documents "
+        f"({meta['eval_split']['cut_documents']} split into a train head and an eval tail), "
+        f"{train['tokens']} train / {evals['tokens']} eval tokens ({share:.1%} held out), "
+        f"{len(meta['shards'])} shards, vocab {meta['vocab_size']} ({meta['tokenizer']}) to {args.output}"
     )
     return 0
 

@@ -28,20 +28,33 @@ class Shards:
     documents: int
     tokens: int
     max_doc_tokens: int
+    shard_documents: tuple[int, ...]  # per path, as metadata.json lists them
 
 
 def decode_record(record: bytes) -> np.ndarray:
     return np.frombuffer(record, dtype=TOKEN_DTYPE).astype(np.int32)
 
 
+_META_KEYS = ("tokenizer", "vocab_size", "shards")
+
+
 def _read_metadata(directory: str) -> dict:
     path = os.path.join(directory, METADATA)
     if not os.path.isfile(path):
         raise ValueError(f"no {METADATA} next to the shards in {directory!r}; write them with asura.data.prepare")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; re-run asura.data.prepare")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not text, so not asura.data.prepare metadata; re-run asura.data.prepare") from None
+    except json.JSONDecodeError as e:  # its message names no file
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-run asura.data.prepare") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != FORMAT:
+        raise ValueError(f"{path} has format {fmt!r}, expected {FORMAT!r}; re-run asura.data.prepare")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; re-run asura.data.prepare")
     return meta
 
 
@@ -59,6 +72,11 @@ def resolve_shards(path: str, split: str = "train") -> Shards:
             raise ValueError(f"data.path {path!r} matches no files; expected shards from asura.data.prepare")
         pattern = os.path.join(sorted(train_dirs)[0], f"{split}-*.array_record")
     paths = sorted(glob.glob(pattern))
+    if not paths and split == "eval":  # a one-line reason now beats a failure after the model compiled
+        raise ValueError(
+            f"data.path {path!r} has no eval split (nothing matches {pattern!r}); training evaluates on it, "
+            "so re-run asura.data.prepare, which writes one"
+        )
     if not paths:
         raise ValueError(f"data.path {path!r} matches no {split} shards (looked for {pattern!r})")
     metas = {d: _read_metadata(d) for d in sorted({os.path.dirname(p) for p in paths})}
@@ -80,7 +98,54 @@ def resolve_shards(path: str, split: str = "train") -> Shards:
         documents=sum(s["documents"] for s in stats),
         tokens=sum(s["tokens"] for s in stats),
         max_doc_tokens=max(s["max_doc_tokens"] for s in stats),
+        shard_documents=tuple(s["documents"] for s in stats),
     )
+
+
+def _reader_class():
+    try:
+        from array_record.python.array_record_module import ArrayRecordReader
+    except ImportError:
+        raise ImportError(
+            "data.source=text needs the `array_record` package (it comes with grain: pip install grain)"
+        ) from None
+    return ArrayRecordReader
+
+
+def probe_shards(shards: Shards, vocab_size: int) -> None:
+    """Open every shard and read its first record: a file that is not what metadata.json says fails now, by name.
+
+    Cost: one footer and one record per shard. Without it a corrupt shard surfaces as a Riegeli
+    traceback from a grain thread, after the model has compiled.
+    """
+    reader_class = _reader_class()
+    for path, documents in zip(shards.paths, shards.shard_documents):
+        reader = reader_class(path, "readahead_buffer_size:0,max_parallelism:0")  # random access: read one record
+        try:
+            found = reader.num_records() if reader.ok() else documents  # not ok: read() below says why
+            if found != documents:
+                raise ValueError(
+                    f"shard {path!r} holds {found} records but its {METADATA} lists {documents}; "
+                    "re-run asura.data.prepare"
+                )
+            (record,) = reader.read([0])
+        except RuntimeError as e:  # array_record's error for a file that is not ArrayRecord (or is truncated)
+            detail = str(e).splitlines()[0].split(";")[0].split(" (")[0]  # the reason, without offsets and hashes
+            raise ValueError(
+                f"shard {path!r} is not a readable ArrayRecord file ({detail}); re-run asura.data.prepare"
+            ) from None
+        finally:
+            if reader.ok():  # closing a failed reader raises its error again
+                reader.close()
+        ok = len(record) % TOKEN_DTYPE.itemsize == 0
+        if ok and record:
+            tokens_L = decode_record(record)
+            ok = tokens_L.min() >= 0 and tokens_L.max() < vocab_size
+        if not ok:
+            raise ValueError(
+                f"shard {path!r} holds records that are not {TOKEN_DTYPE.str} token ids in [0, {vocab_size}); "
+                "re-run asura.data.prepare"
+            )
 
 
 def chunk(tokens_L: np.ndarray, seq_len: int) -> list[np.ndarray]:

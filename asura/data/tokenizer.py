@@ -67,14 +67,24 @@ class TiktokenTokenizer:
         return self._enc.decode([int(i) for i in ids])
 
 
+def check_spec(spec: str, key: str = "tokenizer") -> None:
+    """Raise a one-line ValueError for a spec of no valid form, or a JSON path that does not exist.
+
+    Loads nothing (tiktoken may need the network); ``key`` names where the spec came from.
+    """
+    if spec == "byte" or spec.startswith("tiktoken:"):
+        return
+    if not spec.endswith(".json"):
+        raise ValueError(f"unknown {key} {spec!r}; valid: {VALID}")
+    if not os.path.isfile(spec):
+        raise ValueError(f"{key} file {spec!r} does not exist")
+
+
 def load_tokenizer(spec: str):
     """Tokenizer for a spec string; raises a one-line ValueError naming the valid forms."""
+    check_spec(spec)
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("tiktoken:"):
         return TiktokenTokenizer(spec.split(":", 1)[1])
-    if spec.endswith(".json"):
-        if not os.path.isfile(spec):
-            raise ValueError(f"tokenizer file {spec!r} does not exist")
-        return JsonTokenizer(spec)
-    raise ValueError(f"unknown tokenizer {spec!r}; valid: {VALID}")
+    return JsonTokenizer(spec)
