@@ -11,24 +11,37 @@ tied embeddings, vocabulary, heads, data, optimiser), so only looping differs.
 * iso_flop_depth: n_layers = L · round(E[n]) at the same width (depth-matched). Exact only
   when E[n] is an integer and the loop extras (projection, adapters, guidance heads, bptt) are
   off; the reported ratio says how far off it is.
-* iso_flop_width: n_layers = L; d_model solved over multiples of n_heads·8 (head dim a
-  multiple of 8, so even for RoPE) so training FLOPs/token are within 2%. An explicit d_ff
-  scales with the width (multiple of 8); d_ff=0 keeps its automatic ratio.
+* iso_flop_width: n_layers = L; d_model chosen over multiples of n_heads·8 (head dim a
+  multiple of 8, so even for RoPE) as the width nearest the training FLOPs/token (d_ff scaled
+  with it: an explicit d_ff in proportion, d_ff=0 at its automatic ratio); then d_ff is tuned in
+  multiples of 8 (FLOPs are linear in d_ff at fixed width) until training FLOPs/token are within
+  ``FLOP_TOL``. Otherwise ``BaselineImpossible``.
 * token_matched: the looped model's shared stack unrolled once (n_layers = L, same width),
   trained for round(train.steps · E[n]) steps: about the same total training FLOPs, n× the tokens.
+
+``BASELINES`` lists the kinds once, each with its facts (builder, what it matches, tolerance,
+whether ``baselines: true`` includes it, its report line); the sweep spec, its errors and
+``report`` (``python -m asura.flops``) read the names from there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from asura.config.load import config_to_dict, with_overrides
 from asura.config.schema import Config
 from asura.flops import expected_depth, flop_count, param_count, summary
+from asura.registry import Registry
 
-PARAM_TOL = 0.01
-FLOP_TOL = 0.02
+# One tolerance per comparison kind (docs/method.md: "iso-param or iso-FLOP, within 1%"), read
+# both by the builders here and by the labeller (asura.sweep.compare): every baseline built to its
+# tolerance is labelled its kind in a sweep's tables, and nothing looser is ever called iso-*.
+PARAM_TOL = 0.01  # unique parameters
+FLOP_TOL = 0.01  # training FLOPs (per token here; per token × tokens in compare, tokens being equal)
+TOLERANCES = {"iso-param": PARAM_TOL, "iso-FLOP": FLOP_TOL}  # keyed by asura.sweep.compare's label
 
 
 class BaselineImpossible(ValueError):
@@ -85,7 +98,9 @@ def iso_param(cfg: Config) -> Config:
     out = vanilla(cfg, n_layers=layers, d_ff=ff).replace(name=f"{cfg.name}-iso_param")
     err = _rel(param_count(out).unique, target)
     if abs(err) > PARAM_TOL:
-        raise BaselineImpossible(f"iso_param: best is {layers} layers, d_ff={ff}, {err:+.2%} params (tolerance 1%)")
+        raise BaselineImpossible(
+            f"iso_param: best is {layers} layers, d_ff={ff}, {err:+.2%} params (tolerance {PARAM_TOL:.0%})"
+        )
     return out
 
 
@@ -100,25 +115,39 @@ def iso_flop_width(cfg: Config) -> Config:
     step = m.n_heads * 8
     base = vanilla(cfg)
 
-    def at(width: int) -> Config:
-        ff = 8 * max(1, round(m.d_ff * width / m.d_model / 8)) if m.d_ff else 0
+    def at(width: int, ff: int | None = None) -> Config:
+        if ff is None:  # d_ff scaled with the width: explicit in proportion, automatic at its ratio
+            ff = 8 * max(1, round(m.d_ff * width / m.d_model / 8)) if m.d_ff else 0
         return _fast(base, d_model=width, d_ff=ff)
 
-    best, best_err, widths = None, math.inf, []
-    width = step
-    while True:  # FLOPs grow monotonically with width: stop once past the target
-        err = _rel(flop_count(at(width)).train, target)
-        widths.append((width, err))
-        if abs(err) < abs(best_err):
-            best, best_err = width, err
-        if err > 0:
-            break
-        width += step
-    if abs(best_err) > FLOP_TOL:
-        near = ", ".join(f"d={w} ({e:+.1%})" for w, e in widths[-2:])
-        raise BaselineImpossible(f"iso_flop_width: no width in multiples of {step} is within 2% of the FLOPs: {near}")
-    chosen = at(best)
-    return vanilla(cfg, d_model=chosen.model.d_model, d_ff=chosen.model.d_ff).replace(name=f"{cfg.name}-iso_flop_width")
+    def err(c: Config) -> float:
+        return _rel(flop_count(c).train, target)
+
+    def tune(width: int) -> tuple[int, float]:
+        """The d_ff (multiple of 8, >= 8) whose FLOPs are nearest the target at this width."""
+        ff0 = at(width).model.ff_dim
+        f0 = flop_count(at(width, ff0)).train
+        slope = (flop_count(at(width, ff0 + 8)).train - f0) / 8  # FLOPs are linear in d_ff
+        lo = 8 * math.floor((ff0 + (target - f0) / slope) / 8)
+        return min(((ff, err(at(width, ff))) for ff in {max(8, lo), max(8, lo + 8)}), key=lambda x: abs(x[1]))
+
+    below, width = None, step
+    while err(at(width)) <= 0:  # FLOPs grow monotonically with width: stop at the first one past the target
+        below, width = width, width + step
+    # The width grid alone moves FLOPs in steps of several percent on small models (the demo's nearest
+    # width is +1.75%); d_ff in steps of 8 moves them in small linear steps. The bracketing width
+    # nearest the target goes first; the other one can still get there (more d_ff, or less).
+    widths = sorted((w for w in (below, width) if w is not None), key=lambda w: abs(err(at(w))))
+    tried = []
+    for w in widths:
+        ff, e = tune(w)
+        if abs(e) <= FLOP_TOL:
+            return vanilla(cfg, d_model=w, d_ff=ff).replace(name=f"{cfg.name}-iso_flop_width")
+        tried.append(f"d={w}, d_ff={ff}: {e:+.2%}")
+    raise BaselineImpossible(
+        f"iso_flop_width: no width in multiples of {step} with d_ff in multiples of 8 is within {FLOP_TOL:.0%} "
+        f"of the training FLOPs/token; nearest: {'; '.join(tried)}"
+    )
 
 
 def token_matched(cfg: Config) -> Config:
@@ -127,37 +156,79 @@ def token_matched(cfg: Config) -> Config:
     return out
 
 
-BASELINES = {
-    "iso_param": iso_param,
-    "iso_flop_depth": iso_flop_depth,
-    "iso_flop_width": iso_flop_width,
-    "token_matched": token_matched,
-}
+# ------------------------------------------------------------------ the registry
 
 
-def _check(kind: str, cfg: Config, base: Config) -> str:
-    model_p, base_p = param_count(cfg).unique, param_count(base).unique
-    model_f, base_f = flop_count(cfg).train, flop_count(base).train
-    if kind == "iso_param":
-        return f"params {_rel(base_p, model_p):+.2%} (tol 1%): ok"
-    if kind == "iso_flop_width":
-        return f"train FLOPs {_rel(base_f, model_f):+.2%} (tol 2%): ok, d={base.model.d_model}"
-    if kind == "iso_flop_depth":
-        e = expected_depth(cfg)
-        exact = "exact depth" if float(e).is_integer() else f"inexact: E[n]={e:.3g}"
-        return f"L={base.model.n_layers} ({exact}); train FLOPs {_rel(base_f, model_f):+.2%}"
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline kind and its facts; `check` is the one-line summary of how well it matched."""
+
+    build: Callable[[Config], Config]  # looped config -> vanilla config; raises BaselineImpossible
+    matches: str  # what is held equal to the looped model
+    tolerance: float | None  # relative tolerance `build` enforces; None = not enforced, only reported
+    default: bool  # part of `baselines: true` / `--baselines`
+    check: Callable[[Config, Config], str]  # (looped, baseline) -> one line for reports
+
+
+BASELINES: Registry[Baseline] = Registry("baselines", "vanilla baselines derived from a looped config")
+
+
+def _train_flops_ratio(cfg: Config, base: Config) -> float:
+    return _rel(flop_count(base).train, flop_count(cfg).train)
+
+
+def _check_iso_param(cfg: Config, base: Config) -> str:
+    return f"params {_rel(param_count(base).unique, param_count(cfg).unique):+.2%} (tol {PARAM_TOL:.0%}): ok"
+
+
+def _check_iso_flop_depth(cfg: Config, base: Config) -> str:
+    e = expected_depth(cfg)
+    exact = "exact depth" if float(e).is_integer() else f"inexact: E[n]={e:.3g}"
+    return f"L={base.model.n_layers} ({exact}); train FLOPs {_train_flops_ratio(cfg, base):+.2%}"
+
+
+def _check_iso_flop_width(cfg: Config, base: Config) -> str:
+    m = base.model
+    return f"train FLOPs {_train_flops_ratio(cfg, base):+.2%} (tol {FLOP_TOL:.0%}): ok, d={m.d_model}, d_ff={m.d_ff}"
+
+
+def _check_token_matched(cfg: Config, base: Config) -> str:
     runs = summary(base)["train_flops"] / summary(cfg)["train_flops"]
     return f"steps {cfg.train.steps}->{base.train.steps}; run FLOPs x{runs:.3f}"
 
 
+BASELINES.add(
+    "iso_param",
+    Baseline(iso_param, "unique parameters (depth, else d_ff, solved)", PARAM_TOL, True, _check_iso_param),
+)
+BASELINES.add(
+    "iso_flop_depth",
+    Baseline(
+        iso_flop_depth, "training FLOPs/token via depth L·round(E[n]), same width", None, True, _check_iso_flop_depth
+    ),
+)
+BASELINES.add(
+    "iso_flop_width",
+    Baseline(
+        iso_flop_width, "training FLOPs/token via width then d_ff, depth L", FLOP_TOL, True, _check_iso_flop_width
+    ),
+)
+BASELINES.add(
+    "token_matched",
+    # Not a default: it changes train.steps, so it answers "same compute, more data", not "same budget".
+    Baseline(token_matched, "total training FLOPs via steps round(steps·E[n])", None, False, _check_token_matched),
+)
+DEFAULT_BASELINES = tuple(name for name, b in BASELINES.items() if b.default)
+
+
 def report(cfg: Config) -> dict:
-    """{model, iso_param, iso_flop_depth, iso_flop_width, token_matched} -> numbers + full config."""
+    """{model, <each registered baseline>} -> numbers + full config (or {"impossible": reason})."""
     out = {"model": {**summary(cfg), "config": config_to_dict(cfg)}}
-    for kind, fn in BASELINES.items():
+    for kind, b in BASELINES.items():
         try:
-            base = fn(cfg)
+            base = b.build(cfg)
         except BaselineImpossible as e:
             out[kind] = {"impossible": str(e)}
             continue
-        out[kind] = {**summary(base), "check": _check(kind, cfg, base), "config": config_to_dict(base)}
+        out[kind] = {**summary(base), "check": b.check(cfg, base), "config": config_to_dict(base)}
     return out

@@ -54,8 +54,8 @@ def test_refuses_unlabelled_mismatch(other, kind, needle):
 def _m(group, role, parent, seed, params, flops, value, trial):
     acc = {"flops_per_token_fwd": 1.0, "flops_per_token_train": 3.0, "train_tokens": 100}
     return {"trial": trial, "key": f"{group}|seed={seed}", "group": group, "role": role, "parent": parent,
-            "seed": seed, "status": "complete", "value": value, "params_unique": params, "train_flops": flops,
-            "expected_depth": 1.0, "bptt_k": 0, **acc}  # fmt: skip
+            "seed": seed, "status": "complete", "metric": "ce", "value": value, "params_unique": params,
+            "train_flops": flops, "expected_depth": 1.0, "bptt_k": 0, **acc}  # fmt: skip
 
 
 def test_table_rows_labelled_against_their_reference():

@@ -25,9 +25,15 @@ def test_real_training_sweep_with_baseline(tmp_path):
         assert (trial_dir / "metrics.jsonl").exists() and (trial_dir / "config.yaml").exists()
         assert m["tokens_seen"] == 12 * 8 * 32 and [e["step"] for e in m["evals"]] == [6, 12]
     assert set(loop["final"]) == {"1", "2"} and set(base["final"]) == {"1"}
-    assert loop["value"] == loop["final"]["2"]["loss"]  # the metric is read at the training depth
+    assert loop["metric"] == "ce" and loop["value"] == loop["final"]["2"]["ce"]  # read at the training depth
     assert base["config"]["model"]["n_layers"] == 2 and base["config"]["model"]["max_iterations"] == 1
     rows = {r["group"]: r for r in csv.DictReader((wd / "summary.csv").open())}
     assert rows["looped"]["label"] == "reference"
     assert rows["iso_flop_depth(looped)"]["label"] == label(base, loop)
     assert (wd / "plots" / "metric_vs_flops.png").exists()
+    # One seed per group: the verdict says there is no interval or test, and REPORT.md carries it.
+    verdict = rows["iso_flop_depth(looped)"]["verdict"]
+    assert verdict.startswith("not tested: iso_flop_depth(looped) − looped = ") and "has n = 1" in verdict
+    report = (wd / "REPORT.md").read_text()
+    assert f"- `iso_flop_depth(looped)` vs `looped`: {verdict}" in report
+    assert f"`python -m asura.sweep {spec} --workdir {wd} --workers 2`" in report  # trained by train.py: no trial_fn

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from asura.depth import eval_depths
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "model.d_model": 32,
@@ -35,7 +37,7 @@ def write_spec(tmp_path: Path, name: str = "spec", **fields) -> Path:
     return path
 
 
-def fake_loss(cfg, step: int, depth: int) -> float:
+def fake_ce(cfg, step: int, depth: int) -> float:
     """Deterministic: injection none > add > projconcat, bigger models lower, decreasing in step."""
     bias = {"projconcat": 0.0, "add": 0.3, "none": 0.6}[cfg.model.injection]
     return (
@@ -43,13 +45,18 @@ def fake_loss(cfg, step: int, depth: int) -> float:
     )
 
 
+def fake_metrics(cfg, step: int, depth: int) -> dict[str, float]:
+    """One depth of an eval record, named as the train loop names them (eval/d{n}/{name})."""
+    ce = fake_ce(cfg, step, depth)
+    return {"ce": ce, "objective": ce + cfg.model.z_loss, "accuracy": 0.25, "exact_match": 0.5, "tokens": 256.0}
+
+
 def fake_trial(cfg, workdir: Path, on_eval) -> dict:
+    """Evaluates exactly the depths the real train loop would (asura.depth.eval_depths)."""
     workdir.mkdir(parents=True, exist_ok=True)
     EXECUTIONS.append(f"{cfg.model.injection}|L={cfg.model.n_layers}|seed={cfg.train.seed}")
     final = None
     for step in range(cfg.train.eval_every, cfg.train.steps + 1, cfg.train.eval_every):
-        final = {
-            d: {"loss": fake_loss(cfg, step, d), "exact_match": 0.5} for d in range(1, cfg.model.max_iterations + 1)
-        }
+        final = {d: fake_metrics(cfg, step, d) for d in eval_depths(cfg)}
         on_eval(step, final)
     return {"final": final, "step": cfg.train.steps}

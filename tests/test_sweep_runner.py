@@ -31,14 +31,16 @@ def test_grid_end_to_end_fake(tmp_path):
     spec = write_spec(tmp_path, variants={"full": {}, "add": {"model.injection": "add"}}, seeds=[0, 1], pruner=None)
     wd = run_sweep(spec, tmp_path / "run", baselines=True, trial_fn=fake_trial)
     ms = manifest.read_all(wd)
-    assert len(ms) == 6 and all(m["status"] == "complete" for m in ms)  # 4 trials + 2 deduplicated baselines
+    # 4 trials + 2 iso_flop_depth (one per seed, shared by both variants) + 4 iso_flop_width (per variant)
+    assert len(ms) == 10 and all(m["status"] == "complete" for m in ms)
     m = ms[0]
     for key in ("params_unique", "flops_per_token_fwd", "flops_per_token_train", "tokens_seen", "depth_pmf", "bptt_k"):
         assert key in m
     assert m["tokens_seen"] == 12 * 8 * 32 and m["depth_pmf"] == {"2": 1.0}
     assert set(m["final"]) == {"1", "2"} and m["config"]["model"]["d_model"] == 32
     rows = {r["group"]: r for r in csv.DictReader((wd / "summary.csv").open())}
-    assert set(rows) == {"full", "add", "iso_flop_depth(full)"}
+    assert set(rows) == {"full", "add", "iso_flop_depth(full)", "iso_flop_width(full)", "iso_flop_width(add)"}
+    assert rows["iso_flop_width(full)"]["label"] == rows["iso_flop_width(add)"]["label"] == "iso-FLOP"
     full = [x["value"] for x in ms if x["group"] == "full"]
     assert float(rows["full"]["value"]) == pytest.approx(statistics.fmean(full))
     assert float(rows["full"]["std"]) == pytest.approx(statistics.stdev(full))
@@ -46,12 +48,12 @@ def test_grid_end_to_end_fake(tmp_path):
     assert rows["iso_flop_depth(full)"]["reference"] == "full"
     md = (wd / "summary.md").read_text()
     assert "iso_param(full)" in md and "Impossible baselines" in md  # impossible baselines are listed
-    assert len(list(csv.DictReader((wd / "trials.csv").open()))) == 6
+    assert len(list(csv.DictReader((wd / "trials.csv").open()))) == 10
     for png in ("metric_vs_flops.png", "metric_vs_params.png", "ablation.png"):
         assert (wd / "plots" / png).stat().st_size > 1000
     # Rerunning a finished sweep runs nothing.
     run_sweep(spec, wd, baselines=True, trial_fn=fake_trial, report=False)
-    assert len(helpers.EXECUTIONS) == 6
+    assert len(helpers.EXECUTIONS) == 10
 
 
 def test_resume_skips_finished_and_reruns_interrupted(tmp_path):
@@ -116,7 +118,7 @@ def test_search_resumes_to_n_trials(tmp_path):
     ms = manifest.read_all(wd)
     assert [m["status"] for m in ms] == ["complete"] * 3
     assert all(1e-4 <= m["config"]["train"]["lr"] <= 1e-2 for m in ms)
-    assert json.loads((wd / "sweep.json").read_text())["metric"] == "eval_loss"
+    assert json.loads((wd / "sweep.json").read_text())["metric"] == "ce"
 
 
 def test_failed_trial_is_recorded_and_sweep_continues(tmp_path):

@@ -2,11 +2,14 @@
 
     python -m asura.sweep SPEC.yaml [--workdir DIR] [--workers N] [--baselines] [--max-trials K]
                                     [--fail-running] [--dry-run]
-    python -m asura.sweep report DIR
+    python -m asura.sweep report DIR [--metric NAME[@DEPTH]]
 
-Modules: ``spec`` (YAML schema, validation, grid cells and derived baselines), ``runner``
-(study, workers, trial execution, pruning), ``trainer`` (one trial = ``train.py`` in a child
-process, eval events read from its metrics.jsonl), ``manifest`` (per-trial accounting),
-``compare`` (iso-param / iso-FLOP / neither, refusal), ``report`` (CSV, Markdown, PNG).
-Presets live in ``configs/sweeps/``.
+Modules: ``spec`` (YAML schema and load-time validation) with its parts ``keys`` (SpecError,
+dotted config keys), ``grid`` (cells and derived baselines, built once per load), ``search``
+(typed search/pruner sections) and ``metrics`` (the metric registry and the depth it is read
+at); ``runner`` (study, workers, trial execution, pruning), ``trainer`` (one trial =
+``train.py`` in a child process, eval events read from its metrics.jsonl), ``manifest``
+(per-trial accounting, git commit), ``compare`` (iso-param / iso-FLOP / neither, refusal),
+``stats`` (mean and 95% CI over seeds, paired or Welch t-test, the verdict in words), ``report``
+(CSV, Markdown, PNG, REPORT.md). Presets live in ``configs/sweeps/``.
 """

@@ -1,14 +1,19 @@
 """CLI: ``python -m asura.sweep SPEC.yaml [--workdir DIR] [--workers N] [--baselines]``
-and ``python -m asura.sweep report DIR``.
+and ``python -m asura.sweep report DIR [--metric NAME[@DEPTH]]``.
 
-A bad spec (unknown key, bad dotted key, any trial config that fails validation) exits 2
-with one line before any study or training starts.
+Every refusal is one line on stderr and exit 2, before any study or training starts and
+before anything is written: a bad flag or missing argument, a bad spec (unknown key, bad
+dotted key, any trial config that fails validation), a report dir with no trials, a report
+metric that cannot be read or compared across the trials (``objective`` over runs with different
+guidance).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from typing import NoReturn
 
 from asura.config.cli import fail
 from asura.sweep.spec import SpecError
@@ -16,50 +21,73 @@ from asura.sweep.spec import SpecError
 PROG = "python -m asura.sweep"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message}; see --help", self.prog)
+
+
+def _command(argv: list[str]) -> str:
+    return shlex.join(["python", "-m", "asura.sweep", *argv])
+
+
+def _report(argv: list[str]) -> None:
+    p = _Parser(prog=f"{PROG} report", description="Rebuild tables, plots and REPORT.md of a sweep dir.")
+    p.add_argument("workdir")
+    p.add_argument("--metric", help="tabulate another registered metric[@depth] (default: the sweep's)")
+    args = p.parse_args(argv)
+    from asura.sweep.report import EmptySweep, ReportRefused, write_report
+
+    try:
+        out = write_report(args.workdir, args.metric, command=_command(["report", *argv]))
+    except (EmptySweep, ReportRefused) as e:
+        fail(str(e), p.prog)
+    print("\n".join(str(f) for f in out["files"]))
+
+
+def _dry_run(spec) -> None:
+    if spec.search is not None:
+        s = spec.search
+        print(f"search: {s.method}, {s.n_trials} trials over {[p.key for p in s.params]}; metric {spec.metric.label}")
+        return
+    for c in spec.grid.cells:
+        print(f"{c.key}  [{c.role}]" + (f"  aliases={list(c.aliases)}" if c.aliases else ""))
+    for i in spec.grid.impossible:
+        print(f"{i.group}  [impossible] {i.reason}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
-        p = argparse.ArgumentParser(prog=f"{PROG} report", description="Rebuild tables and plots of a sweep dir.")
-        p.add_argument("workdir")
-        args = p.parse_args(argv[1:])
-        from asura.sweep.report import write_report
-
-        out = write_report(args.workdir)
-        print("\n".join(str(f) for f in out["files"]))
+        _report(argv[1:])
         return
-    p = argparse.ArgumentParser(prog=PROG, description="Run or resume an optuna sweep of asura training runs.")
+    p = _Parser(prog=PROG, description="Run or resume an optuna sweep of asura training runs.")
     p.add_argument("spec", help="sweep spec YAML (see asura/sweep/spec.py)")
     p.add_argument("--workdir", help="sweep dir (default runs/sweeps/<study_name>)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
-    p.add_argument("--baselines", action="store_true", help="add iso-param/iso-FLOP baselines of looped trials")
+    p.add_argument("--baselines", action="store_true", help="add the default baselines of looped trials")
     p.add_argument("--max-trials", type=int, help="run at most this many trials now (per worker); rerun to resume")
     p.add_argument("--fail-running", action="store_true", help="requeue RUNNING trials now (no other worker alive)")
     p.add_argument("--dry-run", action="store_true", help="validate the spec and list the trials, run nothing")
     args = p.parse_args(argv)
     if args.workers < 1:
         fail(f"--workers must be >= 1, got {args.workers}", PROG)
+    if args.max_trials is not None and args.max_trials < 0:
+        fail(f"--max-trials must be >= 0, got {args.max_trials}", PROG)
     from asura.sweep.runner import run_sweep
-    from asura.sweep.spec import grid_cells, load_spec
+    from asura.sweep.spec import load_spec
 
     try:
         spec = load_spec(args.spec, args.baselines)
     except SpecError as e:
         fail(str(e), PROG)
     if args.dry_run:
-        if spec.search is not None:
-            print(
-                f"search: {spec.search['method']}, {spec.search['n_trials']} trials over {list(spec.search['params'])}"
-            )
-            return
-        cells, impossible = grid_cells(spec)
-        for c in cells:
-            print(f"{c.key}  [{c.role}]" + (f"  aliases={list(c.aliases)}" if c.aliases else ""))
-        for i in impossible:
-            print(f"{i['group']}  [impossible] {i['reason']}")
+        _dry_run(spec)
         return
     wd = run_sweep(
-        args.spec, args.workdir, workers=args.workers, baselines=args.baselines,
-        max_trials=args.max_trials, fail_running=args.fail_running,
+        spec, args.workdir, workers=args.workers, max_trials=args.max_trials, fail_running=args.fail_running,
+        command=_command(argv),
     )  # fmt: skip
     print(f"sweep dir: {wd}\nsummary: {wd / 'summary.md'}")
 

@@ -1,20 +1,24 @@
 """Labelled comparisons between runs: iso-param, iso-FLOP, or neither.
 
-A comparison is *iso-param* when unique parameters agree within 1% and *iso-FLOP* when
-total training FLOPs (FLOPs/token × tokens) agree within 1%; a pair can be both. Asking
-``compare`` for a kind that does not hold raises ``ComparisonRefused`` with a one-line
-reason, so no table or plot can present an unlabelled mismatch as a fair comparison.
+A comparison is *iso-param* when unique parameters agree within ``TOLERANCES["iso-param"]``
+and *iso-FLOP* when total training FLOPs (FLOPs/token × tokens) agree within
+``TOLERANCES["iso-FLOP"]`` (1% each, docs/method.md); a pair can be both. Asking ``compare``
+for a kind that does not hold raises ``ComparisonRefused`` with a one-line reason, so no table
+or plot can present an unlabelled mismatch as a fair comparison.
+
+The tolerances are ``asura.baselines``' own: a baseline is built to exactly the tolerance it is
+labelled with here, so a width-matched baseline reads iso-FLOP, never "neither" by a gap
+between two numbers.
 
 Runs are manifests (or any mapping with ``params_unique``, ``train_flops`` and ``value``).
-Note that ``asura.baselines`` builds width-matched baselines to 2% FLOPs; such a pair is
-labelled ``neither`` here when it misses 1%, which is the honest reading.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-TOL = 0.01
+from asura.baselines import TOLERANCES
+
 KINDS = ("iso-param", "iso-FLOP", "neither")
 
 
@@ -40,9 +44,9 @@ def rel_diff(a: float, b: float) -> float:
 
 def kinds_holding(a: Mapping, b: Mapping) -> list[str]:
     out = []
-    if abs(rel_diff(_get(a, "params_unique"), _get(b, "params_unique"))) <= TOL:
+    if abs(rel_diff(_get(a, "params_unique"), _get(b, "params_unique"))) <= TOLERANCES["iso-param"]:
         out.append("iso-param")
-    if abs(rel_diff(_get(a, "train_flops"), _get(b, "train_flops"))) <= TOL:
+    if abs(rel_diff(_get(a, "train_flops"), _get(b, "train_flops"))) <= TOLERANCES["iso-FLOP"]:
         out.append("iso-FLOP")
     return out
 
@@ -64,11 +68,13 @@ def compare(a: Mapping, b: Mapping, kind: str | None = None) -> dict:
     df = rel_diff(_get(a, "train_flops"), _get(b, "train_flops"))
     if kind == "iso-param" and kind not in holding:
         raise ComparisonRefused(
-            f"{_name(a)} vs {_name(b)} is not iso-param: unique params differ by {dp:+.2%} (tolerance 1%)"
+            f"{_name(a)} vs {_name(b)} is not iso-param: unique params differ by {dp:+.2%} "
+            f"(tolerance {TOLERANCES[kind]:.0%})"
         )
     if kind == "iso-FLOP" and kind not in holding:
         raise ComparisonRefused(
-            f"{_name(a)} vs {_name(b)} is not iso-FLOP: training FLOPs differ by {df:+.2%} (tolerance 1%)"
+            f"{_name(a)} vs {_name(b)} is not iso-FLOP: training FLOPs differ by {df:+.2%} "
+            f"(tolerance {TOLERANCES[kind]:.0%})"
         )
     va, vb = a.get("value"), b.get("value")
     delta = va - vb if isinstance(va, int | float) and isinstance(vb, int | float) else None

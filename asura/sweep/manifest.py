@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 from asura.config.load import config_to_dict
@@ -17,6 +18,23 @@ from asura.config.schema import Config
 from asura.flops import summary
 
 MANIFEST = "manifest.json"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """``git rev-parse HEAD`` of ``repo`` (+ " (uncommitted changes)" when tracked files differ), else "unknown"."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):  # no git binary, or it hung
+        return "unknown"
+    sha = head.stdout.strip() or "unknown"
+    return f"{sha} (uncommitted changes)" if dirty.returncode == 0 and dirty.stdout.strip() else sha
 
 
 def accounting(cfg: Config, steps_done: int | None = None) -> dict:

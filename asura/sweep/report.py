@@ -1,12 +1,28 @@
-"""Sweep results: CSV + Markdown tables and PNG plots, built from the trial manifests.
+"""Sweep results: CSV + Markdown tables, PNG plots and REPORT.md, built from the trial manifests.
 
     DIR/trials.csv     one row per trial (every status)
-    DIR/summary.csv    one row per group: metric mean ± std over seeds, accounting, label
-    DIR/summary.md     the same as a Markdown table, each row labelled against its reference
+    DIR/summary.csv    one row per group: mean, std, 95% CI over seeds, accounting, label and
+                       verdict against its reference
+    DIR/summary.md     the same as a Markdown table
+    DIR/REPORT.md      tables, verdicts, plots, the commands that made them, the git commit and
+                       the trials' total wall time: the one file to read or send
     DIR/plots/metric_vs_flops.png, metric_vs_params.png, ablation.png
 
-Reference of a row: the spec's ``reference`` group when set; otherwise a baseline row is
-compared with the looped group it was derived from and every other row with the first group.
+Data flow: manifests -> ``latest_per_cell`` -> ``group_rows`` (the metric read from each trial's
+final eval, ``asura.sweep.stats`` for intervals and tests, ``compare.label`` for iso-param /
+iso-FLOP / neither) -> tables, plots, REPORT.md.
+
+Invariants:
+
+* Every row's number is the same quantity: the metric (default: the sweep's, else ``ce``, the
+  final-iteration cross-entropy) read from each trial's final eval at metric@depth or its training
+  depth, by ``metrics.metric_value`` (what the runner reads). A metric whose meaning depends on the
+  config (``objective``: guidance weights, z-loss) over runs that differ there is refused
+  (``ReportRefused``, one line) before anything is written.
+* Reference of a row: the spec's ``reference`` group when set; otherwise a baseline row is compared
+  with the looped group it was derived from and every other row with the first group.
+* A dir without trial manifests is refused (``EmptySweep``) before anything is written, so a
+  mistyped path never gains empty tables.
 """
 
 from __future__ import annotations
@@ -14,13 +30,39 @@ from __future__ import annotations
 import csv
 import json
 import math
-import statistics
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
+from asura.baselines import TOLERANCES
 from asura.sweep import manifest
 from asura.sweep.compare import compare
+from asura.sweep.metrics import (
+    DEFAULT_METRIC,
+    MetricError,
+    MetricMissing,
+    MetricSpec,
+    incomparable,
+    metric_value,
+    parse_metric,
+)
+from asura.sweep.stats import CONFIDENCE, compare_seeds, describe
+
+
+class EmptySweep(FileNotFoundError):
+    """The sweep dir does not exist or holds no trials/<id>/manifest.json; one line."""
+
+
+class ReportRefused(ValueError):
+    """The asked metric cannot be tabulated honestly for these trials; one line."""
+
 
 ACCOUNTING = ("params_unique", "flops_per_token_fwd", "flops_per_token_train", "train_tokens", "train_flops")
+PLOTS = (
+    ("metric_vs_flops.png", "training FLOPs (per token × tokens)"),
+    ("metric_vs_params.png", "unique parameters"),
+    ("ablation.png", "per group"),
+)
 
 
 def _si(x) -> str:
@@ -42,27 +84,79 @@ def latest_per_cell(manifests: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-def group_rows(manifests: list[dict], meta: dict) -> list[dict]:
+def resolve_metric(meta: dict, manifests: Sequence[dict], metric: str | None = None) -> MetricSpec:
+    """The metric to tabulate: ``metric`` if given, else the sweep's, else the trials', else ``ce``."""
+    raw = metric or meta.get("metric") or next((m["metric"] for m in manifests if m.get("metric")), DEFAULT_METRIC)
+    try:
+        return parse_metric(raw)
+    except MetricError as e:
+        raise ReportRefused(str(e)) from None
+
+
+def _dig(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def read_value(m: dict, metric: MetricSpec) -> float:
+    """One complete trial's metric: from its final eval at metric@depth or its training depth."""
+    final, cfg = m.get("final"), m.get("config")
+    if final and cfg:
+        try:
+            return metric_value(metric, int(cfg["model"]["iterations"]), final)
+        except MetricMissing as e:
+            raise ReportRefused(f"trial {m['trial']} ({m['key']}): {e}") from None
+    if m.get("metric") == metric.label and isinstance(m.get("value"), int | float):
+        return float(m["value"])  # a manifest without its final eval: its recorded value, if it is this metric
+    where = f"trial {m['trial']} ({m['key']})"
+    raise ReportRefused(f"{where} recorded {m.get('metric')!r} and has no final eval to read {metric.label} from")
+
+
+def _check_comparable(metric: MetricSpec, cells: list[dict]) -> None:
+    if not metric.entry.same_config:
+        return
+    for m in cells:
+        if not isinstance(m.get("config"), dict):
+            raise ReportRefused(f"metric={metric.name}: trial {m['trial']} ({m['key']}) has no config to check it by")
+    reason = incomparable(metric, [(m["key"], lambda k, c=m["config"]: _dig(c, k)) for m in cells])
+    if reason:
+        raise ReportRefused(reason)
+
+
+def group_rows(manifests: list[dict], meta: dict, metric: str | MetricSpec | None = None) -> list[dict]:
+    """One row per group: the metric over complete seeds (mean, std, 95% CI), accounting, and the
+    label and verdict against the row's reference. ``ReportRefused`` when the metric cannot be read
+    or compared for these trials."""
+    spec = metric if isinstance(metric, MetricSpec) else resolve_metric(meta, manifests, metric)
     cells = latest_per_cell(manifests)
+    complete = [m for m in cells if m["status"] == "complete"]
+    _check_comparable(spec, complete)
     order = {g: i for i, g in enumerate(meta.get("groups", []))}
     groups: dict[str, list[dict]] = {}
     for m in sorted(cells, key=lambda m: (order.get(m["group"], len(order)), m["trial"])):
         groups.setdefault(m["group"], []).append(m)
     rows = []
     for g, ms in groups.items():
-        vals = [m["value"] for m in ms if m["status"] == "complete" and isinstance(m["value"], int | float)]
+        by_seed = {m["seed"]: read_value(m, spec) for m in ms if m["status"] == "complete"}
+        s = describe(list(by_seed.values()))
         first = ms[0]
         rows.append({
             "group": g,
             "role": first["role"],
             "parent": first["parent"],
             "seeds": [m["seed"] for m in ms],
-            "n_complete": len(vals),
+            "n_complete": s.n,
             "n_pruned": sum(m["status"] == "pruned" for m in ms),
             "n_failed": sum(m["status"] in ("failed", "interrupted") for m in ms),
-            "values": vals,
-            "value": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None),
+            "values": list(by_seed.values()),
+            "by_seed": by_seed,
+            "value": s.mean,
+            "std": s.std,
+            "ci95": s.half_width,
+            "ci_low": s.low,
+            "ci_high": s.high,
             "expected_depth": first["expected_depth"],
             "bptt_k": first["bptt_k"],
             **{k: first[k] for k in ACCOUNTING},
@@ -72,14 +166,17 @@ def group_rows(manifests: list[dict], meta: dict) -> list[dict]:
     for r in rows:
         ref = meta.get("reference") or (r["parent"] if r["parent"] in by else default_ref)
         r["reference"] = ref
+        r.update(delta_ci95=None, test=None, p=None, better=None)
         if ref == r["group"]:
-            r["label"], r["delta"] = "reference", 0.0 if r["value"] is not None else None
+            r["label"], r["delta"], r["verdict"] = "reference", 0.0 if r["value"] is not None else None, "reference"
             continue
         if ref not in by:
-            r["label"], r["delta"] = "no reference run", None
+            r["label"], r["delta"], r["verdict"] = "no reference run", None, "no reference run"
             continue
-        c = compare(r, by[ref])  # label only: no kind claimed, so this never refuses
-        r["label"], r["delta"] = c["label"], c["delta"]
+        r["label"] = compare(r, by[ref])["label"]  # label only: no kind claimed, so this never refuses
+        t = compare_seeds(r["by_seed"], by[ref]["by_seed"], direction=spec.direction, names=(r["group"], ref),
+                          metric=spec.label, kind=r["label"])  # fmt: skip
+        r.update(delta=t.diff, delta_ci95=t.half_width, test=t.method, p=t.p, better=t.better, verdict=t.verdict)
     return rows
 
 
@@ -91,86 +188,194 @@ def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
             w.writerow({k: json.dumps(v) if isinstance(v, dict | list | tuple) else v for k, v in r.items()})
 
 
-def _markdown(rows: list[dict], meta: dict) -> str:
-    metric = meta.get("metric", "metric")
-    head = ["group", "role", "seeds ok/run", f"{metric} mean ± std", "Δ vs ref", "params", "train FLOPs/tok",
-            "tokens", "train FLOPs", "E[n]", "label vs ref", "ref"]  # fmt: skip
+def _fmt_mean(r: dict) -> str:
+    if r["value"] is None:
+        return "-"
+    if r["ci95"] is None:
+        return f"{r['value']:.4f} (n = 1, no CI)"
+    return f"{r['value']:.4f} ± {r['ci95']:.4f}"
+
+
+def _fmt_delta(r: dict) -> str:
+    if r["delta"] is None:
+        return "-"
+    if r["delta_ci95"] is None or r["label"] == "reference":
+        return f"{r['delta']:+.4f}"
+    return f"{r['delta']:+.4f} ± {r['delta_ci95']:.4f}"
+
+
+def _table(rows: list[dict], metric: MetricSpec) -> list[str]:
+    head = ["group", "role", "seeds ok/run", f"{metric.label} mean ± 95% CI", "std", "Δ vs ref ± 95% CI", "test",
+            "p", "params", "train FLOPs/tok", "tokens", "train FLOPs", "E[n]", "label vs ref", "ref",
+            "verdict vs ref"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        val = "-" if r["value"] is None else f"{r['value']:.4f} ± {r['std']:.4f}"
-        delta = "-" if r["delta"] is None else f"{r['delta']:+.4f}"
         extra = f" ({r['n_pruned']} pruned)" if r["n_pruned"] else ""
-        cells = [r["group"], r["role"], f"{r['n_complete']}/{len(r['seeds'])}{extra}", val, delta,
-                 _si(r["params_unique"]), _si(r["flops_per_token_train"]), _si(r["train_tokens"]),
-                 _si(r["train_flops"]), f"{r['expected_depth']:.3g}", r["label"], r["reference"]]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    out = [f"# Sweep {meta.get('study_name', '')}: {metric} ({meta.get('direction', 'minimize')})", "", *lines, ""]
-    out.append("Labels: iso-param = unique params within 1%; iso-FLOP = total training FLOPs within 1% (of the ref).")
-    if meta.get("impossible"):
-        out += ["", "## Impossible baselines", ""]
-        out += [f"- `{i['group']}`: {i['reason']}" for i in meta["impossible"]]
+        cells = [r["group"], r["role"], f"{r['n_complete']}/{len(r['seeds'])}{extra}", _fmt_mean(r),
+                 "-" if r["std"] is None else f"{r['std']:.4f}", _fmt_delta(r), r["test"] or "-",
+                 "-" if r["p"] is None else f"{r['p']:.3g}", _si(r["params_unique"]), _si(r["flops_per_token_train"]),
+                 _si(r["train_tokens"]), _si(r["train_flops"]), f"{r['expected_depth']:.3g}", r["label"],
+                 r["reference"], r["verdict"]]  # fmt: skip
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def _legend() -> list[str]:
+    conf = f"{CONFIDENCE:.0%}"
+    return [
+        f"Labels: iso-param = unique params within {TOLERANCES['iso-param']:.0%}; iso-FLOP = total training FLOPs "
+        f"within {TOLERANCES['iso-FLOP']:.0%} (of the ref); neither = no fair-comparison claim.",
+        f"Statistics over seeds: {conf} CI = mean ± t·s/√n (Student t, n-1 df); each row is tested against its ref "
+        "with a paired t-test when both ran the same seeds (same seed: same data order and init stream), else "
+        f"Welch's unpaired t-test; significant when p < {1 - CONFIDENCE:.2g} (two-sided).",
+    ]
+
+
+def _impossible(meta: dict) -> list[str]:
+    if not meta.get("impossible"):
+        return []
+    return ["", "## Impossible baselines", "", *[f"- `{i['group']}`: {i['reason']}" for i in meta["impossible"]]]
+
+
+def _markdown(rows: list[dict], meta: dict, metric: MetricSpec) -> str:
+    out = [f"# Sweep {meta.get('study_name', '')}: {metric.label} ({metric.direction})", "", *_table(rows, metric), ""]
+    out += _legend()
+    out += _impossible(meta)
     return "\n".join(out) + "\n"
 
 
-def _plots(rows: list[dict], plot_dir: Path, metric: str) -> list[Path]:
+# ------------------------------------------------------------------ plots
+
+
+def _err(rows: list[dict]) -> list[float]:
+    """Error bar half-lengths: the 95% CI; 0 (no bar) for a single seed."""
+    return [r["ci95"] or 0.0 for r in rows]
+
+
+def draw_metric_vs(ax, rows: list[dict], xkey: str, xlabel: str, metric: MetricSpec):
+    """Metric (y) against one accounting quantity (x), one marker per group, 95% CI error bars."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    done = [r for r in rows if r["value"] is not None]
+    for role in dict.fromkeys(r["role"] for r in done):
+        rs = [r for r in done if r["role"] == role]
+        ax.errorbar([r[xkey] for r in rs], [r["value"] for r in rs], yerr=_err(rs), fmt="o", capsize=3, label=role)
+        for r in rs:
+            ax.annotate(r["group"], (r[xkey], r["value"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    xs = [r[xkey] for r in done]
+    if xs and max(xs) > 10 * min(xs):  # log only when the runs span more than a decade
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    # Plain tick labels: the default log labels go through mathtext, whose first parse costs seconds.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _si(x)))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric.label} ({metric.direction}), mean over seeds")
+    ax.set_title(f"{metric.label} vs {xlabel.split(' (')[0]}; bars: {CONFIDENCE:.0%} CI (none for n = 1)")
+    if done:
+        ax.legend(fontsize=7)
+    return ax
+
+
+def draw_ablation(ax, rows: list[dict], metric: MetricSpec):
+    """Dot plot: each group's mean with its 95% CI, every seed as a small dot, the reference as a line.
+
+    Dots, not bars: a bar's length reads as the quantity, which is only honest from 0, and a loss
+    axis from 0 would flatten the differences that matter.
+    """
+    done = [r for r in rows if r["value"] is not None]
+    xs = list(range(len(done)))
+    for x, r in zip(xs, done):
+        ax.plot([x] * len(r["values"]), r["values"], ".", color="0.6", ms=4, zorder=1)
+    ax.errorbar(xs, [r["value"] for r in done], yerr=_err(done), fmt="o", color="k", capsize=4, zorder=2,
+                label=f"mean ± {CONFIDENCE:.0%} CI")  # fmt: skip
+    refs = [r for r in done if r["label"] == "reference"]
+    if refs:
+        ax.axhline(refs[0]["value"], color="r", lw=0.8, ls="--", label=f"reference: {refs[0]['group']}")
+    ax.set_xticks(xs, [r["group"] for r in done], rotation=45, ha="right", fontsize=7)
+    ax.set_xlabel("group")
+    ax.set_ylabel(f"{metric.label} ({metric.direction})")
+    ax.set_title(f"{metric.label} per group: mean, {CONFIDENCE:.0%} CI over seeds, each seed (grey)", fontsize=9)
+    if done:
+        ax.legend(fontsize=7)
+    return ax
+
+
+def _plots(rows: list[dict], plot_dir: Path, metric: MetricSpec) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    done = [r for r in rows if r["value"] is not None]
     paths = []
-    for xkey, xlabel, fname in (
-        ("train_flops", "training FLOPs (per token × tokens)", "metric_vs_flops.png"),
-        ("params_unique", "unique parameters", "metric_vs_params.png"),
-    ):
+    for (fname, xlabel), xkey in zip(PLOTS, ("train_flops", "params_unique")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for role in dict.fromkeys(r["role"] for r in done):
-            rs = [r for r in done if r["role"] == role]
-            ax.errorbar([r[xkey] for r in rs], [r["value"] for r in rs], yerr=[r["std"] for r in rs],
-                        fmt="o", capsize=3, label=role)  # fmt: skip
-            for r in rs:
-                ax.annotate(r["group"], (r[xkey], r["value"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        xs = [r[xkey] for r in done]
-        if max(xs) > 10 * min(xs):  # log only when the runs span more than a decade
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        # Plain tick labels: the default log labels go through mathtext, whose first parse costs seconds.
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _si(x)))
-        ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs {xlabel.split(' (')[0]}")
-        ax.legend(fontsize=7)
+        draw_metric_vs(ax, rows, xkey, xlabel, metric)
         fig.tight_layout()
         fig.savefig(plot_dir / fname, dpi=120)
         plt.close(fig)
         paths.append(plot_dir / fname)
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(done) + 2), 4.5))
-    xs = range(len(done))
-    ax.bar(xs, [r["value"] for r in done], yerr=[r["std"] for r in done], capsize=3, color="#8fb3d9")
-    for x, r in zip(xs, done):  # every seed, so the spread is visible and not only the std
-        ax.plot([x] * len(r["values"]), r["values"], "k.", ms=4)
-    refs = [r for r in done if r["label"] == "reference"]
-    if refs:
-        ax.axhline(refs[0]["value"], color="r", lw=0.8, ls="--", label=f"reference: {refs[0]['group']}")
-        ax.legend(fontsize=7)
-    ax.set_xticks(list(xs), [r["group"] for r in done], rotation=45, ha="right", fontsize=7)
-    vals = [v for r in done for v in r["values"]]
-    if vals:
-        lo, hi = min(vals), max(vals)
-        pad = 0.1 * (hi - lo) or 0.05 * abs(hi) or 0.1
-        ax.set_ylim(lo - pad - max(r["std"] for r in done), hi + pad + max(r["std"] for r in done))
-    ax.set(ylabel=metric, title="ablation: mean ± std over seeds (dots: seeds)")
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4.5))
+    draw_ablation(ax, rows, metric)
     fig.tight_layout()
-    fig.savefig(plot_dir / "ablation.png", dpi=120)
+    fig.savefig(plot_dir / PLOTS[2][0], dpi=120)
     plt.close(fig)
-    return [*paths, plot_dir / "ablation.png"]
+    return [*paths, plot_dir / PLOTS[2][0]]
+
+
+# ------------------------------------------------------------------ REPORT.md
+
+
+def report_command(sweep_dir: Path, metric: str | None = None) -> str:
+    """The command that rebuilds this report."""
+    args = ["python", "-m", "asura.sweep", "report", str(sweep_dir)]
+    return shlex.join([*args, "--metric", metric] if metric else args)
+
+
+def _wall(manifests: list[dict]) -> str:
+    total = sum(float(m.get("wall_s") or 0.0) for m in manifests)
+    status = {s: sum(m["status"] == s for m in manifests) for s in dict.fromkeys(m["status"] for m in manifests)}
+    counts = ", ".join(f"{n} {s}" for s, n in status.items())
+    h, rem = divmod(total, 3600)
+    mins, secs = divmod(rem, 60)
+    hms = f"{int(h)}h {int(mins):02d}m {secs:04.1f}s" if h else f"{int(mins)}m {secs:04.1f}s"
+    return f"{total:.1f} s ({hms}), summed over all {len(manifests)} trials ({counts}), retries included"
+
+
+def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
+    out = [f"# Sweep report: {meta.get('study_name') or '(no sweep.json)'}", ""]
+    out += [f"Metric: `{metric.label}`: {metric.entry.doc} ({metric.direction})."]
+    if meta.get("metric") and meta["metric"] != metric.label:
+        out[-1] += f" The sweep optimised `{meta['metric']}`; this report tabulates `{metric.label}`."
+    out += ["", "## Provenance", ""]
+    runs = meta.get("commands") or []
+    if runs:
+        out += ["Sweep command(s), in order (each with the git commit it ran at):", ""]
+        out += [
+            f"- `{c['command']}` (git commit `{c.get('commit', 'unknown')}`, {c.get('started', '?')})" for c in runs
+        ]
+    else:
+        out += ["Sweep command: not recorded (sweep.json has no `commands`)."]
+    out += ["", f"Report command: `{command}`", "", f"Git commit (report written): `{commit}`", ""]
+    out += [f"Total trial wall time: {_wall(manifests)}.", ""]
+    out += ["## Results", "", *_table(rows, metric), "", *_legend(), ""]
+    out += ["## Verdicts", ""]
+    out += [f"- `{r['group']}` vs `{r['reference']}`: {r['verdict']}" for r in rows if r["label"] != "reference"]
+    if all(r["label"] == "reference" for r in rows):
+        out += ["- (only the reference ran)"]
+    if plots:
+        out += ["", "## Plots", ""]
+        titles = dict(PLOTS)
+        out += [f"![{metric.label} {titles[p.name]}](plots/{p.name})" for p in plots]
+    out += _impossible(meta)
+    return "\n".join(out) + "\n"
 
 
 TRIAL_COLS = ["trial", "key", "group", "seed", "role", "parent", "status", "metric", "value", "wall_s", *ACCOUNTING,
               "tokens_seen", "expected_depth", "depth_pmf", "bptt_k", "final", "overrides", "error"]  # fmt: skip
 GROUP_COLS = ["group", "role", "parent", "reference", "label", "n_complete", "n_pruned", "n_failed", "value", "std",
-              "delta", "values", "seeds", *ACCOUNTING, "expected_depth", "bptt_k"]  # fmt: skip
+              "ci95", "ci_low", "ci_high", "delta", "delta_ci95", "test", "p", "verdict", "values", "by_seed", "seeds",
+              *ACCOUNTING, "expected_depth", "bptt_k"]  # fmt: skip
 
 
 def read_meta(sweep_dir: str | Path) -> dict:
@@ -179,16 +384,31 @@ def read_meta(sweep_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_report(sweep_dir: str | Path) -> dict:
-    """Write tables and plots for a sweep dir; returns {"rows": [...], "files": [...]}."""
+def write_report(
+    sweep_dir: str | Path, metric: str | None = None, *, command: str | None = None, commit: str | None = None
+) -> dict:
+    """Write tables, plots and REPORT.md for a sweep dir; returns {"rows": [...], "files": [...]}.
+
+    ``metric`` (``name[@depth]``) re-reads every trial's final eval under another registered metric;
+    default: the sweep's. ``command`` is how this report was asked for (default: the CLI command
+    that rebuilds it) and ``commit`` the code's git commit (default: ``git rev-parse HEAD``).
+    Refusals (``EmptySweep``, ``ReportRefused``) happen before any file is written.
+    """
     d = Path(sweep_dir)
-    meta = read_meta(d)
+    if not d.is_dir():
+        raise EmptySweep(f"sweep dir {d} does not exist")
     manifests = manifest.read_all(d)
-    rows = group_rows(manifests, meta)
+    if not manifests:
+        raise EmptySweep(f"sweep dir {d} has no trials/<id>/{manifest.MANIFEST}; nothing to report")
+    meta = read_meta(d)
+    spec = resolve_metric(meta, manifests, metric)
+    rows = group_rows(manifests, meta, spec)
     _write_csv(d / "trials.csv", manifests, TRIAL_COLS)
     _write_csv(d / "summary.csv", rows, GROUP_COLS)
-    (d / "summary.md").write_text(_markdown(rows, meta))
+    (d / "summary.md").write_text(_markdown(rows, meta, spec))
     files = [d / "trials.csv", d / "summary.csv", d / "summary.md"]
-    if rows:
-        files += _plots(rows, d / "plots", meta.get("metric", "metric"))
-    return {"rows": rows, "files": files}
+    plots = _plots(rows, d / "plots", spec) if rows else []
+    report = _report_md(rows, meta, spec, manifests, plots, command or report_command(d, metric),
+                        commit or manifest.git_commit())  # fmt: skip
+    (d / "REPORT.md").write_text(report)
+    return {"rows": rows, "files": [*files, *plots, d / "REPORT.md"]}

@@ -13,16 +13,23 @@ Search sweeps: TPE/random sampling until ``n_trials`` trials are COMPLETE or PRU
 
 Pruning: each eval's metric is reported with the eval index as the step, so the
 PercentilePruner compares trials at equal training progress (same eval_every).
+
+The metric is read at metric@depth or the trial's training depth, never at another depth:
+an eval without that depth fails the trial (``MetricMissing``) with a one-line reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
+import shlex
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
@@ -31,8 +38,10 @@ from optuna.trial import TrialState
 
 from asura.config.load import with_overrides
 from asura.config.schema import Config
+from asura.depth import eval_depths
 from asura.sweep import manifest
-from asura.sweep.spec import METRICS, Cell, SweepSpec, field_type, grid_cells, load_spec
+from asura.sweep.metrics import MetricMissing, metric_value
+from asura.sweep.spec import Cell, SweepSpec, field_type, load_spec
 from asura.sweep.trainer import TrialFn, subprocess_trial
 
 HEARTBEAT_S = 10
@@ -62,18 +71,11 @@ def open_study(spec: SweepSpec, workdir: Path) -> optuna.Study:
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
-    if spec.search is None:
-        sampler = optuna.samplers.RandomSampler(seed=0)  # never consulted: grid trials are enqueued
-    elif spec.search["method"] == "random":
-        sampler = optuna.samplers.RandomSampler(seed=spec.search["seed"])
-    else:
-        startup = min(10, max(1, spec.search["n_trials"] // 3))
-        sampler = optuna.samplers.TPESampler(seed=spec.search["seed"], n_startup_trials=startup)
+    # A grid's sampler is never consulted (its trials are enqueued); a search's is its method's.
+    sampler = optuna.samplers.RandomSampler(seed=0) if spec.search is None else spec.search.sampler()
     p = spec.pruner
     pruner = (
-        optuna.pruners.PercentilePruner(
-            p["percentile"], n_startup_trials=p["startup_trials"], n_warmup_steps=p["warmup_evals"]
-        )
+        optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_evals)
         if p
         else optuna.pruners.NopPruner()
     )
@@ -82,25 +84,18 @@ def open_study(spec: SweepSpec, workdir: Path) -> optuna.Study:
         study_name=spec.study_name,
         sampler=sampler,
         pruner=pruner,
-        direction=spec.direction,
+        direction=spec.metric.direction,
         load_if_exists=True,
     )
 
 
-def metric_value(spec: SweepSpec, cfg: Config, depths: dict) -> float | None:
-    """The sweep metric from {depth: metrics}: at metric@depth, else the training depth."""
-    if not depths:
-        return None
-    depths = {int(d): m for d, m in depths.items()}
-    want = spec.depth or cfg.model.iterations
-    below = [d for d in depths if d <= want]
-    d = want if want in depths else (max(below) if below else min(depths))
-    value = depths[d].get(METRICS[spec.metric][0])
-    return None if value is None else float(value)
-
-
 def cell_info(cell: Cell) -> dict:
     return {k: getattr(cell, k) for k in ("key", "group", "seed", "role", "parent", "overrides", "aliases")}
+
+
+class Resolved(NamedTuple):
+    config: Config
+    info: dict  # cell_info: key, group, seed, role, parent, overrides, aliases
 
 
 class _Idle(RuntimeError):
@@ -111,7 +106,7 @@ class Objective:
     def __init__(self, spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None):
         self.spec, self.workdir = spec, workdir
         self.trial_fn = trial_fn or subprocess_trial
-        self.cells = {c.key: c for c in grid_cells(spec)[0]} if spec.search is None else {}
+        self.cells = {c.key: c for c in spec.grid.cells}
 
     def _claim(self, trial: optuna.Trial) -> str:
         # Only reached when the queue emptied between a worker's check and its ask().
@@ -123,19 +118,12 @@ class Objective:
         trial.set_user_attr("idle", True)
         raise _Idle("no grid cell left for this worker")
 
-    def _resolve(self, trial: optuna.Trial) -> tuple[Config, dict]:
+    def _resolve(self, trial: optuna.Trial) -> Resolved:
         if self.spec.search is None:
             key = trial.user_attrs.get("cell") or self._claim(trial)
             cell = self.cells[key]
-            return cell.config, cell_info(cell)
-        params = {}
-        for key, p in self.spec.search["params"].items():
-            if "choices" in p:
-                params[key] = trial.suggest_categorical(key, p["choices"])
-            elif p["type"] == "int":
-                params[key] = trial.suggest_int(key, p["low"], p["high"], step=p.get("step", 1), log=p["log"])
-            else:
-                params[key] = trial.suggest_float(key, p["low"], p["high"], step=p.get("step"), log=p["log"])
+            return Resolved(cell.config, cell_info(cell))
+        params = {p.key: p.suggest(trial) for p in self.spec.search.params}
         seed = self.spec.seeds[0]
         cfg = with_overrides(self.spec.base_config, {**params, "train.seed": seed})
         short = ",".join(
@@ -144,32 +132,36 @@ class Objective:
         group = f"#{trial.number}:{short}"
         trial.set_user_attr("cell", f"{group}|seed={seed}")
         info = {"key": f"{group}|seed={seed}", "group": group, "seed": seed, "role": "trial", "parent": None}
-        return cfg, {**info, "overrides": params, "aliases": ()}
+        return Resolved(cfg, {**info, "overrides": params, "aliases": ()})
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, info = self._resolve(trial)
         wd = self.workdir / "trials" / f"{trial.number:04d}"
+        metric = self.spec.metric
         evals: list[tuple[int, dict]] = []
         reported: list[float] = []
 
         def on_eval(step: int, depths: dict) -> None:
             evals.append((step, depths))
-            value = metric_value(self.spec, cfg, depths)
-            if value is None:
-                return
+            value = metric_value(metric, cfg.model.iterations, depths)  # MetricMissing fails the trial
             reported.append(value)
             trial.report(value, len(reported) - 1)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"eval {len(reported) - 1} (step {step}): {self.spec.metric}={value:.4g}")
+                raise optuna.TrialPruned(f"eval {len(reported) - 1} (step {step}): {metric.label}={value:.4g}")
 
         status, value, final, steps_done, error = "interrupted", None, None, None, None
         t0 = time.perf_counter()
         try:
+            if metric.depth is not None and metric.depth not in eval_depths(cfg):
+                # The spec checked each searched value alone; a combination can still drop the depth.
+                raise MetricMissing(
+                    f"{metric.label}: this trial evaluates depths {eval_depths(cfg)}, not {metric.depth}"
+                )
             result = self.trial_fn(cfg, wd, on_eval)
             final, steps_done = result["final"], result.get("step", cfg.train.steps)
-            value = metric_value(self.spec, cfg, final)
-            if value is None or not math.isfinite(value):
-                raise RuntimeError(f"{self.spec.metric} missing or not finite in the final eval: {final}")
+            value = metric_value(metric, cfg.model.iterations, final)
+            if not math.isfinite(value):
+                raise RuntimeError(f"{metric.label} is not finite in the final eval: {value}")
             status = "complete"
             return value
         except optuna.TrialPruned:
@@ -184,7 +176,7 @@ class Objective:
                 steps_done = evals[-1][0] if evals else 0
                 value = reported[-1] if reported else None
             m = manifest.build(
-                trial=trial.number, cell=info, cfg=cfg, status=status, metric=self.spec.metric, value=value,
+                trial=trial.number, cell=info, cfg=cfg, status=status, metric=metric.label, value=value,
                 evals=evals, final=final, steps_done=steps_done, wall_s=time.perf_counter() - t0, error=error,
             )  # fmt: skip
             manifest.write(wd, m)
@@ -199,9 +191,19 @@ def _stop_when_queue_empty(study: optuna.Study, _trial) -> None:
         study.stop()
 
 
-def prepare(spec: SweepSpec, workdir: Path, fail_running: bool = False) -> optuna.Study:
-    """Create/load the study, requeue interrupted trials and enqueue every unfinished grid cell."""
+def prepare(spec: SweepSpec, workdir: Path, fail_running: bool = False, command: str | None = None) -> optuna.Study:
+    """Create/load the study, requeue interrupted trials and enqueue every unfinished grid cell.
+
+    ``command`` (how this invocation was asked for) is appended to sweep.json's ``commands`` with
+    the git commit and time, so REPORT.md can say what produced the trials.
+    """
+    from asura.sweep.report import read_meta
+
     workdir.mkdir(parents=True, exist_ok=True)
+    commands = read_meta(workdir).get("commands", [])
+    if command is not None:
+        started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        commands = [*commands, {"command": command, "commit": manifest.git_commit(), "started": started}]
     study = open_study(spec, workdir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -210,20 +212,20 @@ def prepare(spec: SweepSpec, workdir: Path, fail_running: bool = False) -> optun
         storage = study._storage  # public BaseStorage API on the storage we built in open_study
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    cells, impossible = grid_cells(spec) if spec.search is None else ([], [])
     taken = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=CLAIMED)}
-    for cell in cells:
+    for cell in spec.grid.cells:
         if cell.key not in taken:
             study.enqueue_trial({}, user_attrs={"cell": cell.key})
     meta = {
         "spec": str(spec.path),
         "study_name": spec.study_name,
         "storage": storage_url(spec, workdir),
-        "metric": spec.metric,
-        "direction": spec.direction,
+        "metric": spec.metric.label,
+        "direction": spec.metric.direction,
         "reference": spec.reference,
-        "groups": list(dict.fromkeys(c.group for c in cells)),
-        "impossible": impossible,
+        "groups": list(spec.grid.groups),
+        "impossible": [dataclasses.asdict(i) for i in spec.grid.impossible],
+        "commands": commands,
     }
     (workdir / "sweep.json").write_text(json.dumps(meta, indent=1))
     return study
@@ -238,7 +240,7 @@ def work(spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None, max_tr
         if _waiting(study):
             study.optimize(objective, n_trials=max_trials, callbacks=[_stop_when_queue_empty], catch=(Exception,))
         return
-    n = spec.search["n_trials"]
+    n = spec.search.n_trials
     left = n - len(study.get_trials(deepcopy=False, states=DONE))
     if max_trials is not None:
         left = min(left, max_trials)
@@ -247,12 +249,24 @@ def work(spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None, max_tr
         study.optimize(objective, n_trials=left, callbacks=[cb], catch=(Exception,))
 
 
-def _worker_entry(spec_path: str, baselines: bool, workdir: str, trial_fn, max_trials) -> None:
-    work(load_spec(spec_path, baselines), Path(workdir), trial_fn, max_trials)
+def cli_command(
+    spec: SweepSpec, workdir: Path, workers: int, baselines: bool, max_trials: int | None, fail_running: bool
+) -> str:
+    """The ``python -m asura.sweep`` command equivalent to these run_sweep arguments."""
+    args = ["python", "-m", "asura.sweep", str(spec.path), "--workdir", str(workdir)]
+    if workers != 1:
+        args += ["--workers", str(workers)]
+    if baselines:
+        args += ["--baselines"]
+    if max_trials is not None:
+        args += ["--max-trials", str(max_trials)]
+    if fail_running:
+        args += ["--fail-running"]
+    return shlex.join(args)
 
 
 def run_sweep(
-    spec_path: str | Path,
+    spec: str | Path | SweepSpec,
     workdir: str | Path | None = None,
     *,
     workers: int = 1,
@@ -261,31 +275,41 @@ def run_sweep(
     max_trials: int | None = None,
     fail_running: bool = False,
     report: bool = True,
+    command: str | None = None,
 ) -> Path:
     """Validate the spec, run (or resume) the sweep, write the report; returns the sweep dir.
 
-    ``max_trials`` caps the trials this invocation runs (per worker). ``trial_fn`` replaces
-    training (tests); with workers > 1 it must be a picklable top-level function.
+    ``spec`` is a path or an already loaded spec (then ``baselines`` is ignored: it was applied
+    at load). ``max_trials`` caps the trials this invocation runs (per worker). ``trial_fn``
+    replaces training (tests); with workers > 1 it must be a picklable top-level function.
+    ``command`` is recorded in sweep.json (the CLI passes its argv); default: the equivalent CLI
+    command, marked when ``trial_fn`` replaced training.
     """
-    spec = load_spec(spec_path, baselines)  # every trial config validated before anything runs
+    if isinstance(spec, SweepSpec):
+        baselines = False  # applied at load: the spec's path and file say the rest
+    else:
+        spec = load_spec(spec, baselines)  # every trial config validated before anything runs
     wd = Path(workdir) if workdir is not None else default_workdir(spec)
-    prepare(spec, wd, fail_running)
+    if command is None:
+        command = cli_command(spec, wd, workers, baselines, max_trials, fail_running)
+        if trial_fn is not None:
+            command += f"  # in-process, trial_fn={getattr(trial_fn, '__qualname__', trial_fn)} instead of train.py"
+    prepare(spec, wd, fail_running, command)
     if workers <= 1:
         work(spec, wd, trial_fn, max_trials)
     else:
         ctx = multiprocessing.get_context("spawn")  # fork after importing JAX/optuna threads is unsafe
-        procs = [
-            ctx.Process(target=_worker_entry, args=(str(spec.path), baselines, str(wd), trial_fn, max_trials))
-            for _ in range(workers)
-        ]
+        # The loaded spec (grid included) is pickled to each worker rather than rebuilt there.
+        procs = [ctx.Process(target=work, args=(spec, wd, trial_fn, max_trials)) for _ in range(workers)]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
     if report:
-        from asura.sweep.report import write_report
+        from asura.sweep.report import EmptySweep, write_report
 
-        write_report(wd)
+        with contextlib.suppress(EmptySweep):  # no trial ran in this dir yet (--max-trials 0): nothing to tabulate
+            write_report(wd)
     return wd
 
 

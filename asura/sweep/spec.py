@@ -1,9 +1,10 @@
-"""Sweep spec: YAML schema, up-front validation and the list of trial cells.
+"""Sweep spec: YAML schema, up-front validation, and the grid of trial cells (built once).
 
 A spec names a base train config plus overrides and either a grid (named `variants`
-× cartesian `axes` × `seeds`) or an optuna `search`. Every trial config is built and
-validated with ``asura.config`` here, before any study or training starts, so a typo
-costs a one-line ``SpecError`` (exit 2) rather than a half-finished sweep.
+× cartesian `axes` × `seeds`) or an optuna `search`. ``load_spec`` builds and validates every
+trial config here, before any study or training starts, so a typo costs a one-line
+``SpecError`` (exit 2) rather than a half-finished sweep. The grid is stored on the spec
+(``spec.grid``); nothing downstream rebuilds it.
 
     base: ../demo.yaml                 # relative to this file
     overrides: {train.steps: 200}      # dotted keys, applied to base
@@ -11,60 +12,39 @@ costs a one-line ``SpecError`` (exit 2) rather than a half-finished sweep.
     axes: {model.adapter: [none, abba]}
     seeds: [0, 1]                      # the train.seed axis
     search: {method: tpe, n_trials: 8, params: {train.lr: {low: 1e-4, high: 1e-2, log: true}}}
-    metric: eval_loss                  # eval_loss | eval_exact_match, optionally @depth
+    metric: ce                         # asura.sweep.metrics.METRICS, optionally @depth
     pruner: {percentile: 50, warmup_evals: 1, startup_trials: 2}   # or null
-    baselines: false                   # true or a list of kinds (also --baselines)
+    baselines: false                   # true (the default kinds) or a list of kinds (also --baselines)
     reference: full                    # group every table row is compared against
     storage: sqlite:///...             # default: sqlite in the sweep workdir
     study_name: name                   # default: the spec file's stem
+
+Invariants checked at load (so a number in a table always means what its header says):
+every trial evaluates the depth of ``metric@depth`` (asura.depth.eval_depths), and a metric
+with ``same_config`` keys (``objective``) is refused when the trials differ in one of them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import hashlib
-import itertools
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from asura.config.load import ConfigError, config_to_dict, load_config, with_overrides
+from asura.baselines import BASELINES, DEFAULT_BASELINES
+from asura.config.load import ConfigError, load_config
 from asura.config.schema import Config
-
-
-class SpecError(ValueError):
-    """A bad sweep spec; the message is one line naming the key."""
-
+from asura.depth import eval_depths
+from asura.sweep.grid import Cell, Grid, Impossible, build_grid, config_hash, is_looped
+from asura.sweep.keys import SpecError, apply, check_keys, field_type, get, suggest
+from asura.sweep.metrics import DEFAULT_METRIC, MetricError, MetricSpec, incomparable, parse_metric
+from asura.sweep.search import PrunerSpec, SearchSpec, parse_pruner, parse_search
 
 TOP_KEYS = (
     "base", "overrides", "variants", "axes", "seeds", "search", "metric", "pruner",
     "baselines", "reference", "storage", "study_name", "description",
 )  # fmt: skip
-SEARCH_KEYS = ("method", "n_trials", "seed", "params")
-PARAM_KEYS = ("low", "high", "log", "step", "choices")
-PRUNER_KEYS = ("percentile", "warmup_evals", "startup_trials")
-METRICS = {"eval_loss": ("loss", "minimize"), "eval_exact_match": ("exact_match", "maximize")}
-BASELINE_KINDS = ("iso_param", "iso_flop_depth", "iso_flop_width", "token_matched")
-DEFAULT_BASELINES = ("iso_param", "iso_flop_depth", "iso_flop_width")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One grid trial: a fully resolved config plus where it sits in the sweep."""
-
-    key: str  # unique within the sweep: "<group>|seed=<s>"
-    group: str  # the key without the seed: rows are grouped over seeds by it
-    seed: int
-    role: str  # "trial" or a baseline kind
-    parent: str | None  # baseline: the looped group it was derived from
-    overrides: dict
-    config: Config
-    aliases: tuple[str, ...] = ()  # other baseline labels that resolved to this exact config
 
 
 @dataclass(frozen=True)
@@ -75,134 +55,24 @@ class SweepSpec:
     variants: dict[str, dict]
     axes: dict[str, list]
     seeds: tuple[int, ...]
-    search: dict | None
-    metric: str
-    depth: int | None  # metric@depth; None = the training depth model.iterations
-    direction: str
-    pruner: dict | None
-    baselines: tuple[str, ...]
+    search: SearchSpec | None  # None: a grid sweep
+    metric: MetricSpec
+    pruner: PrunerSpec | None  # None: every trial runs to the end
+    baselines: tuple[str, ...]  # asura.baselines.BASELINES names
     reference: str | None
     storage: str | None
     study_name: str
     base_config: Config = field(repr=False)
+    grid: Grid = field(default_factory=Grid, repr=False)  # empty for a search
 
 
-def _suggest(name: str, valid) -> str:
-    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    return f"did you mean {close[0]!r}?" if close else "valid: " + ", ".join(valid)
+@dataclass(frozen=True)
+class _Probe:
+    """A config the sweep will train (grid) or one value of a searched key (search), for load checks."""
 
-
-def _check_keys(where: str, data: dict, valid) -> None:
-    if not isinstance(data, dict):
-        raise SpecError(f"{where} must be a mapping, got {data!r}")
-    for k in data:
-        if k not in valid:
-            raise SpecError(f"{where}: unknown key {k!r}; {_suggest(k, valid)}")
-
-
-def field_type(dotted: str) -> Any:
-    """Schema type of a dotted config key (``model.d_model`` -> int); SpecError if unknown."""
-    cls: Any = Config
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        names = {f.name for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise SpecError(f"unknown config key {dotted!r}; {_suggest(part, sorted(names))}")
-        cls = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(cls) and i < len(parts) - 1:
-            if typing.get_origin(cls) is dict:  # mesh.rules.<axis>
-                return typing.get_args(cls)[1]
-            raise SpecError(f"config key {dotted!r}: {part!r} is not a section")
-    if dataclasses.is_dataclass(cls):
-        raise SpecError(f"config key {dotted!r} is a section; name a field inside it")
-    return cls
-
-
-def _apply(base: Config, overrides: dict, where: str) -> Config:
-    for k in overrides:
-        field_type(k)  # one-line error naming the bad dotted key, before with_overrides
-    try:
-        return with_overrides(base, overrides)
-    except ConfigError as e:
-        raise SpecError(f"{where}: {e}") from None
-
-
-def _short(key: str, all_keys) -> str:
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf if sum(k.rsplit(".", 1)[-1] == leaf for k in all_keys) == 1 else key
-
-
-def config_hash(cfg: Config) -> str:
-    data = config_to_dict(cfg)
-    data.pop("name", None)  # two identical models with different names are one run
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _parse_search(raw: Any, base: Config) -> dict:
-    _check_keys("search", raw, SEARCH_KEYS)
-    method = raw.get("method", "tpe")
-    if method not in ("random", "tpe"):
-        raise SpecError(f"search.method={method!r}; choose random or tpe")
-    n = raw.get("n_trials")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise SpecError(f"search.n_trials must be a positive integer, got {n!r}")
-    params = raw.get("params")
-    if not isinstance(params, dict) or not params:
-        raise SpecError("search.params must map dotted config keys to {low, high[, log, step]} or {choices}")
-    out = {}
-    for key, p in params.items():
-        where = f"search.params.{key}"
-        _check_keys(where, p, PARAM_KEYS)
-        tp = field_type(key)
-        if "choices" in p:
-            if set(p) != {"choices"} or not isinstance(p["choices"], list) or not p["choices"]:
-                raise SpecError(f"{where}: choices must be a non-empty list and stand alone")
-            for c in p["choices"]:
-                _apply(base, {key: c}, f"{where} choice {c!r}")
-            out[key] = {"choices": list(p["choices"])}
-            continue
-        if tp not in (int, float):
-            raise SpecError(f"{where}: {key} is {getattr(tp, '__name__', tp)}; use choices: [...]")
-        lo, hi = p.get("low"), p.get("high")
-        try:
-            lo, hi = tp(float(lo)), tp(float(hi))  # YAML reads 1e-3 as a string
-        except (TypeError, ValueError):
-            raise SpecError(f"{where}: low and high must be numbers, got {p.get('low')!r}, {p.get('high')!r}") from None
-        if not lo < hi:
-            raise SpecError(f"{where}: low={lo} must be < high={hi}")
-        if p.get("log") and lo <= 0:
-            raise SpecError(f"{where}: log scale needs low > 0, got {lo}")
-        for v in (lo, hi):
-            _apply(base, {key: v}, f"{where} value {v}")
-        out[key] = {"type": tp.__name__, "low": lo, "high": hi, "log": bool(p.get("log", False))}
-        if p.get("step") is not None:
-            out[key]["step"] = tp(p["step"])
-    return {"method": method, "n_trials": n, "seed": int(raw.get("seed", 0)), "params": out}
-
-
-def _parse_pruner(raw: Any) -> dict | None:
-    if raw is None or raw is False or raw == "none":
-        return None
-    _check_keys("pruner", raw, PRUNER_KEYS)
-    pct = raw.get("percentile", 50)
-    if not isinstance(pct, int | float) or not 0 < pct < 100:
-        raise SpecError(f"pruner.percentile must be in (0, 100), got {pct!r}")
-    out = {"percentile": float(pct)}
-    for k, default in (("warmup_evals", 1), ("startup_trials", 2)):
-        v = raw.get(k, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise SpecError(f"pruner.{k} must be an integer >= 0, got {v!r}")
-        out[k] = v
-    return out
-
-
-def _parse_metric(raw: Any) -> tuple[str, int | None, str]:
-    name, _, depth = str(raw).partition("@")
-    if name not in METRICS:
-        raise SpecError(f"metric={raw!r}; choose one of {', '.join(METRICS)} (optionally @depth)")
-    if depth and not depth.isdigit():
-        raise SpecError(f"metric={raw!r}: the depth after @ must be a positive integer")
-    return name, (int(depth) if depth else None), METRICS[name][1]
+    name: str
+    config: Config
+    baseline: bool = False
 
 
 def _mapping_of_overrides(where: str, raw: Any) -> dict:
@@ -217,6 +87,71 @@ def _mapping_of_overrides(where: str, raw: Any) -> dict:
     return {str(k): v for k, v in raw.items()}
 
 
+def _parse_metric(raw: Any) -> MetricSpec:
+    try:
+        return parse_metric(raw)
+    except MetricError as e:
+        raise SpecError(str(e)) from None
+
+
+def _parse_baselines(raw: Any, forced: bool) -> tuple[str, ...]:
+    if raw is True or (forced and not raw):
+        return DEFAULT_BASELINES
+    if raw is False or raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SpecError(f"baselines must be true, false or a list of {', '.join(BASELINES.names)}; got {raw!r}")
+    for k in raw:
+        if k not in BASELINES:
+            raise SpecError(f"baselines has {k!r}; {suggest(k, BASELINES.names)}")
+    if len(set(raw)) != len(raw):
+        raise SpecError(f"baselines has duplicates: {raw}")
+    return tuple(raw)
+
+
+def _check_depth(metric: MetricSpec, probes: list[_Probe]) -> None:
+    """metric@d: every trial must evaluate depth d (no trial is read at a neighbouring depth)."""
+    d = metric.depth
+    if d is None:  # the training depth model.iterations is always evaluated
+        return
+    for p in probes:
+        depths = eval_depths(p.config)
+        if d in depths:
+            continue
+        fix = (
+            f"baselines are not looped and run depth 1 only: drop @{d} or the baselines"
+            if p.baseline
+            else f"add {d} to train.eval_depths or drop @{d} (read each trial at model.iterations)"
+        )
+        raise SpecError(
+            f"metric={metric.label}: {p.name} evaluates depths {depths} "
+            f"(train.eval_depths or 1..model.max_iterations, plus model.iterations), not {d}; {fix}"
+        )
+
+
+def _check_comparable(metric: MetricSpec, probes: list[_Probe]) -> None:
+    """A metric whose meaning depends on config keys is refused when the trials differ in one."""
+    reason = incomparable(metric, [(p.name, lambda k, c=p.config: get(c, k)) for p in probes])
+    if reason:
+        raise SpecError(reason)
+
+
+def _grid_probes(grid: Grid) -> list[_Probe]:
+    out = []
+    for c in grid.cells:
+        baseline = c.role != "trial"
+        out.append(_Probe(f"{'baseline' if baseline else 'trial'} {c.key}", c.config, baseline))
+    return out
+
+
+def _search_probes(search: SearchSpec, base: Config) -> list[_Probe]:
+    probes = []  # base + one value each: a key nobody searches keeps the base's value in every trial
+    for p in search.params:
+        for v in p.values:
+            probes.append(_Probe(f"search.params.{p.key}={v!r}", apply(base, {p.key: v}, f"search.params.{p.key}")))
+    return probes
+
+
 def load_spec(path: str | Path, baselines: bool = False) -> SweepSpec:
     """Parse and validate a spec file (``baselines`` forces --baselines). Raises SpecError."""
     path = Path(path).resolve()
@@ -226,7 +161,7 @@ def load_spec(path: str | Path, baselines: bool = False) -> SweepSpec:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise SpecError(f"sweep spec {path.name} is not valid YAML: {str(e).splitlines()[0]}") from None
-    _check_keys(f"sweep spec {path.name}", raw, TOP_KEYS)
+    check_keys(f"sweep spec {path.name}", raw, TOP_KEYS)
     if "base" not in raw:
         raise SpecError(f"sweep spec {path.name}: missing `base:` (a train config path, relative to the spec)")
     base_path = (path.parent / str(raw["base"])).resolve()
@@ -235,7 +170,7 @@ def load_spec(path: str | Path, baselines: bool = False) -> SweepSpec:
     except ConfigError as e:
         raise SpecError(f"base config: {e}") from None
     overrides = _mapping_of_overrides("overrides", raw.get("overrides"))
-    base_cfg = _apply(base_cfg, overrides, "overrides")
+    base_cfg = apply(base_cfg, overrides, "overrides")
 
     variants_raw = raw.get("variants") or {}
     if not isinstance(variants_raw, dict):
@@ -262,23 +197,26 @@ def load_spec(path: str | Path, baselines: bool = False) -> SweepSpec:
             raise SpecError("search cannot be combined with variants/axes; run one sweep per grid cell")
         if len(seeds) > 1:
             raise SpecError("search takes one seed; confirm the best configs with a grid over seeds")
-        search = _parse_search(raw["search"], base_cfg)
-
-    kinds = raw.get("baselines", False)
-    if kinds is True or (baselines and not kinds):
-        kinds = list(DEFAULT_BASELINES)
-    kinds = tuple(kinds or ())
-    for k in kinds:
-        if k not in BASELINE_KINDS:
-            raise SpecError(f"baselines has {k!r}; {_suggest(k, BASELINE_KINDS)}")
+        search = parse_search(raw["search"], base_cfg)
+    kinds = _parse_baselines(raw.get("baselines", False), baselines)
     if kinds and search is not None:
         raise SpecError("baselines need a grid sweep (variants/axes/seeds), not a search")
-
-    metric, depth, direction = _parse_metric(raw.get("metric", "eval_loss"))
+    metric = _parse_metric(raw.get("metric", DEFAULT_METRIC))
     storage = raw.get("storage")
     if storage is not None and (not isinstance(storage, str) or "://" not in storage):
         raise SpecError(f"storage must be an SQLAlchemy URL like sqlite:///path.db, got {storage!r}")
-    spec = SweepSpec(
+    reference = None if raw.get("reference") is None else str(raw["reference"])
+
+    if search is None:
+        grid = build_grid(base_cfg, variants, axes, tuple(seeds), kinds)  # builds and validates every trial
+        if reference is not None and reference not in grid.groups:
+            raise SpecError(f"reference={reference!r} is not a group; {suggest(reference, sorted(grid.groups))}")
+        probes = _grid_probes(grid)
+    else:
+        grid, probes = Grid(), _search_probes(search, base_cfg)
+    _check_depth(metric, probes)
+    _check_comparable(metric, probes)
+    return SweepSpec(
         path=path,
         base=base_path,
         overrides=overrides,
@@ -287,68 +225,17 @@ def load_spec(path: str | Path, baselines: bool = False) -> SweepSpec:
         seeds=tuple(seeds),
         search=search,
         metric=metric,
-        depth=depth,
-        direction=direction,
-        pruner=_parse_pruner(raw.get("pruner", {})),
+        pruner=parse_pruner(raw.get("pruner", {})),
         baselines=kinds,
-        reference=None if raw.get("reference") is None else str(raw["reference"]),
+        reference=reference,
         storage=storage,
         study_name=str(raw.get("study_name") or path.stem),
         base_config=base_cfg,
+        grid=grid,
     )
-    if search is None:
-        cells, _ = grid_cells(spec)  # builds and validates every trial config now
-        groups = {c.group for c in cells}
-        if spec.reference is not None and spec.reference not in groups:
-            raise SpecError(f"reference={spec.reference!r} is not a group; {_suggest(spec.reference, sorted(groups))}")
-    return spec
 
 
-def is_looped(cfg: Config) -> bool:
-    return cfg.model.max_iterations > 1 or cfg.model.iterations > 1
-
-
-def grid_cells(spec: SweepSpec) -> tuple[list[Cell], list[dict]]:
-    """All grid cells (baselines included, identical configs deduplicated) and impossible baselines."""
-    from asura.baselines import BASELINES, BaselineImpossible
-
-    variants = spec.variants or {"": {}}
-    axis_keys = list(spec.axes)
-    cells: list[Cell] = []
-    by_hash: dict[str, int] = {}
-    impossible: list[dict] = []
-
-    def add(cell: Cell, label: str) -> None:
-        h = config_hash(cell.config)
-        if h in by_hash:  # identical run already planned: record the alias instead of training twice
-            i = by_hash[h]
-            cells[i] = dataclasses.replace(cells[i], aliases=(*cells[i].aliases, label))
-            return
-        by_hash[h] = len(cells)
-        cells.append(cell)
-
-    looped: list[Cell] = []
-    for (vname, vover), combo in itertools.product(variants.items(), itertools.product(*spec.axes.values())):
-        parts = [vname] if vname else []
-        parts += [f"{_short(k, axis_keys)}={v}" for k, v in zip(axis_keys, combo)]
-        group = ",".join(parts) or "base"
-        over = {**vover, **dict(zip(axis_keys, combo))}
-        for s in spec.seeds:
-            cfg = _apply(spec.base_config, {**over, "train.seed": s}, f"trial {group} seed={s}")
-            cell = Cell(f"{group}|seed={s}", group, s, "trial", None, over, cfg)
-            add(cell, cell.key)
-            if is_looped(cfg):
-                looped.append(cell)
-    for cell in looped:
-        for kind in spec.baselines:
-            group = f"{kind}({cell.group})"
-            try:
-                cfg = BASELINES[kind](cell.config)
-            except BaselineImpossible as e:
-                if cell.seed == spec.seeds[0]:
-                    impossible.append({"group": group, "role": kind, "parent": cell.group, "reason": str(e)})
-                continue
-            except ConfigError as e:
-                raise SpecError(f"baseline {group}: {e}") from None
-            add(Cell(f"{group}|seed={cell.seed}", group, cell.seed, kind, cell.group, cell.overrides, cfg), group)
-    return cells, impossible
+__all__ = [
+    "Cell", "Grid", "Impossible", "MetricSpec", "PrunerSpec", "SearchSpec", "SpecError", "SweepSpec",
+    "config_hash", "field_type", "is_looped", "load_spec",
+]  # fmt: skip

@@ -2,8 +2,9 @@
 
 A trial function has the signature ``fn(cfg, workdir, on_eval) -> result``:
 ``on_eval(step, depths)`` is called at every eval (and may raise ``optuna.TrialPruned``),
-``depths`` maps depth -> {"loss": ..., "exact_match": ...}; the result holds at least
-``{"final": depths, "step": last_step}``.
+``depths`` maps depth -> {name: value} for every ``eval/d{n}/{name}`` of the record (name in
+ce, accuracy, exact_match, objective, z_loss, tokens; see asura.sweep.metrics); the result
+holds at least ``{"final": depths, "step": last_step}``.
 
 The default, ``subprocess_trial``, runs ``python train.py --config ... --workdir ...`` in
 a child process and polls its metrics.jsonl. A child process (rather than calling the
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from asura.config.load import config_to_yaml
 from asura.config.schema import Config
@@ -31,23 +33,35 @@ TRAIN_PY = REPO_ROOT / "train.py"
 OnEval = Callable[[int, dict[int, dict[str, float]]], None]
 TrialFn = Callable[[Config, Path, OnEval], dict]
 
-_EVAL_KEY = re.compile(r"^eval/d(?P<depth>\d+)/(?P<name>[\w.]+)$")  # asura.train.evaluate: eval/d{n}/{metric}
+# asura.train writes eval/d{n}/{name} per evaluated depth, and eval/{name} repeating the trained
+# depth; only the depth-keyed form is read, so a metric is always taken at a named depth.
+_EVAL_KEY = re.compile(r"^eval/d(?P<depth>\d+)/(?P<name>[\w.]+)$")
 
 
-def parse_eval(record: dict) -> tuple[int, dict[int, dict[str, float]]] | None:
-    """(step, {depth: {loss, ce, accuracy, exact_match}}) for an eval record of metrics.jsonl, else None."""
+class EvalEvent(NamedTuple):
+    step: int
+    depths: dict[int, dict[str, float]]  # depth -> {name: value}
+
+
+class EvalRead(NamedTuple):
+    events: list[EvalEvent]
+    offset: int  # byte offset after the last complete line read
+
+
+def parse_eval(record: dict) -> EvalEvent | None:
+    """The eval event of one metrics.jsonl record, or None when it holds no eval/d{n}/... key."""
     depths: dict[int, dict[str, float]] = {}
     for key, value in record.items():
         match = _EVAL_KEY.match(key)
         if match and isinstance(value, int | float):
             depths.setdefault(int(match["depth"]), {})[match["name"]] = float(value)
-    return (int(record.get("step", 0)), depths) if depths else None
+    return EvalEvent(int(record.get("step", 0)), depths) if depths else None
 
 
-def read_evals(path: Path, start: int = 0) -> tuple[list[tuple[int, dict]], int]:
-    """Eval events from byte offset ``start`` of a metrics.jsonl; returns (events, new offset)."""
+def read_evals(path: Path, start: int = 0) -> EvalRead:
+    """Eval events from byte offset ``start`` of a metrics.jsonl, and the offset to resume from."""
     if not path.exists():
-        return [], start
+        return EvalRead([], start)
     with path.open("rb") as f:
         f.seek(start)
         data = f.read()
@@ -60,7 +74,7 @@ def read_evals(path: Path, start: int = 0) -> tuple[list[tuple[int, dict]], int]
             continue
         if ev is not None:
             events.append(ev)
-    return events, start + end
+    return EvalRead(events, start + end)
 
 
 def subprocess_trial(cfg: Config, workdir: Path, on_eval: OnEval, poll_s: float = 0.5) -> dict:

@@ -1,0 +1,71 @@
+"""Spec errors and dotted config keys: the checks every part of a sweep spec shares.
+
+Every error here is a one-line ``SpecError`` naming the key, raised while the spec loads,
+before any study or training starts (the CLI turns it into exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+from asura.config.load import ConfigError, with_overrides
+from asura.config.schema import Config
+
+
+class SpecError(ValueError):
+    """A bad sweep spec; the message is one line naming the key."""
+
+
+def suggest(name: str, valid: Iterable[str]) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}?" if close else "valid: " + ", ".join(valid)
+
+
+def check_keys(where: str, data: Any, valid: Iterable[str]) -> None:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where} must be a mapping, got {data!r}")
+    valid = tuple(valid)
+    for k in data:
+        if k not in valid:
+            raise SpecError(f"{where}: unknown key {k!r}; {suggest(k, valid)}")
+
+
+def field_type(dotted: str) -> Any:
+    """Schema type of a dotted config key (``model.d_model`` -> int); SpecError if unknown."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise SpecError(f"unknown config key {dotted!r}; {suggest(part, sorted(names))}")
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls) and i < len(parts) - 1:
+            if typing.get_origin(cls) is dict:  # mesh.rules.<axis>
+                return typing.get_args(cls)[1]
+            raise SpecError(f"config key {dotted!r}: {part!r} is not a section")
+    if dataclasses.is_dataclass(cls):
+        raise SpecError(f"config key {dotted!r} is a section; name a field inside it")
+    return cls
+
+
+def apply(base: Config, overrides: dict, where: str) -> Config:
+    """``base`` with dotted overrides, validated; a SpecError prefixed with ``where`` otherwise."""
+    for k in overrides:
+        field_type(k)  # one-line error naming the bad dotted key, before with_overrides
+    try:
+        return with_overrides(base, overrides)
+    except ConfigError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
+def get(cfg: Config, dotted: str) -> Any:
+    """The value of a dotted key in a config (``model.z_loss``)."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
