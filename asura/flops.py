@@ -39,13 +39,10 @@ import json
 from dataclasses import dataclass
 
 from asura.config.schema import Config, ModelConfig
-from asura.model.depth import depth_distribution, grad_iterations
+from asura.depth import depth_distribution, expected_depth, grad_iterations
+from asura.model.adapter_registry import ADAPTERS
 
-# ------------------------------------------------------------------ depth pmf
-
-
-def expected_depth(cfg: Config) -> float:
-    return sum(n * p for n, p in depth_distribution(cfg).items())
+__all__ = ["expected_depth", "flop_count", "param_count", "summary"]
 
 
 # ----------------------------------------------------------------- parameters
@@ -65,14 +62,6 @@ def linear_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
     if m.mlp == "swiglu":
         shapes["gate"] = (d, m.ff_dim)
     return shapes
-
-
-def _adapter_params(m: ModelConfig, fan_in: int, fan_out: int) -> int:
-    if m.adapter == "lora":
-        return m.adapter_rank * (fan_in + fan_out)
-    if m.adapter == "abba":
-        return (m.adapter_rank + m.adapter_rank2) * (fan_in + fan_out)
-    return 0
 
 
 def _targets(m: ModelConfig) -> list[tuple[int, int]]:
@@ -107,7 +96,7 @@ def param_count(cfg: Config) -> ParamCount:
     proj_1 = 2 * d * d if m.injection == "projconcat" else 0
     post_1 = _norm_params(m, d) if m.post_norm else 0
     iter_1 = _norm_params(m, d) if m.iter_norm else 0
-    adapt_1 = m.n_layers * sum(_adapter_params(m, fi, fo) for fi, fo in _targets(m))
+    adapt_1 = m.n_layers * sum(ADAPTERS[m.adapter].params(m, fi, fo) for fi, fo in _targets(m))
     per_iter = proj_1 + post_1 + iter_1 + adapt_1
     embedding, head = V * d, (0 if m.tie_embeddings else d * V)
     final_norm = _norm_params(m, d)
@@ -131,19 +120,11 @@ def param_count(cfg: Config) -> ParamCount:
 # ---------------------------------------------------------------- FLOPs/token
 
 
-def _adapter_flops(m: ModelConfig, fan_in: int, fan_out: int) -> int:
-    if m.adapter == "lora":
-        return 2 * m.adapter_rank * (fan_in + fan_out)
-    if m.adapter == "abba":
-        return 2 * m.adapter_rank * m.adapter_rank2 * (fan_in + fan_out)
-    return 0
-
-
 def block_flops(m: ModelConfig, seq_len: int, causal: bool = True) -> int:
     """Forward FLOPs per token of one block application (adapters included)."""
     shapes = linear_shapes(m)
     dense = sum(2 * fi * fo for fi, fo in shapes.values())
-    adapters = sum(_adapter_flops(m, fi, fo) for fi, fo in _targets(m))
+    adapters = sum(ADAPTERS[m.adapter].flops(m, fi, fo) for fi, fo in _targets(m))
     scores_av = 2 * 2 * seq_len * m.n_heads * m.d_head  # QKᵀ and AV, full
     return dense + adapters + (scores_av // 2 if causal else scores_av)
 

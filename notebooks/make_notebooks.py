@@ -28,14 +28,17 @@ sys.path.insert(0, str(Path.cwd()))
 LOOP_DEPTH = [
     new_markdown_cell(
         "# Loop depth: sweeps, extrapolation, telemetry and early exit\n\n"
-        "Trains a tiny looped model on pointer chasing (or loads an existing workdir), then:\n"
-        "1. evaluates loss / exact match at depths 1..max_iterations+3 (one compiled program, traced depth;\n"
-        "   depths past `model.max_iterations` use `model.extrapolation=last`),\n"
+        "Analyses a trained looped model: YOUR run when `ASURA_NB_WORKDIR` names a workdir with checkpoints\n"
+        "(e.g. `runs/demo` from `make demo`), else `runs/demo` if it exists, else it trains the demo config\n"
+        "(2-digit addition, 600 steps, ~2-3 min on 2 CPU cores) with the real train loop. Then it\n"
+        "1. evaluates ce / exact match at depths 1..max_iterations+3 (one compiled program, traced depth;\n"
+        "   depths past `model.max_iterations` use the extrapolation mode chosen HERE, at evaluation time,\n"
+        "   `ASURA_NB_EXTRAPOLATION`, default `last`: no retraining),\n"
         "2. looks at per-token, per-iteration telemetry through the shared head (logit lens),\n"
         "3. compares Huginn-style early-exit criteria on an accuracy-versus-mean-depth Pareto plot.\n\n"
-        "Environment: `ASURA_NB_STEPS` (train steps, default 300), `ASURA_NB_WORKDIR` (workdir; an existing one\n"
-        "with checkpoints is resumed/reused, default `runs/notebook_loop_depth`), `ASURA_NB_OVERRIDES`\n"
-        "(extra space-separated `section.key=value` config overrides)."
+        "Environment: `ASURA_NB_WORKDIR`, `ASURA_NB_STEP` (`latest`, `best` or a step), `ASURA_NB_EXTRAPOLATION`,\n"
+        "and for training only `ASURA_NB_STEPS` (default 600) and `ASURA_NB_OVERRIDES` (space-separated\n"
+        "`section.key=value`)."
     ),
     new_code_cell(
         CD_ROOT
@@ -44,43 +47,38 @@ import numpy as np
 
 from asura.analysis import depth, exits, load, plots, telemetry
 from asura.config import load_config
-from asura.data.pipeline import build_eval_batches
+from asura.data import build_eval_batches
 from asura.train.loop import run
 
-STEPS = int(os.environ.get("ASURA_NB_STEPS", "300"))
-WORKDIR = Path(os.environ.get("ASURA_NB_WORKDIR", "runs/notebook_loop_depth"))
+named = os.environ.get("ASURA_NB_WORKDIR")
+WORKDIR = Path(named or ("runs/demo" if Path("runs/demo/checkpoints").is_dir() else "runs/notebook_loop_depth"))
+STEP = os.environ.get("ASURA_NB_STEP", "latest")
+EXTRAPOLATION = os.environ.get("ASURA_NB_EXTRAPOLATION", "last")
 """
     ),
-    new_markdown_cell("## Train (or resume) with the real train loop"),
+    new_markdown_cell("## Use the named run, or train one with the real train loop"),
     new_code_cell(
         """\
-cfg = load_config(
-    "configs/demo.yaml",
-    [
-        "model.extrapolation=last",  # allow depths past max_iterations at eval
-        f"train.steps={STEPS}",
-        f"train.eval_every={STEPS}",
-        f"train.checkpoint_every={STEPS}",
-        f"train.log_every={max(1, STEPS // 10)}",
-        f"train.warmup_steps={min(50, STEPS)}",
-        "train.eval_batches=1",
-        "train.tensorboard=false",
-        "train.progress=false",
-        "train.async_checkpoint=false",
+if load.checkpoint_steps(WORKDIR):
+    print(f"analysing the trained run in {WORKDIR}")
+else:
+    steps = int(os.environ.get("ASURA_NB_STEPS", "600"))
+    train_cfg = load_config("configs/demo.yaml", [
+        f"train.steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
+        "train.tensorboard=false", "train.progress=false",
         *os.environ.get("ASURA_NB_OVERRIDES", "").split(),  # e.g. a smaller model for CI
-    ],
-)
-summary = run(cfg, WORKDIR, install_signal_handlers=False)
-print(summary["status"], "step", summary["step"], "final train loss", summary["final_loss"])
+    ])
+    summary = run(train_cfg, WORKDIR, install_signal_handlers=False)
+    print(summary["status"], "step", summary["step"], "eval ce", summary["eval"].get("eval/ce"))
 """
     ),
-    new_markdown_cell("## Load the model back from the workdir (latest valid checkpoint)"),
+    new_markdown_cell("## Load the model with its own saved config; choose the extrapolation mode now"),
     new_code_cell(
         """\
-loaded = load.load(WORKDIR)
+loaded = load.load(WORKDIR, STEP, extrapolation=EXTRAPOLATION)
 model, cfg = loaded.model, loaded.cfg
 print(f"step {loaded.step}: trained depth {cfg.model.iterations}, max_iterations {cfg.model.max_iterations}, "
-      f"extrapolation={cfg.model.extrapolation!r}")
+      f"extrapolation={cfg.model.extrapolation!r} (chosen at evaluation time)")
 batches = build_eval_batches(cfg, 2)
 """
     ),
@@ -91,10 +89,10 @@ DEPTHS = list(range(1, cfg.model.max_iterations + 4))
 results = depth.evaluate_depths(model, batches, DEPTHS)
 for r in results:
     tag = "  (extrapolated)" if r["extrapolated"] else ""
-    print(f"n={r['depth']:2d}  loss {r['loss']:.4f}  token acc {r['token_accuracy']:.3f}  "
+    print(f"n={r['depth']:2d}  ce {r['ce']:.4f}  token acc {r['accuracy']:.3f}  "
           f"exact match {r['exact_match']:.3f}{tag}")
-fig = plots.plot_metric_vs_depth(results, ("loss",), cfg.model.iterations, cfg.model.max_iterations, title="CE")
-fig2 = plots.plot_metric_vs_depth(results, ("exact_match", "token_accuracy"), cfg.model.iterations,
+fig = plots.plot_metric_vs_depth(results, ("ce",), cfg.model.iterations, cfg.model.max_iterations, title="CE")
+fig2 = plots.plot_metric_vs_depth(results, ("exact_match", "accuracy"), cfg.model.iterations,
                                   cfg.model.max_iterations, title="accuracy")
 """
     ),
@@ -190,7 +188,7 @@ if res is not None:
     new_code_cell(
         """\
 if res is not None:
-    fig = sweep_results.plot_depth_curves(res, "loss")
+    fig = sweep_results.plot_depth_curves(res, "ce")
     fig2 = sweep_results.plot_depth_curves(res, "exact_match")
 """
     ),

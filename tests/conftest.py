@@ -1,11 +1,79 @@
-"""Shared pytest setup: hardware markers skip cleanly without the hardware."""
+"""Shared pytest setup: tiny configs, fault-injection hooks, repo paths, hardware markers.
+
+Every test builds its config from `TINY` (Levanter-style CPU tests: 1 block of width 32, 2
+heads, sequence 32) plus the overrides it is about, through the `tiny` fixture, instead of
+copying its own override list. Paths are absolute (`ROOT`), never relative to the cwd.
+"""
+
+from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-# Tests compare numerics at fp32 tolerances; keep XLA's CPU matmuls exact-ish and quiet.
+# Tests compare numerics at fp32 tolerances; keep XLA's CPU logging quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+TINY = (
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.iterations=2",
+    "model.max_iterations=2",
+    "data.seq_len=32",
+    "data.difficulty=2",
+    "data.prefetch=0",
+    "train.batch_size=8",
+    "train.lr=3e-3",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_batches=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+)
+
+
+def tiny_config(*extra: str, base: str | Path | None = None):
+    """TINY (+ extra overrides) on top of `base` (default: the schema defaults)."""
+    from asura.config import load_config
+
+    return load_config(base, [*TINY, *extra])
+
+
+@pytest.fixture
+def tiny():
+    """Factory: tiny(*overrides) -> a validated Config built on TINY."""
+    return tiny_config
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def stop_at(step: int):
+    """Hooks that stop a run right after `step` steps with no extra save: what a kill leaves."""
+    from asura.train.loop import Hooks
+
+    return Hooks(after_step=lambda done: done >= step)
+
+
+def poison(steps):
+    """Hooks that make the loss NaN at the given 0-based steps (the loss mask is the only float input)."""
+    from asura.train.loop import Hooks
+
+    steps = set(steps)
+
+    def before(step: int, batch: dict) -> dict:
+        if step not in steps:
+            return batch
+        return {**batch, "loss_mask": np.full_like(batch["loss_mask"], np.nan)}
+
+    return Hooks(before_step=before)
 
 
 def _backend() -> str:

@@ -1,36 +1,32 @@
 """Subprocess body for tests/test_parallel.py (needs its own XLA_FLAGS / jax.distributed).
 
 Modes:
-  meshes  OUT.json            sharded step == single-device step for several meshes
+  meshes  OUT.pkl             gradients and train steps on several meshes vs one device
   ckpt    WORKDIR OUT.json    save on (2,4), restore onto (8,1) and (1,1)
   dist    RANK PORT OUT.json  one of two jax.distributed processes; 3 train steps
   single  OUT.json            the same 3 steps in one process (reference for `dist`)
   loop    WORKDIR OUT.json    the real train loop on (2,4), resumed onto (8,1)
-  pallas  OUT.json            attention=pallas per shard (shard_map) on meshes == xla on one device
+  pallas  OUT.pkl             attention=pallas per shard (shard_map) on meshes vs xla on one device
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 
 import numpy as np
+from conftest import DEMO, stop_at, tiny_config  # tests/ is sys.path[0]: this file runs as a script
 
-OVERRIDES = [
-    "model.d_model=32",
+# On top of TINY (and demo.yaml): 4 heads, ABBA adapters, linear guidance, a constant-ish lr.
+EXTRA = [
     "model.n_heads=4",
-    "model.n_layers=1",
-    "model.iterations=2",
-    "model.max_iterations=2",
     "model.vocab_size=128",
     "model.adapter=abba",
     "model.adapter_rank=2",
     "model.adapter_rank2=2",
     "model.guidance=linear",
-    "data.seq_len=32",
-    "data.difficulty=2",
-    "train.batch_size=8",
     "train.lr=1e-2",
     "train.warmup_steps=0",
 ]
@@ -42,10 +38,8 @@ def dump(obj, path) -> None:
 
 
 def cfg_for(mesh: tuple[int, int, int] = (-1, 1, 1)):
-    from asura.config import load_config
-
     d, f, t = mesh
-    return load_config("configs/demo.yaml", [*OVERRIDES, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"])
+    return tiny_config(*EXTRA, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", base=DEMO)
 
 
 def batches(cfg, n, process_index=0, process_count=1):
@@ -54,22 +48,34 @@ def batches(cfg, n, process_index=0, process_count=1):
     return build_eval_batches(cfg, n, process_index=process_index, process_count=process_count)
 
 
-def run_steps(cfg, placement, local_batches, depths):
+def run_steps(cfg, placement, local_batches, depths, built=None):
     import jax
     import jax.numpy as jnp
 
     from asura.train.state import init_state
     from asura.train.step import make_train_step
 
-    graphdef, rest, state = init_state(cfg)
-    state = placement.state(state)
-    step = placement.jit_step(make_train_step(cfg, graphdef, rest))
+    built = built or init_state(cfg)
+    state = placement.state(built.state)
+    step = placement.jit_step(make_train_step(cfg, built.graphdef, built.rest, built.axes))
     losses = []
     for b, n in zip(local_batches, depths, strict=True):
-        state, m = step(state, placement.batch(b), jnp.int32(n), jnp.float32(1.0))
-        losses.append(float(m["loss"]))
+        state, m = step(state, placement.batch(b), jnp.int32(n))
+        losses.append(float(m["objective"]))
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state["params"])
     return state, losses, params
+
+
+def init_grads(cfg, placement, built, batch, n) -> dict[str, np.ndarray]:
+    """Gradients at the initial params, before the optimiser (the step's own accumulated_grads)."""
+    import jax
+    import jax.numpy as jnp
+
+    from asura.train.step import accumulated_grads
+
+    params = placement.state(built.state)["params"]  # read only: run_steps may donate built.state later
+    fn = placement.jit_eval(lambda p, b, n: accumulated_grads(cfg, built.graphdef, built.rest, p, b, n)[2])
+    return flat(jax.device_get(fn(params, placement.batch(batch), jnp.int32(n))))
 
 
 def flat(tree):
@@ -78,34 +84,44 @@ def flat(tree):
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+STEP_DEPTHS = [2, 1]
+
+
+def record(cfg, placement, built, bs) -> tuple[dict, dict]:
+    """(record, final state) of the gradients at init, then len(STEP_DEPTHS) train steps from init:
+    per-step losses, final params and each step's lr. The test compares records with its own tolerances."""
+    from asura.train.optim import lr_schedule
+
+    r = {"grads": init_grads(cfg, placement, built, bs[0], STEP_DEPTHS[0])}
+    state, r["losses"], params = run_steps(cfg, placement, bs, STEP_DEPTHS, built=built)
+    r["params"] = flat(params)
+    r["lr"] = [float(lr_schedule(cfg.train)(i)) for i in range(len(STEP_DEPTHS))]
+    return r, state
+
+
 def mode_meshes(out):
-    from asura.parallel.placement import MeshPlacement
-    from asura.train.state import Placement
+    """Gradients and train steps per mesh and on one device, returned whole (pickle), with shardings."""
+    from asura.parallel.placement import MeshPlacement, Placement
+    from asura.train.loop import FAST_COMPILE
+    from asura.train.state import init_state
 
     cfg = cfg_for()
     bs = batches(cfg, 2)
-    _, ref_losses, ref_params = run_steps(cfg, Placement(cfg), bs, [2, 1])
-    ref_flat = flat(ref_params)
+    ref, _ = record(cfg, Placement(cfg, compiler_options=FAST_COMPILE), init_state(cfg), bs)
     results = {}
     for mesh in [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]:
         cfg_m = cfg_for(mesh)
-        placement = MeshPlacement(cfg_m)
-        state, losses, params = run_steps(cfg_m, placement, bs, [2, 1])
-        got = flat(params)
-        max_err = max(float(np.max(np.abs(got[k] - ref_flat[k]))) for k in ref_flat)
-        specs = {
+        built = init_state(cfg_m)
+        r, state = record(cfg_m, MeshPlacement(cfg_m, built.axes, compiler_options=FAST_COMPILE), built, bs)
+        r["specs"] = {
             k: str(x.sharding.spec)
             for k, x in flat_arrays(state["params"]).items()
             if hasattr(x, "sharding") and hasattr(x.sharding, "spec")
         }
-        opt_specs = [str(x.sharding.spec) for x in flat_arrays(state["opt_state"]).values() if np.ndim(x) >= 2]
-        results["x".join(map(str, mesh))] = {
-            "losses": losses,
-            "max_param_err": max_err,
-            "specs": specs,
-            "opt_specs": opt_specs,
-        }
-    dump({"ref_losses": ref_losses, "meshes": results}, out)
+        r["opt_specs"] = [str(x.sharding.spec) for x in flat_arrays(state["opt_state"]).values() if np.ndim(x) >= 2]
+        results["x".join(map(str, mesh))] = r
+    with open(out, "wb") as f:
+        pickle.dump({"ref": ref, "meshes": results}, f)
 
 
 def flat_arrays(tree):
@@ -119,11 +135,12 @@ def mode_ckpt(workdir, out):
 
     from asura.parallel.placement import MeshPlacement
     from asura.train.checkpoint import CheckpointStore
-    from asura.train.state import abstract_state
+    from asura.train.state import abstract_state, init_state
 
     cfg = cfg_for((2, 4, 1))
-    placement = MeshPlacement(cfg)
-    state, _, params = run_steps(cfg, placement, batches(cfg, 1), [2])
+    built = init_state(cfg)
+    placement = MeshPlacement(cfg, built.axes)
+    state, _, params = run_steps(cfg, placement, batches(cfg, 1), [2], built=built)
     store = CheckpointStore(workdir, keep=2, async_save=True)
     store.save(1, state, {"note": "test"}, {"step": 1})
     store.close()
@@ -134,9 +151,9 @@ def mode_ckpt(workdir, out):
         devices = jax.devices()[: int(np.prod(mesh))]
         from asura.parallel.mesh import make_mesh
 
-        pl = MeshPlacement(cfg_m, make_mesh(cfg_m.mesh, devices))
-        _, _, shapes = abstract_state(cfg_m)
-        target = pl.abstract(shapes)
+        shapes = abstract_state(cfg_m)
+        pl = MeshPlacement(cfg_m, shapes.axes, mesh=make_mesh(cfg_m.mesh, devices))
+        target = pl.abstract(shapes.state)
         store = CheckpointStore(workdir, keep=2, async_save=False)
         step, restored, data_state, _ = store.restore_latest_valid(target)
         store.close()
@@ -160,17 +177,19 @@ def mode_dist(rank, port, out):
     import jax
 
     from asura.parallel.placement import MeshPlacement
+    from asura.train.state import init_state
 
     cfg = cfg_for()
     # The same global batches as `single`, each process holding its half of the rows.
     half = cfg.train.batch_size // 2
     local = [{k: v[rank * half : (rank + 1) * half] for k, v in b.items()} for b in batches(cfg, 3)]
-    _, losses, _ = run_steps(cfg, MeshPlacement(cfg), local, [2, 1, 2])
+    built = init_state(cfg)
+    _, losses, _ = run_steps(cfg, MeshPlacement(cfg, built.axes), local, [2, 1, 2], built=built)
     dump({"rank": rank, "devices": jax.device_count(), "losses": losses}, out)
 
 
 def mode_single(out):
-    from asura.train.state import Placement
+    from asura.parallel.placement import Placement
 
     cfg = cfg_for()
     _, losses, _ = run_steps(cfg, Placement(cfg), batches(cfg, 3), [2, 1, 2])
@@ -182,14 +201,13 @@ def mode_pallas(out):
     import jax
 
     from asura.config import with_overrides
-    from asura.parallel.placement import MeshPlacement
-    from asura.train.state import Placement
+    from asura.parallel.placement import MeshPlacement, Placement
+    from asura.train.state import init_state
 
     cfg = with_overrides(cfg_for(), ["model.attention=xla", "model.n_kv_heads=2"])
     bs = batches(cfg, 2)
     assert "segment_ids" in bs[0]  # packed rows: the kernels get segment ids per shard too
-    _, ref_losses, ref_params = run_steps(cfg, Placement(cfg), bs, [2, 1])
-    ref_flat = flat(ref_params)
+    ref, _ = record(cfg, Placement(cfg), init_state(cfg), bs)
     shard_map_calls = []
     real_shard_map = jax.shard_map
 
@@ -202,14 +220,12 @@ def mode_pallas(out):
     for mesh in [(2, 2, 2)]:  # batch over data x fsdp, heads over tensor
         cfg_m = with_overrides(cfg_for(mesh), ["model.attention=pallas", "model.n_kv_heads=2"])
         shard_map_calls.clear()
-        _, losses, params = run_steps(cfg_m, MeshPlacement(cfg_m), bs, [2, 1])
-        got = flat(params)
-        res["x".join(map(str, mesh))] = {
-            "losses": losses,
-            "max_param_err": max(float(np.max(np.abs(got[k] - ref_flat[k]))) for k in ref_flat),
-            "shard_map_in_specs": sorted(set(shard_map_calls)),
-        }
-    dump({"ref_losses": ref_losses, "meshes": res}, out)
+        built = init_state(cfg_m)
+        r, _ = record(cfg_m, MeshPlacement(cfg_m, built.axes), built, bs)
+        r["shard_map_in_specs"] = sorted(set(shard_map_calls))
+        res["x".join(map(str, mesh))] = r
+    with open(out, "wb") as f:
+        pickle.dump({"ref": ref, "meshes": res}, f)
 
 
 def mode_loop(workdir, out):
@@ -218,19 +234,21 @@ def mode_loop(workdir, out):
 
     from asura.config import with_overrides
     from asura.train.loop import FAST_COMPILE, run
+    from asura.train.optim import lr_schedule
 
     base = with_overrides(cfg_for((2, 4, 1)), ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2"])
     quiet = {"say": lambda m: None, "install_signal_handlers": False, "compiler_options": FAST_COMPILE}
     straight = run(base, Path(workdir) / "straight", **quiet)
-    run(base, Path(workdir) / "resumed", stop_after=2, **quiet)
+    run(base, Path(workdir) / "resumed", hooks=stop_at(2), **quiet)
     resumed = run(with_overrides(base, ["mesh.data=8", "mesh.fsdp=1"]), Path(workdir) / "resumed", **quiet)
     a, b = flat(straight["params"]), flat(resumed["params"])
     dump(
         {
             "resumed_from": resumed["resumed_from"],
             "max_err": max(float(np.max(np.abs(a[k] - b[k]))) for k in a),
-            "losses": [straight["eval"]["eval/loss"], resumed["eval"]["eval/loss"]],  # final eval at step 4
+            "losses": [straight["eval"]["eval/ce"], resumed["eval"]["eval/ce"]],  # final eval at step 4
             "embed_spec": str(straight["params"]["embed"].sharding.spec),
+            "lr_after_resume": [float(lr_schedule(base.train)(i)) for i in range(2, base.train.steps)],
         },
         out,
     )

@@ -3,22 +3,24 @@
 import jax
 import numpy as np
 import pytest
+from conftest import DEMO, tiny_config
 
 from asura.analysis import load
-from asura.config import config_to_yaml, load_config
+from asura.config import config_to_yaml
 from asura.train.checkpoint import CheckpointStore, config_meta
 from asura.train.state import init_state
 
-TINY = ["model.d_model=32", "model.n_layers=1", "model.max_iterations=2", "model.iterations=2", "train.batch_size=4"]
+# On top of TINY (and demo.yaml): demo's heads and sequence length, 4 rows.
+EXTRA = ("model.n_heads=4", "data.seq_len=64", "train.batch_size=4")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Steps 1 and 2 saved with CheckpointStore (step 2's params are step 1's + 1)."""
-    cfg = load_config("configs/demo.yaml", TINY)
+    cfg = tiny_config(*EXTRA, base=DEMO)
     wd = tmp_path_factory.mktemp("wd")
     (wd / "config.yaml").write_text(config_to_yaml(cfg))
-    _, _, state = init_state(cfg)
+    state = init_state(cfg).state
     store = CheckpointStore(wd / "checkpoints", keep=3, async_save=False)
     store.save(1, state, {}, config_meta(cfg, 1))
     state2 = {**state, "params": jax.tree.map(lambda x: x + 1.0, state["params"])}
@@ -36,17 +38,28 @@ def test_load_latest_and_given_step(workdir):
     latest = load.load(wd)
     assert latest.step == 2 and latest.cfg == cfg and latest.workdir == wd.resolve()
     np.testing.assert_array_equal(_embed(latest.model), np.asarray(params1["embed"]) + 1.0)
-    for got in (load.load(wd, step=1), load.load(wd / "checkpoints" / "1"), load.load(wd / "checkpoints", step=1)):
+    for got in (
+        load.load(wd, step=1),
+        load.load(wd / "checkpoints" / "1", step=1),
+        load.load(wd / "checkpoints", step=1),
+    ):
         assert got.step == 1
         np.testing.assert_array_equal(_embed(got.model), np.asarray(params1["embed"]))
     np.testing.assert_array_equal(_embed(load.model_from_params(cfg, params1)), np.asarray(params1["embed"]))
 
 
+def test_step_directory_path_selects_that_step(workdir):
+    wd, _, params1 = workdir
+    got = load.load(wd / "checkpoints" / "1")
+    assert got.step == 1
+    np.testing.assert_array_equal(_embed(got.model), np.asarray(params1["embed"]))
+
+
 def test_load_errors(workdir, tmp_path):
-    wd, _, _ = workdir
+    wd, wd_cfg, _ = workdir
     cases = [
         (tmp_path / "missing", "does not exist"),
-        (tmp_path, "no config.yaml"),
+        (tmp_path, "has no checkpoints"),  # the config comes from each checkpoint, not config.yaml
         (wd / "config.yaml", "is not a directory"),
     ]
     for path, msg in cases:
@@ -54,9 +67,13 @@ def test_load_errors(workdir, tmp_path):
             load.load(path)
     with pytest.raises(load.LoadError, match=r"step 7 not found .*available: \[1, 2\]"):
         load.load(wd, step=7)
-    (tmp_path / "config.yaml").write_text("model: {d_modle: 3}\n")
-    with pytest.raises(load.LoadError, match=r"not a valid config.*d_modle"):
-        load.load(tmp_path)
+    bad = tmp_path / "bad"  # a checkpoint whose own config does not validate
+    store = CheckpointStore(bad / "checkpoints", keep=3, async_save=False)
+    meta = {**config_meta(wd_cfg, 1), "config_yaml": "model: {d_modle: 3}\n"}
+    store.save(1, init_state(wd_cfg).state, {}, meta)
+    store.close()
+    with pytest.raises(load.LoadError, match=r"step 1 .*no valid config.*d_modle"):
+        load.load(bad, step=1)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.yaml").write_text((wd / "config.yaml").read_text())

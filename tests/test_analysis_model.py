@@ -1,26 +1,26 @@
 """Analysis against a real (tiny, untrained) LoopedLM: depth evaluation and telemetry."""
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import DEMO, tiny_config
 from flax import nnx
 
 from asura.analysis import depth
-from asura.config import load_config
 from asura.data.packing import exact_match
 from asura.data.pipeline import build_eval_batches
 from asura.model import LoopedLM
 
-TINY = ["model.d_model=32", "model.n_layers=1", "model.max_iterations=3", "model.iterations=2", "train.batch_size=4"]
+# On top of TINY (and demo.yaml): demo's heads and sequence length, 3 iteration slots, 4 rows.
+EXTRA = ("model.n_heads=4", "data.seq_len=64", "model.max_iterations=3", "train.batch_size=4")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = load_config("configs/demo.yaml", [*TINY, "model.extrapolation=last"])
+    cfg = tiny_config(*EXTRA, "model.extrapolation=last", base=DEMO)
     model = LoopedLM(cfg.model, rngs=nnx.Rngs(0))
     batches = build_eval_batches(cfg, 2)
     return cfg, model, batches
@@ -66,7 +66,7 @@ def test_eval_equals_forward_pass(setup):
         ref = _ref(model, b, jnp.int32(n))
         want_BTV = np.asarray(ref["logits"])
         np.testing.assert_allclose(depth.logits_at(model, batches[0], n), want_BTV, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(r["loss"], float(ref["ce"]), rtol=1e-5)
+        np.testing.assert_allclose(r["ce"], float(ref["ce"]), rtol=1e-5)
         ok, ex = exact_match(want_BTV.argmax(-1), batches[0])
         assert r["exact_match"] == ok / ex and r["n_examples"] == ex
         assert not r["extrapolated"]
@@ -76,16 +76,20 @@ def test_extrapolation_beyond_trained_depth(setup):
     cfg, model, batches = setup
     res = depth.evaluate_depths(model, batches[:1], [2, 5])
     assert [r["extrapolated"] for r in res] == [False, True]
-    # Beyond max_iterations: the sweep's depth_cap path equals the model's static-depth forward.
+    # Beyond max_iterations: the sweep's max_depth path equals the model's static-depth forward.
     want_BTV = np.asarray(_ref_static_logits(model, _fwd(batches[0]), 5))
     np.testing.assert_allclose(depth.logits_at(model, batches[0], 5), want_BTV, rtol=1e-5, atol=1e-5)
-    # Depth 2 inside a depth_cap=5 sweep equals depth 2 alone (skipped steps are pass-throughs).
-    np.testing.assert_allclose(res[0]["loss"], depth.evaluate_depths(model, batches[:1], [2])[0]["loss"], rtol=1e-6)
+    # Depth 2 inside a max_depth=5 sweep equals depth 2 alone (skipped steps are pass-throughs).
+    np.testing.assert_allclose(res[0]["ce"], depth.evaluate_depths(model, batches[:1], [2])[0]["ce"], rtol=1e-6)
 
-    strict = types.SimpleNamespace(cfg=dataclasses.replace(cfg.model, extrapolation="none"))
-    with pytest.raises(ValueError, match=r"depths \[4, 6\] exceed model.max_iterations=3.*extrapolation='none'"):
+    strict = LoopedLM(dataclasses.replace(cfg.model, extrapolation="none"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"depth 6 exceeds model.max_iterations=3.*extrapolation='none'"):
         depth.evaluate_depths(strict, batches[:1], [1, 4, 6])
-    with pytest.raises(ValueError, match="positive"):
+
+
+def test_evaluate_depths_rejects_depth_zero(setup):
+    _, model, batches = setup
+    with pytest.raises(ValueError, match=r"\b0\b"):  # the message names the bad depth
         depth.evaluate_depths(model, batches[:1], [0, 2])
 
 

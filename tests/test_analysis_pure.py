@@ -126,6 +126,21 @@ def test_exit_curve_exact_match_with_batch():
     np.testing.assert_allclose(fixed.exact_match, [0.5, 1.0])
 
 
+def _depth_results():
+    """Records shaped as asura.analysis.depth.evaluate_depths returns them."""
+    return [
+        {"depth": d, "ce": 1.0 / d, "accuracy": d / 7, "exact_match": d / 6, "objective": 1.1 / d, "z_loss": 1e-4,
+         "n_examples": 24, "extrapolated": d > 4}
+        for d in range(1, 6)
+    ]  # fmt: skip
+
+
+def test_metric_vs_depth_default_reads_evaluate_depths_records():
+    fig = plots.plot_metric_vs_depth(_depth_results())
+    assert [line.get_label() for line in fig.axes[0].lines] == ["ce"]
+    matplotlib.pyplot.close(fig)
+
+
 def test_plots_return_figures():
     rng = np.random.default_rng(0)
     tel = {
@@ -137,9 +152,9 @@ def test_plots_return_figures():
         "loss": rng.random((2, 6, 3)),
     }
     mask = np.ones((2, 6))
-    results = [{"depth": d, "loss": 1.0 / d, "exact_match": d / 6} for d in range(1, 6)]
+    results = _depth_results()
     figs = [
-        plots.plot_metric_vs_depth(results, ("loss", "exact_match"), trained_depth=3, max_iterations=4),
+        plots.plot_metric_vs_depth(results, ("ce", "exact_match"), trained_depth=3, max_iterations=4),
         plots.plot_convergence_heatmap(tel, "kl_prev", example=1, mask_BT=mask),
         plots.plot_exit_pareto(exits.pareto(tel, mask)),
         plots.plot_iteration_curves(telemetry.summary(tel, mask)),

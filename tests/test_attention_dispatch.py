@@ -160,7 +160,7 @@ def test_cudnn_impl_rejects_segment_ids_directly():
 
 def test_registry_lists_all_concrete_impls():
     assert set(A.available()) == {"xla", "cudnn", "pallas"}
-    assert set(A.IMPL_CHOICES) == {"auto", *A.available()}
+    assert set(A.IMPLS.names) == {"auto", *A.available()}
 
 
 # ---- real hardware (skipped on CPU by the conftest markers) ----

@@ -1,19 +1,25 @@
-"""Gradients: ABBA Khatri–Rao path, streamed/chunked latent guidance vs stored
-logits, truncated backprop, and a float64 finite-difference check."""
+"""Gradients and guidance: ABBA Khatri–Rao path, streamed/chunked latent guidance vs stored
+logits, guidance weights per mode against hand values, truncated backprop, a float64
+finite-difference check, and the parameters' logical axis names."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from test_model_parity import ALL_ON, build, make_batch
 
 from asura.config.schema import ModelConfig
 from asura.model import LoopedLM
 from asura.model.adapters import ABBA, LoRA
-from asura.model.loss import scores
+from asura.model.loss import guidance_weights, scores
 
+# Streamed/chunked/scanned vs stored-logit/unrolled references: the same fp32 math summed in
+# another order (vocabulary chunks, online logsumexp, scan vs Python loop). Values: ~10^2 ops in
+# series on O(1) losses, a few 1e-6. Gradients go back through every iteration and the chunked
+# CE twice over, so small entries carry relatively more rounding: 1e-4 relative, 1e-6 absolute.
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -165,15 +171,123 @@ def test_finite_difference_float64(monkeypatch):
 
 
 def test_model_init_logical_axes():
-    """Every parameter carries logical axis names; per-iteration stacks lead with 'iteration'."""
+    """Every parameter carries one logical axis name per array dimension; per-iteration stacks
+    lead with 'iteration' over max_iterations slots."""
+    from asura.compat import variable_axes
     from asura.config.schema import LOGICAL_AXES
 
     model = nnx.eval_shape(lambda: LoopedLM(ALL_ON, rngs=nnx.Rngs(0)))
-    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-    for path, var in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        spec = var.get_value() if hasattr(var, "get_value") else var.value
-        assert len(spec) == len(var.shape) if hasattr(var, "shape") else True
-        assert all(a is None or a in LOGICAL_AXES for a in spec), (path, spec)
-        key = jax.tree_util.keystr(path)
-        if any(s in key for s in ("w_proj", "post_norm", "iter_norm", "u1", "u2", "v1", "v2")):
-            assert spec[0] == "iteration", (key, spec)
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    per_iter = ("w_proj", "post_norm", "iter_norm", "u1", "u2", "v1", "v2")
+    assert len(flat) > 20 and sum(any(s in path for s in per_iter) for path, _ in flat) >= 10
+    for path, var in flat:
+        shape, names = var.get_value().shape, variable_axes(var)
+        assert names is not None, path
+        assert len(names) == len(shape), (path, names, shape)
+        assert all(a is None or a in LOGICAL_AXES for a in names), (path, names)
+        if any(s in path for s in per_iter):
+            assert names[0] == "iteration" and shape[0] == ALL_ON.max_iterations, (path, names, shape)
+        else:
+            assert "iteration" not in names, (path, names)
+
+
+# ------------------------------------------------------------- guidance weights
+# Hand-computed w_S over S = 5 scan steps for each depth n = 1..5 (M = 3 per-iteration slots).
+# Explicit weights (0.2, 0.3, 0.5) are read at slot(t) and renormalised over the n steps run.
+S_GUIDE = 5
+HAND_WEIGHTS = {
+    "none": {n: [1.0 if t == n - 1 else 0.0 for t in range(S_GUIDE)] for n in range(1, 6)},
+    "uniform": {
+        1: [1, 0, 0, 0, 0],
+        2: [1 / 2, 1 / 2, 0, 0, 0],
+        3: [1 / 3, 1 / 3, 1 / 3, 0, 0],
+        4: [1 / 4, 1 / 4, 1 / 4, 1 / 4, 0],
+        5: [1 / 5, 1 / 5, 1 / 5, 1 / 5, 1 / 5],
+    },
+    "linear": {  # ∝ t + 1
+        1: [1, 0, 0, 0, 0],
+        2: [1 / 3, 2 / 3, 0, 0, 0],
+        3: [1 / 6, 2 / 6, 3 / 6, 0, 0],
+        4: [1 / 10, 2 / 10, 3 / 10, 4 / 10, 0],
+        5: [1 / 15, 2 / 15, 3 / 15, 4 / 15, 5 / 15],
+    },
+    "explicit-last": {  # slots 0 1 2 2 2
+        1: [1, 0, 0, 0, 0],
+        2: [0.2 / 0.5, 0.3 / 0.5, 0, 0, 0],
+        3: [0.2, 0.3, 0.5, 0, 0],
+        4: [0.2 / 1.5, 0.3 / 1.5, 0.5 / 1.5, 0.5 / 1.5, 0],
+        5: [0.2 / 2.0, 0.3 / 2.0, 0.5 / 2.0, 0.5 / 2.0, 0.5 / 2.0],
+    },
+    "explicit-cycle": {  # slots 0 1 2 0 1
+        1: [1, 0, 0, 0, 0],
+        2: [0.2 / 0.5, 0.3 / 0.5, 0, 0, 0],
+        3: [0.2, 0.3, 0.5, 0, 0],
+        4: [0.2 / 1.2, 0.3 / 1.2, 0.5 / 1.2, 0.2 / 1.2, 0],
+        5: [0.2 / 1.5, 0.3 / 1.5, 0.5 / 1.5, 0.2 / 1.5, 0.3 / 1.5],
+    },
+}
+# One fp32 division per weight after an fp32 sum of <= 5 terms: a few ulps (2^-24 each).
+W_TOL = dict(rtol=1e-6, atol=1e-7)
+
+
+def _guided(mode: str, weights=(0.2, 0.3, 0.5)) -> ModelConfig:
+    guidance, _, extrapolation = mode.partition("-")
+    return dataclasses.replace(
+        ALL_ON,
+        guidance=guidance,
+        guidance_weights=weights if guidance == "explicit" else (),
+        extrapolation=extrapolation or "last",
+    )
+
+
+@pytest.mark.parametrize("mode", list(HAND_WEIGHTS))
+def test_guidance_weights_match_hand_values(mode):
+    cfg = _guided(mode)
+    model = nnx.eval_shape(lambda: LoopedLM(cfg, rngs=nnx.Rngs(0)))
+    traced = jax.jit(lambda n: guidance_weights(cfg, n, S_GUIDE, model.slot))
+    for n, want in HAND_WEIGHTS[mode].items():
+        got = guidance_weights(cfg, n, S_GUIDE, model.slot)
+        np.testing.assert_allclose(got, want, **W_TOL, err_msg=f"{mode} n={n}")
+        np.testing.assert_allclose(traced(jnp.int32(n)), want, **W_TOL, err_msg=f"{mode} traced n={n}")
+    assert traced._cache_size() == 1  # one program serves every depth
+
+
+def test_guidance_weights_explicit_defaults_and_zero_mass():
+    """Without slot_fn, steps past the weights reuse the last one; a depth whose weights are all
+    zero scores its final iteration only; partial zeros renormalise over the rest."""
+    cfg = _guided("explicit")
+    for n, want in HAND_WEIGHTS["explicit-last"].items():
+        np.testing.assert_allclose(guidance_weights(cfg, n, S_GUIDE), want, **W_TOL, err_msg=f"n={n}")
+    zero = _guided("explicit", (0.0, 0.0, 1.0))
+    half = _guided("explicit", (0.0, 0.5, 0.5))
+    cases = [
+        (zero, 1, [1, 0, 0]),  # no mass on the first step: the final iteration (t = 0)
+        (zero, 2, [0, 1, 0]),
+        (zero, 3, [0, 0, 1]),
+        (half, 1, [1, 0, 0]),
+        (half, 2, [0, 1, 0]),  # 0.5 / 0.5
+        (half, 3, [0, 0.5, 0.5]),
+    ]
+    traced = {c: jax.jit(lambda n, c=c: guidance_weights(c, n, 3)) for c in (zero, half)}
+    for c, n, want in cases:
+        np.testing.assert_allclose(guidance_weights(c, n, 3), want, **W_TOL, err_msg=f"{c.guidance_weights} n={n}")
+        np.testing.assert_allclose(traced[c](jnp.int32(n)), want, **W_TOL, err_msg=f"{c.guidance_weights} n={n}")
+
+
+def test_loss_weights_each_iteration_by_its_slot():
+    """model.loss sums w_t · ce_t with the extrapolated slot's weight (cycle: slots 0 1 2 0 1)."""
+    cfg = dataclasses.replace(_guided("explicit-cycle"), adapter="none", qk_norm=False)
+    graphdef, state = nnx.split(build(cfg, 41))
+    batch = make_batch(42)
+
+    @jax.jit
+    def run(state, n):
+        return nnx.merge(graphdef, state).loss(batch, n=n, max_depth=S_GUIDE)
+
+    for n, w in HAND_WEIGHTS["explicit-cycle"].items():
+        objective, aux = run(state, jnp.int32(n))
+        ce_S = np.asarray(aux["ce_per_iter"], np.float64)
+        assert np.isnan(ce_S[n:]).all() and np.isfinite(ce_S[:n]).all(), (n, ce_S)
+        guided_ce = float(objective - aux["z_loss"])  # Σ_t w_t · ce_t
+        # fp32: <= 5 weighted terms of O(1) CEs, summed in another order: a few ulps.
+        np.testing.assert_allclose(guided_ce, np.dot(w[:n], ce_S[:n]), rtol=1e-6, err_msg=f"n={n}")

@@ -13,7 +13,7 @@ def test_keeps_last_n_plus_best(tmp_path):
     state = {"w": jnp.arange(4.0), "step": jnp.int32(0)}
     losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 5.0, 6: 4.0}
     for step, loss in losses.items():
-        store.save(step, {**state, "step": jnp.int32(step)}, {"pos": step}, {"step": step}, eval_loss=loss)
+        store.save(step, {**state, "step": jnp.int32(step)}, {"pos": step}, {"step": step}, eval_ce=loss)
     store.wait()
     assert store.steps() == [2, 5, 6]  # best (eval loss 1.0) survives beyond the last two
     abstract = {"w": jnp.zeros(4), "step": jnp.int32(0)}

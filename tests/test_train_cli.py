@@ -11,29 +11,17 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = str(REPO / "train.py")
-TINY = [
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.iterations=2",
-    "model.max_iterations=2",
-    "data.seq_len=32",
-    "data.difficulty=2",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.eval_batches=1",
-    "train.eval_every=1000",
-    "train.progress=false",
-    "train.tensorboard=false",
-]
+from conftest import ROOT
+from conftest import TINY as _TINY
+
+TRAIN = str(ROOT / "train.py")
+TINY = [*_TINY, "train.eval_every=1000"]
 
 
 def _env() -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 

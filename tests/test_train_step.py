@@ -7,29 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asura.config import load_config
+from conftest import tiny_config
+
 from asura.train.checkpoint import ConfigMismatchError, check_resume_config
 from asura.train.loop import FAST_COMPILE
 from asura.train.optim import decay_mask, decays, lr_schedule
 from asura.train.state import init_state
 from asura.train.step import accumulated_grads, make_train_step
 
-TINY = [
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.iterations=2",
-    "model.max_iterations=3",
-    "data.seq_len=32",
-    "data.difficulty=2",
-    "train.batch_size=8",
-    "train.steps=10",
-    "train.warmup_steps=2",
-]
-
 
 def tiny(*extra: str):
-    return load_config(None, [*TINY, *extra])
+    return tiny_config("model.max_iterations=3", "train.steps=10", *extra)
 
 
 def batch_for(cfg, seed: int = 0) -> dict:
@@ -49,9 +37,9 @@ def batch_for(cfg, seed: int = 0) -> dict:
 
 
 def test_decay_mask_excludes_norms_biases_embeddings():
-    cfg = tiny("model.tie_embeddings=false")
-    _, _, state = init_state(cfg)
-    mask = decay_mask(state["params"])
+    cfg = tiny("model.tie_embeddings=false", "model.adapter=abba")
+    built = init_state(cfg)
+    state, mask = built.state, decay_mask(built.axes)
     flat = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert flat["embed"] is False
     assert flat["w_proj"] is True and flat["unembed"] is True
@@ -60,8 +48,10 @@ def test_decay_mask_excludes_norms_biases_embeddings():
     assert no_decay and not any(flat[k] for k in no_decay)
     # Per-iteration norm params are 2-D ([I, D]) and must still be excluded.
     assert state["params"]["iter_norm"]["scale"].ndim == 2 and flat["iter_norm/scale"] is False
-    assert decays(["blocks", "0", "ln1", "weight"], 2) is False
-    assert decays(["blocks", "0", "bias"], 1) is False
+    assert flat["blocks/0/attn/q/adapter/u1"] is True  # [M, d_in, r]: a per-iteration matrix
+    assert decays(("iteration", "embed")) is False  # a per-iteration norm scale
+    assert decays(("embed",)) is False and decays(None) is False
+    assert decays(("vocab", "embed")) is False and decays(("embed", "vocab")) is True  # table vs head
 
 
 def test_lr_schedule_warmup_then_cosine_floor():
@@ -76,11 +66,11 @@ def test_lr_schedule_warmup_then_cosine_floor():
 
 def test_grad_accumulation_equals_full_batch():
     cfg1, cfg4 = tiny(), tiny("train.grad_accum=4")
-    graphdef, rest, state = init_state(cfg1)
+    graphdef, rest, state, _ = init_state(cfg1)
     batch = jax.tree.map(jnp.asarray, batch_for(cfg1))
-    n, one = jnp.int32(2), jnp.float32(1.0)
-    f1 = jax.jit(lambda p, b: accumulated_grads(cfg1, graphdef, rest, p, b, n, one), compiler_options=FAST_COMPILE)
-    f4 = jax.jit(lambda p, b: accumulated_grads(cfg4, graphdef, rest, p, b, n, one), compiler_options=FAST_COMPILE)
+    n = jnp.int32(2)
+    f1 = jax.jit(lambda p, b: accumulated_grads(cfg1, graphdef, rest, p, b, n), compiler_options=FAST_COMPILE)
+    f4 = jax.jit(lambda p, b: accumulated_grads(cfg4, graphdef, rest, p, b, n), compiler_options=FAST_COMPILE)
     loss1, aux1, g1 = f1(state["params"], batch)
     loss4, aux4, g4 = f4(state["params"], batch)
     np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
@@ -92,9 +82,9 @@ def test_grad_accumulation_equals_full_batch():
 
 def test_one_compile_for_all_depths_and_nan_skip():
     cfg = tiny("model.max_iterations=3")
-    graphdef, rest, state = init_state(cfg)
+    graphdef, rest, state, axes = init_state(cfg)
     traces = []
-    step_fn = make_train_step(cfg, graphdef, rest)
+    step_fn = make_train_step(cfg, graphdef, rest, axes)
 
     def counted(*args):
         traces.append(1)
@@ -102,15 +92,15 @@ def test_one_compile_for_all_depths_and_nan_skip():
 
     step = jax.jit(counted, donate_argnums=(0,), compiler_options=FAST_COMPILE)
     batch = jax.tree.map(jnp.asarray, batch_for(cfg))
-    one = jnp.float32(1.0)
+    bad = {**batch, "loss_mask": jnp.full_like(batch["loss_mask"], jnp.nan)}  # a non-finite loss
     depths = []
     for n in (1, 2, 3, 2):
-        state, m = step(state, batch, jnp.int32(n), one)
+        state, m = step(state, batch, jnp.int32(n))
         depths.append(int(m["depth"]))
     assert depths == [1, 2, 3, 2] and len(traces) == 1
     # ce_per_iter differs with depth: the depth is really used, not baked in.
     before = jax.tree.map(np.asarray, state)
-    state, m = step(state, batch, jnp.int32(2), jnp.float32(np.nan))
+    state, m = step(state, bad, jnp.int32(2))
     assert len(traces) == 1
     assert not bool(m["finite"]) and int(m["nan_streak"]) == 1 and int(m["nan_total"]) == 1
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"]), strict=True):
@@ -118,7 +108,7 @@ def test_one_compile_for_all_depths_and_nan_skip():
     for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(before["opt_state"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert int(state["step"]) == int(before["step"]) + 1 and int(state["opt_step"]) == int(before["opt_step"])
-    state, m = step(state, batch, jnp.int32(2), one)
+    state, m = step(state, batch, jnp.int32(2))
     assert bool(m["finite"]) and int(m["nan_streak"]) == 0 and int(m["nan_total"]) == 1
 
 
@@ -133,14 +123,14 @@ def test_resume_config_check():
 
 def test_depths_past_max_iterations_run_at_their_depth_not_clipped():
     """With an extrapolation mode, train and eval depths above max_iterations must really run
-    that deep (the model clips a traced n to its scan length unless given depth_cap)."""
-    from asura.model import depth_distribution, sample_depth
+    that deep (the model clips a traced n to its loop length, so the step must pass max_depth)."""
+    from asura.depth import depth_distribution, sample_depth
     from asura.train.state import merge_model
     from asura.train.step import make_eval_step
 
     cfg = tiny("model.extrapolation=last", "model.iterations=5", "train.eval_depths=[3,5]")
     assert sample_depth(cfg, 0) == 5 and depth_distribution(cfg) == {5: 1.0}
-    graphdef, rest, state = init_state(cfg)
+    graphdef, rest, state, axes = init_state(cfg)
     batch = {k: jnp.asarray(v) for k, v in batch_for(cfg).items()}
     model = merge_model(graphdef, state["params"], rest)
 
@@ -150,6 +140,6 @@ def test_depths_past_max_iterations_run_at_their_depth_not_clipped():
     assert got[5] != got[3]
     np.testing.assert_allclose([got[3], got[5]], [want[3], want[5]], rtol=1e-5)
 
-    step = jax.jit(make_train_step(cfg, graphdef, rest), compiler_options=FAST_COMPILE)
-    _, metrics = step(state, batch, jnp.int32(5), jnp.float32(1.0))
-    np.testing.assert_allclose(float(metrics["loss"]), float(model.loss(batch, n=5)[0]), rtol=1e-5)
+    step = jax.jit(make_train_step(cfg, graphdef, rest, axes), compiler_options=FAST_COMPILE)
+    _, metrics = step(state, batch, jnp.int32(5))
+    np.testing.assert_allclose(float(metrics["objective"]), float(model.loss(batch, n=5)[0]), rtol=1e-5)

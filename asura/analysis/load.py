@@ -62,8 +62,8 @@ def model_from_params(cfg, params):
     """A LoopedLM holding ``params`` (a pure param dict, e.g. ``run(...)["params"]``)."""
     from asura.train.state import abstract_state, merge_model
 
-    graphdef, rest, _ = abstract_state(cfg)
-    return merge_model(graphdef, params, rest)
+    built = abstract_state(cfg)
+    return merge_model(built.graphdef, params, built.rest)
 
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:
@@ -73,36 +73,82 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     return sorted(int(d.name) for d in ckpt.iterdir() if d.is_dir() and d.name.isdigit())
 
 
-def load(path: str | Path, step: int | None = None, warn=None) -> Loaded:
-    """Restore the model at ``step`` (default: the latest step that restores).
+def _meta_config(store, step: int):
+    """The config a checkpoint step was trained with (its own meta: the authority on resume too)."""
+    from asura.config import ConfigError, config_from_yaml
 
-    With no step, unreadable steps are skipped exactly as a resume would
-    (``CheckpointStore.restore_latest_valid`` moves them to ``checkpoints_bad/``).
+    meta = store.mngr.restore(step, args=_meta_args())["meta"]
+    try:
+        return config_from_yaml(meta["config_yaml"])
+    except (ConfigError, KeyError) as e:
+        raise LoadError(f"checkpoint step {step} holds no valid config: {e}") from None
+
+
+def _meta_args():
+    import orbax.checkpoint as ocp
+
+    return ocp.args.Composite(meta=ocp.args.JsonRestore())
+
+
+def with_extrapolation(cfg, extrapolation: str | None):
+    """cfg with model.extrapolation chosen at evaluation time: it only decides which per-iteration
+    slice runs past max_iterations, so the trained parameters are unchanged."""
+    if extrapolation is None or extrapolation == cfg.model.extrapolation:
+        return cfg
+    from asura.config import ConfigError, with_overrides
+
+    try:
+        return with_overrides(cfg, {"model.extrapolation": extrapolation})
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+
+
+def load(path: str | Path, step: int | str | None = None, *, extrapolation: str | None = None, warn=None) -> Loaded:
+    """Restore the model at ``step``: an int, "latest" / None (the newest step that restores),
+    or "best" (lowest eval ce). Read-only: nothing in the workdir is moved or written.
+
+    The config is the checkpoint's own; ``extrapolation`` (none | last | cycle) may be chosen
+    here, at evaluation time, to run depths past model.max_iterations without retraining.
     """
-    workdir, step = resolve(path, step)
-    cfg = read_config(workdir)
+    if isinstance(step, str) and step.isdigit():
+        step = int(step)
+    if step not in (None, "latest", "best") and not isinstance(step, int):
+        raise LoadError(f"step must be an integer, 'latest' or 'best', got {step!r}")
+    workdir, from_path = resolve(path, step if isinstance(step, int) else None)
+    if from_path is not None:  # a checkpoints/<step> path names its step
+        step = from_path
     steps = checkpoint_steps(workdir)
     if not steps:
         raise LoadError(f"{workdir} has no checkpoints (expected {workdir / 'checkpoints'}/<step>/)")
-    if step is not None and step not in steps:
+    if isinstance(step, int) and step not in steps:
         raise LoadError(f"step {step} not found in {workdir / 'checkpoints'}; available: {steps}")
 
-    from asura.train.checkpoint import CheckpointStore, first_line
+    from asura.train.checkpoint import CORRUPT, CheckpointStore, first_line
+    from asura.train.integrity import verify
     from asura.train.state import abstract_state, merge_model
 
-    graphdef, rest, abstract = abstract_state(cfg)
-    store = CheckpointStore(workdir / "checkpoints", keep=max(cfg.train.keep_checkpoints, 1), async_save=False)
+    store = CheckpointStore(workdir / "checkpoints", keep=1, async_save=False, read_only=True)
     try:
-        if step is None:
-            restored = store.restore_latest_valid(abstract, warn=warn)
-            if restored is None:
-                raise LoadError(f"no checkpoint in {workdir / 'checkpoints'} restores (see checkpoints_bad/)")
-            step, state = restored[0], restored[1]
-        else:
-            try:
-                state = store.restore(step, abstract)[0]
-            except Exception as e:  # any orbax failure means this step is unusable
-                raise LoadError(f"checkpoint step {step} in {workdir} does not restore: {first_line(e)}") from None
+        if step == "best":
+            step = store.best_step()
+            if step is None:
+                raise LoadError(f"{workdir} has no step with an eval ce to rank (train with eval_every <= steps)")
+        candidates = [step] if isinstance(step, int) else sorted(steps, reverse=True)
+        for s in candidates:
+            why = verify(workdir / "checkpoints" / str(s))
+            if why is None:
+                try:
+                    cfg = with_extrapolation(_meta_config(store, s), extrapolation)
+                    built = abstract_state(cfg)
+                    state = store.restore(s, built.state)[0]
+                except CORRUPT as e:
+                    why = first_line(e)
+                else:
+                    return Loaded(merge_model(built.graphdef, state["params"], built.rest), cfg, int(s), workdir)
+            if isinstance(step, int):
+                raise LoadError(f"checkpoint step {s} in {workdir} does not restore: {why}")
+            if warn is not None:
+                warn(f"checkpoint step {s} is unreadable ({why}); trying the previous one")
+        raise LoadError(f"no checkpoint in {workdir / 'checkpoints'} restores")
     finally:
         store.close()
-    return Loaded(merge_model(graphdef, state["params"], rest), cfg, int(step), workdir)

@@ -20,7 +20,7 @@ def _axes(ax, figsize=(5, 3.5)):
 
 def plot_metric_vs_depth(
     results: list[dict],
-    metrics=("loss",),
+    metrics=("ce",),
     trained_depth: int | None = None,
     max_iterations: int | None = None,
     ax=None,

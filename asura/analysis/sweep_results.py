@@ -50,7 +50,7 @@ def read_sweep(directory: str | Path) -> SweepResults:
     )
 
 
-def final_by_depth(results: SweepResults, metric: str = "loss") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def final_by_depth(results: SweepResults, metric: str = "ce") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per group: (depths, mean, std) of ``metric`` at each evaluated depth over complete seeds."""
     from asura.sweep.report import latest_per_cell
 
@@ -70,7 +70,7 @@ def final_by_depth(results: SweepResults, metric: str = "loss") -> dict[str, tup
     return out
 
 
-def plot_depth_curves(results: SweepResults, metric: str = "loss", ax=None):
+def plot_depth_curves(results: SweepResults, metric: str = "ce", ax=None):
     """Final ``metric`` versus evaluated depth, one line per group (mean ± std over seeds)."""
     from asura.analysis.plots import _axes
 

@@ -23,6 +23,13 @@ def fail(message: str, prog: str = "asura") -> NoReturn:
     raise SystemExit(2)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message}; see --help", self.prog)
+
+
 def parse_config_args(
     argv: list[str] | None,
     prog: str,
@@ -30,7 +37,7 @@ def parse_config_args(
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[Config, argparse.Namespace]:
     """Parse argv into a validated Config plus the remaining flags."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=256")
     if extra is not None:

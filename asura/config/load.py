@@ -8,8 +8,10 @@ exit code 2 (see ``asura.config.cli``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,12 +19,7 @@ from typing import Any
 
 import yaml
 
-from asura.config.schema import Config
-
-
-class ConfigError(ValueError):
-    """A bad config: the message is one line naming the key and what is valid."""
-
+from asura.config.schema import Config, ConfigError
 
 # ---------------------------------------------------------------- YAML files
 
@@ -124,12 +121,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):  # not a number: the type check below names it
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check below and trains until it blows up
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, str):

@@ -1,15 +1,21 @@
 """Typed, frozen config sections. Field comments are the documentation.
 
 Every field has a default, so a YAML file only names what it changes. Allowed
-values for string enums live in ``CHOICES``; cross-field rules live in
-``asura.config.validate``. Nothing here imports JAX: configs are validated
-before any compilation.
+values of a string field live in one place: the registry of the module that
+implements it (``REGISTRIES``: attention, remat, adapters, depth schedules, data
+sources), or ``CHOICES`` for plain enums. Cross-field rules live in
+``asura.config.validate``. Nothing here imports JAX; validation reads the
+registries (which import JAX, not Flax) before any compilation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the key and what is valid."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class ModelConfig:
     injection: str = "projconcat"  # projconcat | add | none
     iter_norm: bool = True  # per-iteration output norm h_t = LN_t(v)
     post_norm: bool = True  # per-iteration post-block norm PostLN[t]
-    adapter: str = "none"  # none | abba | lora
+    adapter: str = "none"  # registry: asura.model.adapter_registry
     adapter_rank: int = 4  # lora rank r, or ABBA r1
     adapter_rank2: int = 4  # ABBA r2 (ΔW rank <= r1*r2)
     adapter_gamma: float = 1.0  # scale of ΔW
@@ -44,10 +50,10 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
     param_dtype: str = "float32"
-    attention: str = "auto"  # auto | xla | cudnn | pallas
+    attention: str = "auto"  # registry: asura.model.attention
     attn_block_q: int = 0  # Pallas block sizes; 0 = tuned default
     attn_block_k: int = 0
-    remat: str = "none"  # none | block | iteration | sqrt
+    remat: str = "none"  # registry: asura.model.remat
 
     @property
     def kv_heads(self) -> int:
@@ -70,7 +76,7 @@ class ModelConfig:
 class DepthConfig:
     """Train-time depth schedule; each draw is a pure function of (seed, step)."""
 
-    schedule: str = "fixed"  # fixed | uniform | poisson_lognormal
+    schedule: str = "fixed"  # registry: asura.depth.SCHEDULES
     min: int = 1  # uniform: lower bound
     max: int = 0  # upper bound for sampled depths; 0 = model.max_iterations
     sigma: float = 0.5  # poisson_lognormal: log-normal rate sigma (mean is model.iterations)
@@ -79,7 +85,7 @@ class DepthConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "task"  # task | text | synthetic (on-device, for throughput)
+    source: str = "task"  # registry: asura.data.sources (task | text | synthetic on-device)
     task: str = "pointer_chase"  # see asura.data.tasks registry
     difficulty: int = 3  # task knob (hops, digits, length, ...)
     eval_difficulty: int = 0  # 0 = same as difficulty; raise it to test extrapolation
@@ -163,15 +169,28 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": ("gelu", "swiglu"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.injection": ("projconcat", "add", "none"),
-    "model.adapter": ("none", "abba", "lora"),
     "model.guidance": ("none", "linear", "uniform", "explicit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("auto", "xla", "cudnn", "pallas"),
-    "model.remat": ("none", "block", "iteration", "sqrt"),
-    "depth.schedule": ("fixed", "uniform", "poisson_lognormal"),
-    "data.source": ("task", "text", "synthetic"),
 }
+
+# Config key -> "module:attribute" of the Registry listing its values (imported at validation).
+REGISTRIES: dict[str, str] = {
+    "model.attention": "asura.model.attention:IMPLS",
+    "model.remat": "asura.model.remat:POLICIES",
+    "model.adapter": "asura.model.adapter_registry:ADAPTERS",
+    "depth.schedule": "asura.depth:SCHEDULES",
+    "data.source": "asura.data.sources:SOURCES",
+}
+
+
+def registry(key: str):
+    """The Registry of allowed values for a config key in REGISTRIES."""
+    import importlib
+
+    module, attr = REGISTRIES[key].split(":")
+    return getattr(importlib.import_module(module), attr)
+
 
 ADAPTER_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 LOGICAL_AXES = ("batch", "embed", "vocab", "heads", "kv_heads", "mlp", "iteration", "seq", "head_dim", "rank")

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import itertools
 
-from asura.config.load import ConfigError
-from asura.config.schema import ADAPTER_TARGETS, CHOICES, LOGICAL_AXES, MESH_AXES, Config
+from asura.config.schema import (
+    ADAPTER_TARGETS,
+    CHOICES,
+    LOGICAL_AXES,
+    MESH_AXES,
+    REGISTRIES,
+    Config,
+    ConfigError,
+    registry,
+)
+from asura.depth import DepthError, max_train_depth, scan_length
 
 
 def _get(cfg: Config, dotted: str):
@@ -30,6 +39,10 @@ def validate(cfg: Config) -> None:
         v = _get(cfg, key)
         if v not in valid:
             raise ConfigError(f"{key}={v!r} is not valid; choose one of {', '.join(valid)}")
+    for key in REGISTRIES:
+        reg = registry(key)
+        if _get(cfg, key) not in reg:
+            raise ConfigError(reg.invalid(_get(cfg, key)))
 
     m, d, t = cfg.model, cfg.depth, cfg.train
     _positive(cfg, "model.vocab_size", "model.d_model", "model.n_heads", "model.n_layers")
@@ -75,15 +88,21 @@ def validate(cfg: Config) -> None:
     if m.ce_chunk and m.vocab_size % m.ce_chunk:
         raise ConfigError(f"model.ce_chunk={m.ce_chunk} must divide model.vocab_size={m.vocab_size}")
 
-    depth_cap = d.max or m.max_iterations
     if d.max < 0 or d.min < 1:
         raise ConfigError(f"depth.min must be >= 1 and depth.max >= 0, got min={d.min} max={d.max}")
-    if depth_cap > m.max_iterations and m.extrapolation == "none":
+    top = max_train_depth(cfg)  # the same rule the schedules and the train step use
+    try:
+        scan_length(m, [top])
+    except DepthError:
         raise ConfigError(
-            f"depth.max={d.max} exceeds model.max_iterations={m.max_iterations}; lower it or set model.extrapolation"
+            f"the depth schedule reaches depth {top} (depth.max, or max(model.max_iterations, model.iterations) "
+            f"when 0) > model.max_iterations={m.max_iterations}; lower depth.max or set model.extrapolation=last|cycle"
+        ) from None
+    if d.schedule == "uniform" and d.min > top:
+        raise ConfigError(
+            f"depth.min={d.min} exceeds the schedule's largest depth {top} (depth.max, or "
+            "max(model.max_iterations, model.iterations) when depth.max=0)"
         )
-    if d.schedule == "uniform" and d.min > depth_cap:
-        raise ConfigError(f"depth.min={d.min} exceeds depth.max={depth_cap} for the uniform schedule")
     if d.schedule == "poisson_lognormal" and d.sigma <= 0:
         raise ConfigError(f"depth.sigma must be > 0, got {d.sigma}")
     if d.bptt_k < 0:
@@ -104,12 +123,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
         raise ConfigError(f"train.b1 and train.b2 must be in [0, 1), got {t.b1}, {t.b2}")
-    for depth in t.eval_depths:
-        if depth < 1 or (depth > m.max_iterations and m.extrapolation == "none"):
-            raise ConfigError(
-                f"train.eval_depths has {depth}; valid depths are 1..{m.max_iterations} "
-                "(or any depth >= 1 with model.extrapolation set)"
-            )
+    try:
+        scan_length(m, t.eval_depths)
+    except DepthError as e:
+        raise ConfigError(f"train.eval_depths={list(t.eval_depths)}: {e}") from None
 
     mesh = cfg.mesh
     sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}

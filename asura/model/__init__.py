@@ -1,6 +1,16 @@
-"""Looped-depth transformer: model, loss pieces, depth schedules."""
+"""Looped-depth transformer: `LoopedLM` (looped.py) and its pieces.
 
-from asura.model.depth import depth_distribution, sample_depth
-from asura.model.looped import LoopedLM
+Imported lazily so that the registries in submodules (asura.model.remat, .attention,
+.adapter_registry) can be read by config validation without building Flax modules.
+"""
 
-__all__ = ["LoopedLM", "depth_distribution", "sample_depth"]
+
+def __getattr__(name: str):
+    if name == "LoopedLM":
+        from asura.model.looped import LoopedLM
+
+        return LoopedLM
+    raise AttributeError(name)
+
+
+__all__ = ["LoopedLM"]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from asura.config.schema import ModelConfig
+from asura.model.adapter_registry import ADAPTERS
 from asura.model.layers import normal, param, take
 
 
@@ -69,8 +70,9 @@ class LoRA(nnx.Module):
         return self.gamma * take(self.u, t) @ take(self.v, t)
 
 
-ADAPTERS = {"abba": ABBA, "lora": LoRA}
-
-
 def make_adapter(cfg: ModelConfig, d_in: int, d_out: int, names, *, rngs: nnx.Rngs):
-    return ADAPTERS[cfg.adapter](cfg, d_in, d_out, names, rngs=rngs)
+    """The adapter module of kind model.adapter (see asura.model.adapter_registry)."""
+    import importlib
+
+    module, cls = ADAPTERS[cfg.adapter].impl.split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, d_in, d_out, names, rngs=rngs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -18,24 +19,29 @@ from jax.sharding import PartitionSpec as P
 
 from asura.kernels.lowering import target_platform
 from asura.parallel.logical import active_mesh, logical_to_spec
+from asura.registry import Registry
 
 AttentionFn = Callable[..., jax.Array]
-_IMPLS: dict[str, AttentionFn] = {}
+Supports = Callable[..., tuple[bool, str]]  # (q_shape, k_shape, dtype, backend, has_segment_ids) -> (ok, why)
 
 
-def register(name: str) -> Callable[[AttentionFn], AttentionFn]:
-    def deco(fn: AttentionFn) -> AttentionFn:
-        _IMPLS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class AttentionImpl:
+    """One implementation: how to call it and when it can serve a call (its own `supports`)."""
 
-    return deco
+    doc: str
+    call: AttentionFn | None  # None for "auto", which resolves to another entry per call
+    supports: Supports
+
+
+IMPLS: Registry[AttentionImpl] = Registry("model.attention", "which attention implementation the model calls")
 
 
 def available() -> tuple[str, ...]:
-    return tuple(sorted(_IMPLS))
+    """Concrete implementations (every registry entry but auto)."""
+    return tuple(sorted(name for name, impl in IMPLS.items() if impl.call is not None))
 
 
-@register("xla")
 def xla_attention(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
@@ -66,10 +72,6 @@ def xla_attention(
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# cuDNN and Pallas impls, capability checks and dispatch.
-
-IMPL_CHOICES = ("auto", "xla", "cudnn", "pallas")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -87,6 +89,39 @@ def _cudnn_max_head_dim() -> int:
         return 128
 
 
+def _xla_supports(q_shape, k_shape, dtype, backend, has_segment_ids) -> tuple[bool, str]:
+    return True, "ok"
+
+
+def _cudnn_supports(q_shape, k_shape, dtype, backend, has_segment_ids) -> tuple[bool, str]:
+    H, dt = q_shape[-1], jnp.dtype(dtype)
+    if backend != "gpu":
+        return False, f"cudnn needs a CUDA GPU backend, got {backend!r}"
+    if dt not in _CUDNN_DTYPES:
+        return False, f"cudnn needs bfloat16/float16 inputs, got {dt.name}"
+    max_h = _cudnn_max_head_dim()
+    if max_h < H or H % 8:
+        return False, f"cudnn needs head_dim % 8 == 0 and <= {max_h} on this GPU, got {H}"
+    if has_segment_ids:
+        # jax.nn.dot_product_attention could only express segments as a dense [B,1,T,S] mask/bias,
+        # which defeats flash attention's O(T) memory; refuse rather than silently materialise it.
+        return False, "cudnn path does not support segment_ids (would need a dense T x S mask)"
+    return True, "ok"
+
+
+def _pallas_supports(q_shape, k_shape, dtype, backend, has_segment_ids) -> tuple[bool, str]:
+    if backend in ("gpu", "cpu"):  # cpu: the Triton-style kernel in interpret mode
+        from asura.kernels import flash_gpu as kernel
+    elif backend == "tpu":
+        from asura.kernels import flash_tpu as kernel
+    else:
+        return False, f"no Pallas kernel for backend {backend!r}"
+    ok, why = kernel.supports(q_shape, k_shape, jnp.dtype(dtype))
+    if ok:
+        ok, why = shard_specs(q_shape, k_shape)[:2]
+    return ok, why
+
+
 def supports(
     impl: str,
     q_shape: tuple[int, ...],
@@ -97,38 +132,11 @@ def supports(
     has_segment_ids: bool = False,
 ) -> tuple[bool, str]:
     """Whether `impl` can serve this call on `backend` (default: current), and why not."""
-    backend = backend or _backend()
-    H, dt = q_shape[-1], jnp.dtype(dtype)
-    if impl == "xla":
-        return True, "ok"
-    if impl == "cudnn":
-        if backend != "gpu":
-            return False, f"cudnn needs a CUDA GPU backend, got {backend!r}"
-        if dt not in _CUDNN_DTYPES:
-            return False, f"cudnn needs bfloat16/float16 inputs, got {dt.name}"
-        max_h = _cudnn_max_head_dim()
-        if max_h < H or H % 8:
-            return False, f"cudnn needs head_dim % 8 == 0 and <= {max_h} on this GPU, got {H}"
-        if has_segment_ids:
-            # jax.nn.dot_product_attention could only express segments as a dense [B,1,T,S] mask/bias,
-            # which defeats flash attention's O(T) memory; refuse rather than silently materialise it.
-            return False, "cudnn path does not support segment_ids (would need a dense T x S mask)"
-        return True, "ok"
-    if impl == "pallas":
-        if backend in ("gpu", "cpu"):  # cpu: the Triton-style kernel in interpret mode
-            from asura.kernels import flash_gpu as kernel
-        elif backend == "tpu":
-            from asura.kernels import flash_tpu as kernel
-        else:
-            return False, f"no Pallas kernel for backend {backend!r}"
-        ok, why = kernel.supports(q_shape, k_shape, dt)
-        if ok:
-            ok, why = shard_specs(q_shape, k_shape)[:2]
-        return ok, why
-    return False, f"unknown attention impl {impl!r}; choose one of {', '.join(IMPL_CHOICES)}"
+    if impl not in IMPLS or IMPLS[impl].call is None:
+        return False, f"unknown attention impl {impl!r}; choose one of {', '.join(available())}"
+    return IMPLS[impl].supports(q_shape, k_shape, dtype, backend or _backend(), has_segment_ids)
 
 
-@register("cudnn")
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None, causal=True, **_: object) -> jax.Array:
     """cuDNN fused attention via jax.nn.dot_product_attention (BTNH, GQA natively)."""
     if segment_ids_BT is not None:
@@ -165,7 +173,6 @@ def shard_specs(q_shape, k_shape) -> tuple[bool, str, tuple[P, P, P] | None]:
     return True, "ok", (q_spec, kv_spec, P(q_spec[0], None))
 
 
-@register("pallas")
 def pallas_attention(
     q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None, causal=True, block_q: int = 0, block_k: int = 0, **_: object
 ) -> jax.Array:
@@ -200,6 +207,14 @@ def pallas_attention(
     )(q_BTNH, k_BSKH, v_BSKH, *seg)  # fmt: skip
 
 
+IMPLS.add(
+    "auto", AttentionImpl("per backend: Pallas on TPU, Pallas then cuDNN on GPU, XLA on CPU", None, _xla_supports)
+)
+IMPLS.add("xla", AttentionImpl("plain JAX reference: fp32 softmax, any backend", xla_attention, _xla_supports))
+IMPLS.add("cudnn", AttentionImpl("cuDNN fused attention (GPU, bf16/fp16)", cudnn_attention, _cudnn_supports))
+IMPLS.add("pallas", AttentionImpl("our Pallas flash kernels (kernels/)", pallas_attention, _pallas_supports))
+
+
 def attention(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
@@ -213,7 +228,7 @@ def attention(
 ) -> jax.Array:
     """Dispatch to an implementation. `auto` resolves per backend and shape."""
     name = resolve_impl(impl, q_BTNH, k_BSKH, segment_ids_BT=segment_ids_BT)
-    return _IMPLS[name](
+    return IMPLS[name].call(
         q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=segment_ids_BT, causal=causal, block_q=block_q, block_k=block_k
     )
 
@@ -235,12 +250,12 @@ def resolve_impl(
     if impl == "auto":
         order = {"tpu": ("pallas", "xla"), "gpu": ("pallas", "cudnn", "xla")}.get(backend, ("xla",))
         return next(name for name in order if supports(name, *args, **kw)[0])
-    if impl not in IMPL_CHOICES or impl not in _IMPLS:
-        raise ValueError(f"attention impl {impl!r} is not available; choose one of {', '.join(IMPL_CHOICES)}")
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not available; choose one of {', '.join(IMPLS)}")
     ok, why = supports(impl, *args, **kw)
     if not ok:
         raise ValueError(
             f"attention impl {impl!r} cannot serve this call: {why}. Valid choices: "
-            f"{', '.join(IMPL_CHOICES)} (auto picks a supported one)"
+            f"{', '.join(IMPLS)} (auto picks a supported one)"
         )
     return impl

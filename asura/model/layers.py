@@ -8,13 +8,14 @@ traced) slot index `t` at call time.
 
 from __future__ import annotations
 
-import contextlib
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from asura.compat import no_eager_sharding
 from asura.config.schema import ModelConfig
 from asura.model.attention import attention
 from asura.parallel.logical import constrain
@@ -28,19 +29,9 @@ def f32(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def no_eager_sharding():
-    """Params carry sharding *metadata* only; placement is asura.parallel's job.
-
-    Newer flax shards a Variable on creation when it has `out_sharding`
-    metadata, which fails without a mesh; switch that off where it exists.
-    """
-    ctx = getattr(nnx, "use_eager_sharding", None)
-    return ctx(False) if ctx is not None else contextlib.nullcontext()
-
-
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...], cfg: ModelConfig) -> nnx.Param:
     assert len(shape) == len(names), (shape, names)
-    with no_eager_sharding():
+    with no_eager_sharding():  # params carry sharding *metadata* only; placement is asura.parallel's job
         return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, DTYPES[cfg.param_dtype]))
 
 
@@ -125,6 +116,14 @@ def out_std(cfg: ModelConfig) -> float:
     return cfg.init_std / math.sqrt(2 * cfg.n_layers * cfg.iterations)
 
 
+class QKV(NamedTuple):
+    """One attention call's projections; k and v are what a KV cache keeps (asura.infer)."""
+
+    q_BTNH: jax.Array
+    k_BTKH: jax.Array  # after qk-norm and RoPE
+    v_BTKH: jax.Array
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head
@@ -137,7 +136,8 @@ class Attention(nnx.Module):
         self.q_norm = Norm(cfg, H, rngs=rngs, name="head_dim") if cfg.qk_norm else None
         self.k_norm = Norm(cfg, H, rngs=rngs, name="head_dim") if cfg.qk_norm else None
 
-    def __call__(self, x_BTD: jax.Array, positions_BT, segment_ids_BT, t=None) -> jax.Array:
+    def qkv(self, x_BTD: jax.Array, positions_BT, t=None) -> QKV:
+        """Queries, keys and values of x (after qk-norm and RoPE): what a KV cache stores (asura.infer)."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         N, K, H = cfg.n_heads, cfg.kv_heads, cfg.d_head
@@ -150,17 +150,27 @@ class Attention(nnx.Module):
         q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
         k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
         q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
+        return QKV(q_BTNH, k_BTKH, v_BTKH)
+
+    def out(self, o_BTNH: jax.Array, t=None) -> jax.Array:
+        """Output projection of the attended values [B, T, N, H] -> [B, T, D]."""
+        B, T, N, H = o_BTNH.shape
+        return self.o(o_BTNH.reshape(B, T, N * H), t)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT, segment_ids_BT, t=None) -> jax.Array:
+        cfg = self.cfg
+        p = self.qkv(x_BTD, positions_BT, t)
         o_BTNH = attention(
-            q_BTNH,
-            k_BTKH,
-            v_BTKH,
+            p.q_BTNH,
+            p.k_BTKH,
+            p.v_BTKH,
             segment_ids_BT=segment_ids_BT,
             causal=True,
             impl=cfg.attention,
             block_q=cfg.attn_block_q,
             block_k=cfg.attn_block_k,
         )
-        return self.o(o_BTNH.reshape(B, T, N * H), t)
+        return self.out(o_BTNH, t)
 
 
 class MLP(nnx.Module):

@@ -3,7 +3,7 @@
 Data flow of one forward pass (tokens_BT, depth n):
 
     e_BTD = Emb(tokens)                    h_0 = e
-    for t = 0 .. S-1   (S = scan length = depth_cap or max_iterations)
+    for t = 0 .. S-1   (S = asura.depth.scan_length: max(max_iterations, requested depths))
         if t >= n: skip (carry passes through unchanged)
         s = slot(t)                        per-iteration parameter index; t, or
                                            min(t, M-1) / t % M when extrapolating
@@ -11,65 +11,69 @@ Data flow of one forward pass (tokens_BT, depth n):
         x = u; for each shared block b:    x = b(x; adapters ΔW[s])
                                            x = PostLN[s](x)      (post_norm)
         h = LN_s(x)                        (iter_norm)
-        loss += w_t · CE(head(h), y)       (latent guidance, streamed in the carry)
+        objective += w_t · (CE(head(h), y) + z·lse²)   (latent guidance, streamed in the carry)
     logits = head(h_{n-1}) = FinalNorm(h) @ Wᵤ   (fp32)
 
-n may be a traced int32: the loop is a lax.scan over S steps whose body picks
-a branch with lax.switch (skip / frozen / run), so one compiled program serves
-every n ≤ S. Truncated backprop (bptt_k = k > 0) runs steps t < n − k under
-stop_gradient. `unroll=True` (static n) is the same maths as a Python loop
-with no scan, cond or remat: the reference the scanned path is tested against.
+Invariant a contributor must keep: ONE COMPILED PROGRAM SERVES EVERY DEPTH n <= S. n is a
+traced int32; the loop is a lax.scan over S steps whose body picks skip / frozen / run with
+lax.switch, so nothing about n may become a static shape or a Python branch. A depth past
+max_iterations is legal only through model.extrapolation (asura.depth.scan_length checks).
+
+One step function (`_step`) serves both drivers: the scanned one (production) and the
+unrolled one (`unroll=True`, a static n, no scan/cond/remat: the reference the scanned path
+is tested against). Truncated backprop (bptt_k = k > 0) runs steps t < n − k under
+stop_gradient. Latent guidance is a `Scoring` passed in: the loop adds w_S[t] · score(h_t)
+to the carry, so memory does not grow with n.
+
+Seams for what comes next:
+* per-token state (learned halting): `LoopCarry.state` is carried through every step
+  untouched today; a halting step updates it (e.g. cumulative halt probability [B, T]) and
+  the skip branch passes it through like h.
+* a KV cache (generation, asura.infer): `iteration_cached` is `iteration` with the attention
+  supplied by the caller (it attends over cached keys/values) and each layer's new k/v
+  returned; both run `_iterate`, the one sequence of per-iteration ops, and asura.infer
+  drives its own scan over t (same slot(t), same skip rule) so the training program is untouched.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from asura.compat import nnx_list
 from asura.config.schema import ModelConfig
+from asura.depth import scan_length
 from asura.model import remat
 from asura.model.block import Block
-from asura.model.depth import frozen
+from asura.model.carry import (
+    Iterated,
+    LoopCarry,
+    LoopResult,
+    Scoring,
+    StepOut,
+    default_positions,
+    frozen,
+    projconcat_init,
+)
 from asura.model.layers import DTYPES, Norm, f32, normal, param
-from asura.model.loss import guidance_weights, scores
+from asura.model.loss import Score, guidance_weights, scores
 from asura.parallel.logical import constrain
-
-_List = getattr(nnx, "List", list)  # nnx.List on flax >= 0.12; plain lists before
-
-
-def _projconcat_init(std: float):
-    """W_proj[t] = ½[I; I] + N(0, std²): u_t starts as the mean of e and h_{t-1},
-    so the loop starts close to additive injection instead of a random mix."""
-
-    def init(key, shape, dtype):
-        d = shape[-1]
-        half_eye = 0.5 * jnp.concatenate([jnp.eye(d), jnp.eye(d)], axis=0)
-        return (half_eye + std * jax.random.normal(key, shape)).astype(dtype)
-
-    return init
-
-
-def default_positions(segment_ids_BT: jax.Array | None, B: int, T: int) -> jax.Array:
-    """0..T-1, restarting at every packed document boundary when segment ids are given."""
-    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    if segment_ids_BT is None:
-        return t_BT
-    start_BT = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-    return t_BT - jax.lax.cummax(jnp.where(start_BT, t_BT, 0), axis=1)
 
 
 class LoopedLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        remat.check(cfg.remat)
+        remat.POLICIES[cfg.remat]  # an unknown policy fails here, not at trace time
         self.cfg = cfg
         D, V, M = cfg.d_model, cfg.vocab_size, cfg.max_iterations
         self.embed = param(rngs, normal(cfg.init_std), (V, D), ("vocab", "embed"), cfg)
-        self.blocks = _List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        proj_names = ("iteration", None, "embed")
+        self.blocks = nnx_list([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         proj = cfg.injection == "projconcat"
-        self.w_proj = param(rngs, _projconcat_init(cfg.init_std), (M, 2 * D, D), proj_names, cfg) if proj else None
+        proj_names = ("iteration", None, "embed")
+        self.w_proj = param(rngs, projconcat_init(cfg.init_std), (M, 2 * D, D), proj_names, cfg) if proj else None
         self.post_norm = Norm(cfg, D, rngs=rngs, stack=M) if cfg.post_norm else None
         self.iter_norm = Norm(cfg, D, rngs=rngs, stack=M) if cfg.iter_norm else None
         self.final_norm = Norm(cfg, D, rngs=rngs)
@@ -100,28 +104,40 @@ class LoopedLM(nnx.Module):
             return jnp.minimum(t, M - 1)
         if self.cfg.extrapolation == "cycle":
             return t % M
-        return t  # "none": scan_len guarantees t < M
+        return t  # "none": scan_length guarantees t < M
 
-    def scan_len(self, n, depth_cap=None) -> int:
-        """Static number of loop steps S; checks n against max_iterations."""
-        M = self.cfg.max_iterations
+    def scan_len(self, n, max_depth: int | None = None) -> int:
+        """Static loop length S for depth n (checked when static) and an optional max_depth."""
         static_n = int(n) if isinstance(n, int | np.integer) else None
         if static_n is not None and static_n < 1:
             raise ValueError(f"depth n must be >= 1, got {n}")
-        S = int(depth_cap) if depth_cap is not None else max(M, static_n or 0)
-        if static_n is not None and static_n > S:
-            raise ValueError(f"depth n={static_n} exceeds depth_cap={S}")
-        if S > M and self.cfg.extrapolation == "none":
-            what = f"n={static_n}" if depth_cap is None else f"depth_cap={depth_cap}"
-            raise ValueError(
-                f"{what} exceeds model.max_iterations={M} and model.extrapolation='none'. "
-                "Set model.extrapolation='last' (reuse the final iteration's parameters) or "
-                "'cycle' (iteration t uses slot t % max_iterations), or raise max_iterations."
-            )
+        requested = [d for d in (static_n, max_depth) if d is not None]
+        S = scan_length(self.cfg, requested)
+        if static_n is not None and max_depth is not None and static_n > max_depth:
+            raise ValueError(f"depth n={static_n} exceeds max_depth={max_depth}")
         return S
 
     def iteration(self, h_BTD, e_BTD, s, positions_BT, segment_ids_BT, policy: str = "none"):
         """One loop step with per-iteration parameters at slot s: h_{t-1} -> h_t."""
+
+        def run(i, block, x_BTD):
+            return remat.wrap_block(lambda x, b=block: b(x, positions_BT, segment_ids_BT, s), policy)(x_BTD), None
+
+        return self._iterate(h_BTD, e_BTD, s, run)[0]
+
+    def iteration_cached(self, h_BTD, e_BTD, s, positions_BT, attend) -> Iterated:
+        """`iteration` with attention over a KV cache (asura.infer): attend(layer, QKV) -> o_BTNH.
+        Also returns each layer's new keys/values (what the cache keeps)."""
+
+        def run(i, block, x_BTD):
+            out = block.cached(x_BTD, positions_BT, s, functools.partial(attend, i))
+            return out.x_BTD, (out.k_BTKH, out.v_BTKH)
+
+        h_BTD, kv = self._iterate(h_BTD, e_BTD, s, run)
+        return Iterated(h_BTD, tuple(k for k, _ in kv), tuple(v for _, v in kv))
+
+    def _iterate(self, h_BTD, e_BTD, s, run_block):
+        """The one sequence of per-iteration ops; run_block(i, block, x) -> (x, extra) calls block i."""
         cfg = self.cfg
         if cfg.injection == "projconcat":
             eh_BT2D = jnp.concatenate([e_BTD, h_BTD], axis=-1)
@@ -130,122 +146,128 @@ class LoopedLM(nnx.Module):
             x_BTD = h_BTD + e_BTD
         else:
             x_BTD = h_BTD
-        for block in self.blocks:
-            x_BTD = remat.wrap_block(lambda x, b=block: b(x, positions_BT, segment_ids_BT, s), policy)(x_BTD)
+        extras = []
+        for i, block in enumerate(self.blocks):
+            x_BTD, extra = run_block(i, block, x_BTD)
+            extras.append(extra)
             if self.post_norm is not None:
                 x_BTD = self.post_norm(x_BTD, s)
         if self.iter_norm is not None:
             x_BTD = self.iter_norm(x_BTD, s)
-        return constrain(x_BTD, ("batch", "seq", "embed"))
+        return constrain(x_BTD, ("batch", "seq", "embed")), extras
 
     # ------------------------------------------------------------------- loop
-    def _loop(
+    def _step(self, carry: LoopCarry, t, mode: str, ctx: dict) -> tuple[LoopCarry, StepOut]:
+        """One scan step in mode skip | frozen | run; the same code for both drivers."""
+        scoring: Scoring | None = ctx["scoring"]
+        if mode == "skip":  # t >= n: the carry passes through; outputs keep their shapes
+            zero = jnp.zeros((), f32(self.dtype)) if scoring is not None else None
+            return carry, StepOut(carry.h_BTD if ctx["keep_latents"] else None, zero, zero)
+        if mode == "frozen":  # t < n - k: forward only
+            return jax.lax.stop_gradient(self._step(carry, t, "run", ctx))
+        h_BTD = self.iteration(
+            carry.h_BTD, ctx["e_BTD"], self.slot(t), ctx["positions"], ctx["segments"], ctx["policy"]
+        )
+        objective, z_term, ce, acc = carry.objective, carry.z_term, None, None
+        if scoring is not None:
+            sc = scoring.score(h_BTD)
+            objective = objective + scoring.w_S[t] * (sc.ce + scoring.z_loss * sc.z)
+            z_term = z_term + scoring.w_S[t] * scoring.z_loss * sc.z
+            ce, acc = sc.ce, sc.acc
+        out = StepOut(h_BTD if ctx["keep_latents"] else None, ce, acc)
+        return LoopCarry(h_BTD, objective, z_term, carry.state), out
+
+    def run_loop(
         self,
         tokens_BT,
         n,
-        positions_BT,
-        segment_ids_BT,
-        depth_cap,
-        unroll,
         *,
-        score=None,
-        w_S=None,
-        latents=False,
+        positions_BT=None,
+        segment_ids_BT=None,
+        max_depth: int | None = None,
+        unroll: bool = False,
+        scoring: Scoring | None = None,
+        keep_latents: bool = False,
         bptt_k=0,
-    ):
-        """Run the depth loop. Returns ((h_final, loss_sum, zterm_sum), ys, S, n_arr).
-
-        score(h) -> (ce, z, acc) is streamed with weights w_S when given; ys holds
-        per-step "ce"/"acc" (0 for t >= n) and, if `latents`, "h" (h_{n-1} repeated for t >= n).
-        """
-        cfg = self.cfg
+    ) -> LoopResult:
+        """Run the depth loop for depth n (int or traced) and return a LoopResult."""
         if unroll and not isinstance(n, int | np.integer):
             raise ValueError("unroll=True needs a static python int depth n")
-        S = self.scan_len(n, depth_cap)
+        S = self.scan_len(n, max_depth)
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = default_positions(segment_ids_BT, B, T)
         e_BTD = constrain(self.embed[...][tokens_BT].astype(self.dtype), ("batch", "seq", "embed"))
         n_arr = jnp.clip(jnp.asarray(n, jnp.int32), 1, S)  # a traced n cannot be range-checked
-        policy = "none" if unroll else cfg.remat
-        zc = cfg.z_loss
-        acc_dt = f32(self.dtype)
-        if score is not None and not unroll:
-            score = jax.checkpoint(score, prevent_cse=False)  # never keep B×T×V logits for backward
-
-        def run(carry, t):
-            h_BTD, loss_sum, z_sum = carry
-            h_BTD = self.iteration(h_BTD, e_BTD, self.slot(t), positions_BT, segment_ids_BT, policy)
-            ys = {"h": h_BTD} if latents else {}
-            if score is not None:
-                ce, z, acc = score(h_BTD)
-                loss_sum = loss_sum + w_S[t] * (ce + zc * z)
-                z_sum = z_sum + w_S[t] * zc * z
-                ys.update(ce=ce, acc=acc)
-            return (h_BTD, loss_sum, z_sum), ys
-
-        def skip(carry, t):
-            ys = {"h": carry[0]} if latents else {}
-            if score is not None:
-                ys.update(ce=jnp.zeros((), acc_dt), acc=jnp.zeros((), acc_dt))
-            return carry, ys
-
-        def frozen_run(carry, t):
-            return jax.lax.stop_gradient(run(carry, t))
-
-        carry = (e_BTD, jnp.zeros((), acc_dt), jnp.zeros((), acc_dt))
+        if scoring is not None and not unroll:  # never keep B×T×V logits for the backward pass
+            scoring = Scoring(jax.checkpoint(scoring.score, prevent_cse=False), scoring.w_S, scoring.z_loss)
+        ctx = {
+            "e_BTD": e_BTD,
+            "positions": positions_BT,
+            "segments": segment_ids_BT,
+            "policy": "none" if unroll else self.cfg.remat,
+            "scoring": scoring,
+            "keep_latents": keep_latents,
+        }
+        zero = jnp.zeros((), f32(self.dtype))
+        carry = LoopCarry(e_BTD, zero, zero)
         no_bptt = isinstance(bptt_k, int) and bptt_k <= 0
         if unroll:
-            steps = []
-            for t in range(S):
-                if t >= n:
-                    carry, ys = skip(carry, t)
-                elif no_bptt:
-                    carry, ys = run(carry, t)
+            carry, ys = self._unrolled(carry, S, n, bptt_k, no_bptt, ctx)
+        else:
+            modes = ("skip", "run") if no_bptt else ("skip", "frozen", "run")
+            branches = [lambda c, t, m=m: self._step(c, t, m, ctx) for m in modes]
+
+            def body(c, t):
+                if no_bptt:
+                    idx = (t < n_arr).astype(jnp.int32)
                 else:
-                    fr = frozen(t, n, bptt_k)
-                    if isinstance(fr, bool):  # static k: drop the frozen step's backward from the graph
-                        carry, ys = frozen_run(carry, t) if fr else run(carry, t)
-                    else:
-                        out = run(carry, t)
-                        carry, ys = jax.tree.map(lambda x, f=fr: jnp.where(f, jax.lax.stop_gradient(x), x), out)
-                steps.append(ys)
-            ys = jax.tree.map(lambda *xs: jnp.stack(xs), *steps) if steps[0] else {}
-            return carry, ys, S, n_arr
+                    idx = jnp.where(t >= n_arr, 0, jnp.where(frozen(t, n_arr, bptt_k), 1, 2))
+                return jax.lax.switch(idx, branches, c, t)
 
-        branches = (skip, run) if no_bptt else (skip, frozen_run, run)
+            carry, ys = remat.scan_iterations(body, carry, S, ctx["policy"])
+        return LoopResult(carry.h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr)
 
-        def body(carry, t):
-            if no_bptt:
-                idx = (t < n_arr).astype(jnp.int32)
+    def _unrolled(self, carry: LoopCarry, S: int, n: int, bptt_k, no_bptt: bool, ctx: dict):
+        """Reference driver: a Python loop over the same `_step` (static n)."""
+        steps = []
+        for t in range(S):
+            if t >= n:
+                mode = "skip"
+            elif no_bptt:
+                mode = "run"
             else:
-                idx = jnp.where(t >= n_arr, 0, jnp.where(frozen(t, n_arr, bptt_k), 1, 2))
-            return jax.lax.switch(idx, branches, carry, t)
-
-        carry, ys = remat.scan_iterations(body, carry, S, policy)
-        return carry, ys, S, n_arr
+                fr = frozen(t, n, bptt_k)
+                if not isinstance(fr, bool):  # traced k: select the stop_gradient'ed values
+                    out = self._step(carry, t, "run", ctx)
+                    carry, ys = jax.tree.map(lambda x, f=fr: jnp.where(f, jax.lax.stop_gradient(x), x), out)
+                    steps.append(ys)
+                    continue
+                mode = "frozen" if fr else "run"  # static k: drop the frozen step's backward from the graph
+            carry, ys = self._step(carry, t, mode, ctx)
+            steps.append(ys)
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *steps)
 
     # -------------------------------------------------------------------- API
-    def __call__(self, tokens_BT, n=None, positions_BT=None, segment_ids_BT=None, depth_cap=None, unroll=False):
+    def __call__(self, tokens_BT, n=None, positions_BT=None, segment_ids_BT=None, max_depth=None, unroll=False):
         """Final iteration's logits [B, T, V] in fp32."""
         n = self.cfg.iterations if n is None else n
-        (h_BTD, _, _), _, _, _ = self._loop(tokens_BT, n, positions_BT, segment_ids_BT, depth_cap, unroll)
-        return self.head(h_BTD)
+        kw = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, max_depth=max_depth, unroll=unroll)
+        return self.head(self.run_loop(tokens_BT, n, **kw).h_BTD)
 
-    def latents(self, tokens_BT, n=None, positions_BT=None, segment_ids_BT=None, depth_cap=None, unroll=False):
+    def latents(self, tokens_BT, n=None, positions_BT=None, segment_ids_BT=None, max_depth=None, unroll=False):
         """h_SBTD: every step's latent h_t (before the final norm). Steps t >= n
         repeat h_{n-1} (the carry passes through skipped steps)."""
         n = self.cfg.iterations if n is None else n
-        _, ys, _, _ = self._loop(tokens_BT, n, positions_BT, segment_ids_BT, depth_cap, unroll, latents=True)
-        return ys["h"]
+        kw = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, max_depth=max_depth, unroll=unroll)
+        return self.run_loop(tokens_BT, n, keep_latents=True, **kw).h_SBTD
 
-    def loss(self, batch, n=None, bptt_k=0, depth_cap=None, unroll=False, with_pred=False):
-        """Guidance-weighted masked-mean CE over iterations + z-loss; see module docstring.
+    def loss(self, batch, n=None, bptt_k=0, max_depth=None, unroll=False, with_pred=False):
+        """(objective, aux): the guidance-weighted masked-mean CE over iterations + z-loss.
 
-        aux["ce_per_iter"] has S entries, 0 for t >= n. With guidance='none' only the
-        final iteration is scored, so only entry n-1 is nonzero. with_pred adds
-        aux["pred"] = argmax of the final iteration's logits [B, T] from the same loop,
-        so evaluation needs one pass instead of loss + __call__.
+        aux: ce (the final iteration's CE), ce_per_iter [S] (NaN where a step did not run or,
+        with guidance='none', was not scored), z_loss, accuracy, tokens; with_pred adds
+        pred [B, T] = argmax of the final logits from the same loop (evaluation needs one pass).
         """
         cfg = self.cfg
         n = cfg.iterations if n is None else n
@@ -253,23 +275,32 @@ class LoopedLM(nnx.Module):
         mask_BT = batch["loss_mask"].astype(f32(self.dtype))
         w_DV = self.w_DV()
 
-        def score(h_BTD):
+        def score(h_BTD) -> Score:
             return scores(self.final_norm(h_BTD), w_DV, targets_BT, mask_BT, cfg.ce_chunk)
 
-        args = (batch["inputs"], n, batch.get("positions"), batch.get("segment_ids"), depth_cap, unroll)
+        kw = dict(
+            positions_BT=batch.get("positions"),
+            segment_ids_BT=batch.get("segment_ids"),
+            max_depth=max_depth,
+            unroll=unroll,
+            bptt_k=bptt_k,
+        )
+        S = self.scan_len(n, max_depth)
+        n_arr = jnp.clip(jnp.asarray(n, jnp.int32), 1, S)
+        t_S = jnp.arange(S)
         if cfg.guidance == "none":
-            (h_BTD, _, _), _, S, n_arr = self._loop(*args, bptt_k=bptt_k)
-            ce, z, acc = score(h_BTD)
-            z_term = cfg.z_loss * z
-            loss = ce + z_term
-            ce_S = jnp.where(jnp.arange(S) == n_arr - 1, ce, 0.0)
+            res = self.run_loop(batch["inputs"], n, **kw)
+            sc = score(res.h_BTD)
+            z_term = cfg.z_loss * sc.z
+            objective, ce, acc = sc.ce + z_term, sc.ce, sc.acc
+            ce_S = jnp.where(t_S == n_arr - 1, ce, jnp.nan)
         else:
-            S = self.scan_len(n, depth_cap)
-            w_S = guidance_weights(cfg, jnp.clip(jnp.asarray(n, jnp.int32), 1, S), S, self.slot)
-            (h_BTD, loss, z_term), ys, S, n_arr = self._loop(*args, score=score, w_S=w_S, bptt_k=bptt_k)
-            ce_S = ys["ce"]
-            ce, acc = ce_S[n_arr - 1], ys["acc"][n_arr - 1]
+            w_S = guidance_weights(cfg, n_arr, S, self.slot)
+            res = self.run_loop(batch["inputs"], n, scoring=Scoring(score, w_S, cfg.z_loss), **kw)
+            objective, z_term = res.objective, res.z_term
+            ce, acc = res.ce_S[n_arr - 1], res.acc_S[n_arr - 1]
+            ce_S = jnp.where(t_S < n_arr, res.ce_S, jnp.nan)
         aux = {"ce": ce, "ce_per_iter": ce_S, "z_loss": z_term, "accuracy": acc, "tokens": mask_BT.sum()}
         if with_pred:  # the carry's latent is the final iteration's (skipped steps pass it through)
-            aux["pred"] = jnp.argmax(self.head(h_BTD), axis=-1).astype(jnp.int32)
-        return loss, aux
+            aux["pred"] = jnp.argmax(self.head(res.h_BTD), axis=-1).astype(jnp.int32)
+        return objective, aux

@@ -10,6 +10,8 @@ full B×T×V array: the backward recomputes one chunk's logits at a time.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -57,17 +59,25 @@ def token_stats(h_BTD, w_DV, targets_BT, chunk: int = 0):
     return _full_stats(h_BTD, w_DV, targets_BT)
 
 
+class Score(NamedTuple):
+    """One iteration's masked token means: cross-entropy, lse² (the z-loss term) and accuracy."""
+
+    ce: jax.Array
+    z: jax.Array
+    acc: jax.Array
+
+
 def masked_mean(x_BT, mask_BT):
     return jnp.sum(x_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
 
 
-def scores(h_BTD, w_DV, targets_BT, mask_BT, chunk: int = 0):
-    """Masked-mean (ce, lse², accuracy) scalars for one iteration's latents."""
+def scores(h_BTD, w_DV, targets_BT, mask_BT, chunk: int = 0) -> Score:
+    """Masked-mean Score(ce, lse², accuracy) scalars for one iteration's latents."""
     lse_BT, tgt_BT, max_BT = token_stats(h_BTD, w_DV, targets_BT, chunk)
     ce = masked_mean(lse_BT - tgt_BT, mask_BT)
     z = masked_mean(lse_BT * lse_BT, mask_BT)
     acc = masked_mean((tgt_BT >= max_BT).astype(lse_BT.dtype), mask_BT)
-    return ce, z, acc
+    return Score(ce, z, acc)
 
 
 def guidance_weights(cfg: ModelConfig, n, S: int, slot_fn=None) -> jax.Array:

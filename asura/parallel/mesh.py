@@ -16,10 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from asura.config.schema import MeshConfig
+from asura.config.schema import MESH_AXES, MeshConfig
 from asura.parallel.logical import logical_to_spec
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 class MeshError(ValueError):
@@ -76,27 +74,6 @@ def named_sharding(
     return NamedSharding(mesh, _fit_spec(logical_to_spec(names, rules, mesh), shape, mesh))
 
 
-def _leaf_names(leaf) -> tuple[str | None, ...] | None:
-    """Logical axis names carried by an nnx.Variable (flax renamed the field over versions)."""
-    meta = leaf.get_metadata() if hasattr(leaf, "get_metadata") else {}
-    for key in ("out_sharding", "sharding_names", "sharding"):
-        names = meta.get(key)
-        if names:
-            return tuple(names)
-    return None
-
-
-def state_shardings(state, mesh: Mesh, rules: Mapping[str, Sequence[str]]):
-    """NamedSharding for every leaf of an nnx.State, from the params' logical names."""
-    from flax import nnx
-
-    def one(var):
-        value = var.value if isinstance(var, nnx.Variable) else var
-        return named_sharding(_leaf_names(var), tuple(np.shape(value)), mesh, rules)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]], ndim: int = 2) -> NamedSharding:
     """Batch rows over the `batch` rule (data x fsdp by default); other dims replicated."""
     spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh)
@@ -110,9 +87,3 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[str
         sharding = batch_sharding(mesh, rules, np.ndim(value))
         out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
     return out
-
-
-def describe(tree) -> dict[str, str]:
-    """Human-readable {path: spec} of a sharded pytree, for logs and tests."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): str(getattr(x, "sharding", None)) for p, x in flat}

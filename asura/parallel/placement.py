@@ -1,15 +1,17 @@
-"""MeshPlacement: the train loop's device placement over a (data, fsdp, tensor) mesh.
+"""Placement: the ONE place that puts train state and batches on devices, and jits the steps.
 
-Same interface as ``asura.train.state.Placement`` (single device), so the train
-loop does not know which one it has:
+Two implementations with one interface, so the train loop does not know which it has:
 
-* parameters are sharded by their logical axis names through ``mesh.rules``;
-* optimiser-state leaves that mirror a parameter (Adam's mu/nu) take that
-  parameter's sharding; scalars are replicated;
-* each process contributes its own batch rows, assembled into global arrays
-  sharded over the ``batch`` rule;
-* the model's activation constraints (``asura.parallel.logical.constrain``)
-  see the mesh while the step is traced.
+* `Placement`: one device; everything on `jax.devices()[0]`.
+* `MeshPlacement`: a (data, fsdp, tensor) mesh. Parameters are sharded by their logical
+  axis names through ``mesh.rules``; optimiser-state leaves that mirror a parameter (Adam's
+  mu/nu) take that parameter's sharding; scalars are replicated; each process contributes
+  its own batch rows, assembled into global arrays sharded over the ``batch`` rule; the
+  model's activation constraints (``asura.parallel.logical.constrain``) see the mesh while
+  the step is traced.
+
+The parameters' logical axis names come in as `axes` (a params-shaped pytree whose leaves
+have `.names`, built by asura.train.state), so placement never builds a model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from asura.config import Config
@@ -38,31 +39,52 @@ def _path_key(path) -> tuple[str, ...]:
     return tuple(out)
 
 
-def param_names(cfg: Config) -> dict[tuple[str, ...], tuple[str | None, ...] | None]:
-    """{param path: logical axis names}, read from an abstract (unallocated) model."""
-    from asura.model import LoopedLM
-    from asura.parallel.mesh import _leaf_names
+def _names_by_path(axes) -> dict[tuple[str, ...], tuple[str | None, ...] | None]:
+    leaves = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: hasattr(x, "names"))[0]
+    return {_path_key(path): leaf.names for path, leaf in leaves}
 
-    names: dict[tuple[str, ...], tuple[str | None, ...] | None] = {}
 
-    def build():
-        model = LoopedLM(cfg.model, rngs=nnx.Rngs(0))
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-            names[tuple(str(p) for p in path)] = _leaf_names(var)
-        return 0
+class Placement:
+    """Single device: state and batches on `jax.devices()[0]`; jit with state donation."""
 
-    jax.eval_shape(build)
-    return names
+    def __init__(self, cfg: Config, compiler_options: dict | None = None):
+        self.cfg = cfg
+        self.compiler_options = compiler_options  # XLA options for every jit here (tests: fast compile)
+        self.sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.n_devices = 1
+
+    def state(self, state):
+        return jax.device_put(state, self.sharding)
+
+    def batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, self.sharding)
+
+    def jit_step(self, fn, donate_state: bool = True):
+        """jit a `fn(state, batch, *scalars)`; the state buffers are donated."""
+        return jax.jit(fn, donate_argnums=(0,) if donate_state else (), **self._opts())
+
+    def jit_eval(self, fn):
+        return jax.jit(fn, **self._opts())
+
+    def abstract(self, shapes):
+        """Restore target: ShapeDtypeStructs on this device."""
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.sharding), shapes)
+
+    def to_local(self, x: jax.Array) -> np.ndarray:
+        return np.asarray(x)
+
+    def _opts(self) -> dict:
+        return {"compiler_options": self.compiler_options} if self.compiler_options else {}
 
 
 class MeshPlacement:
-    def __init__(self, cfg: Config, mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None):
+    def __init__(self, cfg: Config, axes, mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None):
         self.cfg = cfg
         self.compiler_options = compiler_options
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
         self.rules: Mapping = cfg.mesh.rules
         self.n_devices = self.mesh.size
-        self._names = param_names(cfg)
+        self._names = _names_by_path(axes)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
 
     # ------------------------------------------------------------- shardings
@@ -127,10 +149,8 @@ class MeshPlacement:
         return jax.jit(self._traced(fn), **self._opts())
 
 
-def make_placement(cfg: Config, compiler_options: dict | None = None):
-    """Single-device placement on one device, MeshPlacement whenever there are several."""
+def make_placement(cfg: Config, axes, compiler_options: dict | None = None):
+    """Placement on one device, MeshPlacement whenever there are several."""
     if jax.device_count() == 1:
-        from asura.train.state import Placement
-
         return Placement(cfg, compiler_options)
-    return MeshPlacement(cfg, compiler_options=compiler_options)
+    return MeshPlacement(cfg, axes, compiler_options=compiler_options)

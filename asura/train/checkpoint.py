@@ -1,13 +1,15 @@
-"""Orbax checkpoints: async saves, keep-last-N plus best-by-eval-loss, resume from the latest VALID step.
+"""Orbax checkpoints: async saves, keep-last-N plus best-by-eval-ce, resume from the latest VALID step.
 
 Each step directory holds three items:
-    state  StandardSave of the train-state pytree (params, opt_state, step, rng, counters)
+    state  StandardSave of the train-state pytree (params, opt_state, step, counters)
     data   JsonSave of the data iterator's state (so a resume never replays data)
     meta   JsonSave of {step, config (resolved YAML), eval metrics}
 
-A step that fails to restore (corrupt/partial) is moved to ``checkpoints_bad/`` with a
-warning and the previous step is tried. Orbax writes into a temporary directory and
-renames on commit, so a save killed half-way never shows up as a step.
+A corrupt step (checksum or read failure, see asura.train.integrity) is moved to
+``checkpoints_bad/`` with a warning and the previous step is tried; a step written by other
+code (tree, shape, dtype) stops the resume with one line and moves nothing. Orbax writes
+into a temporary directory and renames on commit, so a save killed half-way never shows up
+as a step.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 
+from asura.compat import orbax_preservation
 from asura.config import Config, config_to_dict, config_to_yaml
+from asura.train.integrity import first_tree_difference, verify, write_checksums
 
-BEST_METRIC = "eval_loss"
+BEST_METRIC = "eval_ce"  # the final iteration's eval CE at the trained depth (asura.train.evaluate)
 
 # Keys that may differ between the saved config and a resumed run's config. They change
 # bookkeeping, not the maths of the run so far. Note: train.steps reshapes the cosine tail
@@ -103,52 +107,106 @@ def decode_data_state(state: Any) -> Any:
     return state
 
 
-def _preservation(keep: int):
-    try:
-        from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
-    except ImportError:  # older orbax: keep last N only
-        return None
-    return pp.AnyPreservationPolicy(
-        [
-            pp.LatestN(keep),
-            pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1, keep_checkpoints_without_metrics=False),
-        ]
-    )
-
-
 def first_line(e: BaseException) -> str:
     """An exception's first line, capped: orbax errors can run to pages."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint this code cannot use as it is (another tree, shape, dtype or data pipeline).
+    Nothing is moved: the checkpoint is fine, the code or config changed. One line."""
+
+
+class CheckpointError(RuntimeError):
+    """Resume cannot go on: steps exist but none restores; one line."""
+
+
+class SaveError(RuntimeError):
+    """A save failed (disk full, unwritable dir); one line with the path and the OS error.
+    The previous committed step is untouched."""
+
+
+CORRUPT = (OSError, ValueError, RuntimeError, KeyError)  # what orbax/tensorstore raise for bad files
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    data_state: Any
+    meta: dict
+
+
 class CheckpointStore:
-    def __init__(self, directory: Path, *, keep: int, async_save: bool):
+    def __init__(self, directory: Path, *, keep: int, async_save: bool, read_only: bool = False):
+        """read_only: for analysis; creates, cleans and deletes nothing."""
         self.directory = Path(directory).resolve()
-        policy = _preservation(keep)
+        policy = orbax_preservation(keep, BEST_METRIC)
         kwargs: dict[str, Any] = {"preservation_policy": policy} if policy is not None else {"max_to_keep": keep}
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True, **kwargs
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+            **kwargs,
         )
-        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        handlers = {  # explicit, so item metadata (the saved tree) is readable before any restore
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._unsummed: int | None = None  # the last saved step, until its checksums are written
+        self._skipped: set[int] = set()  # unusable steps that could not be moved aside
 
-    def save(self, step: int, state, data_state, meta: dict, *, eval_loss: float | None = None) -> bool:
-        metrics = {BEST_METRIC: float(eval_loss)} if eval_loss is not None else None
+    # ------------------------------------------------------------------- save
+    def save(self, step: int, state, data_state, meta: dict, *, eval_ce: float | None = None) -> None:
+        """Start an (async) save of one step; a failed save raises SaveError with one line."""
+        self.wait()  # the previous save must be committed (and checksummed) before the next starts
+        need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise SaveError(f"checkpoint {self.directory}/{step}: {free:,} bytes free, the state needs {need:,}")
+        metrics = {BEST_METRIC: float(eval_ce)} if eval_ce is not None else None
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(encode_data_state(data_state)),
             meta=ocp.args.JsonSave(meta),
         )
-        return self.mngr.save(step, args=args, metrics=metrics, force=True)
+        try:
+            self.mngr.save(step, args=args, metrics=metrics, force=True)
+        except CORRUPT as e:
+            raise SaveError(f"saving checkpoint {self.directory}/{step} failed: {first_line(e)}") from None
+        self._unsummed = step
 
+    def wait(self) -> None:
+        """Block until the last save is committed, then write its checksums; raises SaveError."""
+        try:
+            self.mngr.wait_until_finished()
+        except CORRUPT as e:
+            step = self._unsummed
+            self._unsummed = None
+            raise SaveError(f"saving checkpoint {self.directory}/{step} failed: {first_line(e)}") from None
+        step, self._unsummed = self._unsummed, None
+        if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+            write_checksums(self.directory / str(step))
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.mngr.close()
+
+    # ---------------------------------------------------------------- restore
     def steps(self) -> list[int]:
         self.mngr.reload()
-        return sorted(self.mngr.all_steps())
+        return sorted(s for s in self.mngr.all_steps() if s not in self._skipped)
 
     def best_step(self) -> int | None:
+        """The kept step with the lowest eval ce (None when no kept step was evaluated)."""
         return self.mngr.best_step()
 
     def restore(self, step: int, abstract_state) -> tuple[Any, Any, dict]:
-        """(state, data_state, meta) of one step; raises whatever orbax raises for a bad step."""
+        """(state, data_state, meta) of one step; orbax's own errors for a bad step."""
         out = self.mngr.restore(
             step,
             args=ocp.args.Composite(
@@ -160,40 +218,77 @@ class CheckpointStore:
         state = jax.block_until_ready(out["state"])
         return state, decode_data_state(out["data"]), dict(out["meta"])
 
-    def restore_latest_valid(self, abstract_state, *, warn=None) -> tuple[int, Any, Any, dict] | None:
-        """(step, state, data_state, meta) from the newest step that restores; None if there is none."""
+    def check_tree(self, step: int, abstract_state) -> None:
+        """CheckpointMismatchError naming the first leaf whose tree position, shape or dtype differs."""
+        saved = self.mngr.item_metadata(step)["state"]
+        if saved is None:
+            raise ValueError("no readable state metadata")  # corrupt: the caller falls back
+        diff = first_tree_difference(getattr(saved, "tree", saved), abstract_state)
+        if diff is not None:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} does not fit this code: {diff}; nothing was moved "
+                "(use the code that wrote it, or a new --workdir)"
+            )
+
+    def read_meta(self, step: int) -> dict:
+        return dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def restore_latest_valid(self, abstract_state, *, check_meta=None, apply_data=None, warn=None) -> Restored | None:
+        """The newest step that is intact and restores; None when there are no steps at all.
+
+        Corrupt steps (checksum, unreadable) are moved to checkpoints_bad/ and the previous is
+        tried; a step from other code raises CheckpointMismatchError (nothing moved); when
+        steps exist but none restores, CheckpointError refuses to retrain over them from 0.
+        `check_meta(meta)` runs first on an intact step (it raises ConfigMismatchError for a config
+        that changes the run's maths); `apply_data(data_state)` runs inside the fallback (it raises
+        CheckpointMismatchError when the data pipeline cannot take the state).
+        """
         warn = warn or (lambda m: warnings.warn(m, stacklevel=2))
-        for step in reversed(self.steps()):
-            try:
-                return (step, *self.restore(step, abstract_state))
-            except Exception as e:  # any failure means this step is unusable
-                warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {first_line(e)}); falling back")
-                self._quarantine(step)
+        steps = self.steps()
+        for step in reversed(steps):
+            why = verify(self.directory / str(step))
+            if why is None:
+                try:
+                    if check_meta is not None:
+                        check_meta(self.read_meta(step))
+                    self.check_tree(step, abstract_state)
+                    state, data_state, meta = self.restore(step, abstract_state)
+                except (CheckpointMismatchError, ConfigMismatchError):
+                    raise
+                except CORRUPT as e:
+                    why = f"{type(e).__name__}: {first_line(e)}"
+                else:
+                    if apply_data is not None:
+                        apply_data(data_state)
+                    return Restored(step, state, data_state, meta)
+            warn(f"checkpoint step {step} is unreadable ({why}); falling back")
+            self._quarantine(step, warn)
+        if steps:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores ({len(steps)} tried, see checkpoints_bad/); "
+                "refusing to retrain from step 0 over them: move the directory aside to start afresh"
+            )
         return None
 
-    def _quarantine(self, step: int) -> None:
-        """Move a bad step aside so orbax never lists it again (and a later save can reuse the number)."""
+    def _quarantine(self, step: int, warn) -> None:
+        """Move a corrupt step aside so orbax never lists it again (a later save may reuse the number)."""
+        self._skipped.add(step)
         if jax.process_index() != 0:
             return
         src = self.directory / str(step)
-        if src.exists():
-            dst = self.directory.parent / "checkpoints_bad" / f"{step}-{int(time.time())}"
+        dst = self.directory.parent / "checkpoints_bad" / f"{step}-{int(time.time())}"
+        try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(src), str(dst))
+        except OSError as e:
+            warn(f"could not move checkpoint step {step} aside ({first_line(e)}); skipping it")
         self.mngr.reload()
 
     def reached_preemption(self, step: int) -> bool:
         try:
             return bool(self.mngr.reached_preemption(step))
-        except Exception:  # no distributed preemption service on a single host
+        except (RuntimeError, ValueError, AttributeError):  # no distributed preemption service on one host
             return False
-
-    def wait(self) -> None:
-        self.mngr.wait_until_finished()
-
-    def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
 
 
 def config_meta(cfg: Config, step: int, eval_metrics: dict | None = None) -> dict:

@@ -1,4 +1,17 @@
-"""Periodic evaluation: loss + answer exact-match at the trained depth and over a depth sweep."""
+"""Evaluation at a list of depths: the one implementation used by training and asura.analysis.
+
+Metric names (one meaning everywhere: metrics.jsonl, TensorBoard, sweeps, reports, analysis):
+
+    ce           cross-entropy of the FINAL iteration's logits, mean over scored tokens
+    accuracy     argmax accuracy of the final iteration over scored tokens
+    exact_match  fraction of examples (row, segment) whose every scored target is right
+    objective    the training objective: guidance-weighted CE over iterations + z-loss;
+                 comparable only between runs with the same guidance and z_loss
+    z_loss       the objective's z-loss term
+
+Every depth runs through ONE compiled program: n is traced and the loop length is
+asura.depth.scan_length(max(depths)), so a sweep over depths compiles once.
+"""
 
 from __future__ import annotations
 
@@ -10,51 +23,51 @@ import numpy as np
 
 from asura.config import Config
 
-
-def eval_depths(cfg: Config) -> list[int]:
-    """train.eval_depths, or 1..max_iterations; the trained depth is always included."""
-    depths = list(cfg.train.eval_depths) or list(range(1, cfg.model.max_iterations + 1))
-    if cfg.model.iterations not in depths:
-        depths.append(cfg.model.iterations)
-    return sorted(set(depths))
+TOKEN_METRICS = ("ce", "accuracy", "objective", "z_loss")  # token-weighted means over batches
 
 
-def evaluate(
-    cfg: Config,
-    eval_fn: Callable,
-    params,
+def eval_step(model, batch: dict, n, max_depth: int):
+    """(metrics, pred_BT) of one batch at depth n: token-mean scalars and final-iteration argmax."""
+    objective, aux = model.loss(batch, n=n, bptt_k=0, max_depth=max_depth, with_pred=True)
+    metrics = {"objective": objective, "ce": aux["ce"], "accuracy": aux["accuracy"], "z_loss": aux["z_loss"]}
+    return {**metrics, "tokens": aux["tokens"]}, aux["pred"]
+
+
+def evaluate_depths(
+    step_fn: Callable,
     batches: Sequence[dict],
-    placed: Sequence[dict],
-    exact_match: Callable,
     depths: Sequence[int],
+    exact_match: Callable,
+    placed: Sequence[dict] | None = None,
     to_local: Callable = np.asarray,
-) -> dict[str, float]:
-    """Flat metrics: eval/d{n}/{loss,ce,accuracy,exact_match} per depth, plus eval/{...} at the trained depth.
+) -> dict[int, dict[str, float]]:
+    """{depth: {ce, accuracy, objective, z_loss, exact_match, tokens, examples}} over all batches.
 
-    `batches` are host numpy batches (for exact_match); `placed` the same on device.
-    Loss-like metrics are token-weighted means over batches; with several processes, exact
-    match is over this process's rows (losses are global).
+    step_fn(batch, n) -> (metrics, pred_BT) with n a traced int32 (see `eval_step`). `batches` are
+    host numpy batches (for exact match); `placed` the same on device (default: `batches`). With
+    several processes, exact match counts this process's rows (token metrics are global).
     """
-    out: dict[str, float] = {}
+    placed = batches if placed is None else placed
+    out: dict[int, dict[str, float]] = {}
     for n in depths:
-        n_arr = jnp.asarray(n, jnp.int32)
-        sums: dict[str, float] = {}
+        sums = dict.fromkeys(TOKEN_METRICS, 0.0)
         tokens = correct = examples = 0.0
-        for host, dev in zip(batches, placed):
-            metrics, pred_BT = eval_fn(params, dev, n_arr)
+        for host, dev in zip(batches, placed, strict=True):
+            metrics, pred_BT = step_fn(dev, jnp.asarray(n, jnp.int32))
             metrics = jax.device_get(metrics)
-            pred_BT = to_local(pred_BT)  # this process's rows (multi-host: the global array is not addressable)
-            t = float(metrics.get("tokens", 1.0))
+            t = float(metrics["tokens"])
             tokens += t
-            for k, v in metrics.items():
-                if k != "tokens" and np.ndim(v) == 0:
-                    sums[k] = sums.get(k, 0.0) + float(v) * t
-            c, e = exact_match(np.asarray(pred_BT), host)
+            for k in TOKEN_METRICS:
+                sums[k] += float(metrics[k]) * t
+            c, e = exact_match(np.asarray(to_local(pred_BT)), host)
             correct, examples = correct + float(c), examples + float(e)
-        for k, v in sums.items():
-            out[f"eval/d{n}/{k}"] = v / max(tokens, 1.0)
-        out[f"eval/d{n}/exact_match"] = correct / max(examples, 1.0)
-    trained = cfg.model.iterations
-    for k in [k for k in out if k.startswith(f"eval/d{trained}/")]:
-        out["eval/" + k.split("/", 2)[2]] = out[k]
+        res = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+        out[int(n)] = {**res, "exact_match": correct / max(examples, 1.0), "tokens": tokens, "examples": examples}
+    return out
+
+
+def flat_metrics(cfg: Config, by_depth: dict[int, dict[str, float]]) -> dict[str, float]:
+    """eval/d{n}/{name} per depth, plus eval/{name} at the trained depth model.iterations."""
+    out = {f"eval/d{n}/{k}": v for n, ms in by_depth.items() for k, v in ms.items()}
+    out.update({f"eval/{k}": v for k, v in by_depth.get(cfg.model.iterations, {}).items()})
     return out

@@ -1,31 +1,35 @@
 """The training loop: `run(cfg, workdir) -> summary dict`, callable in-process.
 
+Read it top-down like nanodo's train.py: `run` builds a `Trainer` and calls its named
+sub-actions in order: build the state, restore, then per step `train_step`, `log`,
+`evaluate`, `checkpoint`. Host syncs happen only at log / eval / checkpoint points, so
+the device never waits on the host between them.
+
 Workdir layout::
 
     workdir/
-      config.yaml        resolved config of this run (checked against on resume)
+      config.yaml        resolved config of this run (written atomically; each checkpoint's own
+                         saved config is the authority on resume)
       metrics.jsonl      one JSON record per log/eval step (``step``, ``time``, ``train/*``, ``eval/*``)
-      checkpoints/<step>/{state,data,meta}   orbax steps: last train.keep_checkpoints + best eval loss
+      checkpoints/<step>/{state,data,meta}   orbax steps: last train.keep_checkpoints + best eval ce
       checkpoints_bad/   steps that failed to restore, moved aside on resume
       tb/                TensorBoard event files (train.tensorboard)
 
-Resume is automatic: the newest checkpoint that restores is used (a corrupt one is moved
-to checkpoints_bad/ with a warning); metrics.jsonl records past it are dropped so a resumed
-run's log equals a straight run's. The config may differ from config.yaml only in
-`checkpoint.HARMLESS_KEYS` (else ConfigMismatchError).
+Resume is automatic from the newest checkpoint that restores; metrics.jsonl records past it
+are dropped so a resumed run's log equals a straight run's. The config may differ from the
+checkpoint's only in `checkpoint.HARMLESS_KEYS` (else ConfigMismatchError).
 
-Exits: status "done"; "preempted" after SIGTERM/SIGINT (a checkpoint is saved first);
-"stopped" when `stop_after` is hit (test hook). `train.max_nan_steps` consecutive
+Statuses: "done"; "preempted" after SIGTERM/SIGINT (a checkpoint is saved first); "stopped"
+when an injected `Hooks.after_step` asks to stop. `train.max_nan_steps` consecutive
 non-finite steps raise NonFiniteError without saving (the last checkpoint stays good).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
+import sys
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,290 +37,328 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asura import data as data_lib
 from asura.config import Config, config_from_yaml, config_to_yaml
+from asura.depth import eval_depths, sample_depth
 from asura.train import throughput
-from asura.train.checkpoint import CheckpointStore, check_resume_config, config_meta
-from asura.train.evaluate import eval_depths, evaluate
+from asura.train.checkpoint import CheckpointMismatchError, CheckpointStore, check_resume_config, config_meta
+from asura.train.evaluate import evaluate_depths, flat_metrics
 from asura.train.metrics import MetricsWriter, flatten, to_python, truncate_jsonl
+from asura.train.preflight import preflight
 from asura.train.state import abstract_state, count_params, init_state
 from asura.train.step import make_eval_step, make_train_step
+from asura.train.workdir import Signals, WorkdirError, WorkdirLock, write_config
 
 # Tests and quick experiments: ~3x faster XLA:CPU compiles, slower steps.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-NAN_ENV = "ASURA_INJECT_NAN_STEPS"  # comma-separated 0-based steps whose loss is poisoned (fault tests)
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite training steps."""
 
 
-class _Signals:
-    """SIGTERM/SIGINT set a flag; the loop saves and returns at the next step boundary."""
+@dataclass
+class Hooks:
+    """Injected callables for tests, notebooks and fault drills; production runs pass none.
 
-    def __init__(self, install: bool):
-        self.received: int | None = None
-        self.old: dict[int, Any] = {}
-        if install and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.old[sig] = signal.signal(sig, self._handle)
+    before_step(step, batch) -> batch   sees each host batch before it is placed (fault injection)
+    after_step(step) -> bool            True stops the run right after `step` steps, with no
+                                        extra save: the state a kill at that moment leaves
+    """
 
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def restore(self):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-def data_api():
-    """The data module exposing build_train_iterator & co (the package, or its pipeline module)."""
-    import asura.data as data
-
-    if hasattr(data, "build_train_iterator"):
-        return data
-    from asura.data import pipeline
-
-    return pipeline
-
-
-class _SyntheticIterator:
-    """data.source=synthetic: batches are a pure function of the step; state is the step."""
-
-    def __init__(self, cfg: Config, make: Callable):
-        self.cfg, self.make, self.step = cfg, make, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = self.make(self.cfg, self.step)
-        self.step += 1
-        return batch
-
-    def get_state(self):
-        return {"step": self.step}
-
-    def set_state(self, state):
-        self.step = int(state["step"])
-
-
-def _train_iterator(cfg: Config):
-    data = data_api()
-    if cfg.data.source == "synthetic":
-        return _SyntheticIterator(cfg, data.synthetic_batch)
-    return data.build_train_iterator(cfg, process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def _eval_batches(cfg: Config, data) -> list[dict]:
-    if cfg.data.source == "synthetic":  # held-out steps of the synthetic stream
-        return [jax.device_get(data.synthetic_batch(cfg, 2**30 + i)) for i in range(cfg.train.eval_batches)]
-    return data.build_eval_batches(
-        cfg, cfg.train.eval_batches, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-
-
-def _nan_steps_from_env() -> set[int]:
-    raw = os.environ.get(NAN_ENV, "")
-    return {int(s) for s in raw.split(",") if s.strip()}
-
-
-def _prepare_workdir(cfg: Config, workdir: Path, store: CheckpointStore, say: Callable) -> None:
-    """Check a resumed config against config.yaml, then (re)write config.yaml."""
-    saved = workdir / "config.yaml"
-    if store.steps() and saved.exists():
-        changed = check_resume_config(config_from_yaml(saved.read_text()), cfg)
-        if changed:
-            say(f"resuming with changed harmless keys: {', '.join(changed)}")
-    if jax.process_index() == 0:
-        saved.write_text(config_to_yaml(cfg))
+    before_step: Callable[[int, dict], dict] | None = None
+    after_step: Callable[[int], bool] | None = None
 
 
 def _mean_metrics(pending: list[dict]) -> dict[str, Any]:
+    """Window means; per-iteration entries that never ran (NaN) are averaged over the steps that ran them."""
     host = jax.device_get(pending)
-    keys = host[-1].keys()
-    return {k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in host]), axis=0) for k in keys}
+    out = {}
+    for k in host[-1]:
+        x = np.stack([np.asarray(m[k], np.float64) for m in host])
+        if k == "ce_per_iter":
+            ran = np.isfinite(x)
+            out[k] = np.where(ran.any(0), np.where(ran, x, 0).sum(0) / np.maximum(ran.sum(0), 1), np.nan)
+        else:
+            out[k] = x.mean(0)
+    return out
+
+
+class Trainer:
+    """One training run in one workdir; each sub-action below is one named step of `run`."""
+
+    def __init__(self, cfg: Config, workdir: Path, *, say, compiler_options, hooks: Hooks):
+        self.cfg, self.workdir, self.hooks = cfg, workdir, hooks
+        self.is_main = jax.process_index() == 0
+        t = cfg.train
+        self.store = CheckpointStore(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+        self.writer = MetricsWriter(workdir, cfg, enabled=self.is_main, total_steps=t.steps)
+        self.say = say or self.writer.message
+        self.compiler_options = compiler_options
+        self.last_eval: dict[str, float] = {}
+        self.last_train: dict[str, Any] = {}
+        self.pending: list[dict] = []
+        self.window: tuple[float, int] | None = None  # (t0, steps) of the throughput window
+        self.last_saved: int | None = None
+        self.state: dict | None = None
+
+    # ------------------------------------------------------------ build / restore
+    def build_state(self) -> None:
+        """Model, optimiser state, placement, compiled steps, data iterators, eval batches."""
+        from asura.parallel.placement import make_placement
+
+        cfg = self.cfg
+        built = abstract_state(cfg)
+        self.graphdef, self.rest, self.axes = built.graphdef, built.rest, built.axes
+        self.placement = make_placement(cfg, built.axes, self.compiler_options)
+        self.abstract = self.placement.abstract(built.state)  # restore straight onto this run's shardings
+        pid, pcount = jax.process_index(), jax.process_count()
+        self.train_iter = data_lib.build_train_iterator(cfg, process_index=pid, process_count=pcount)
+        self.eval_host = data_lib.build_eval_batches(
+            cfg, cfg.train.eval_batches, process_index=pid, process_count=pcount
+        )
+        self.eval_dev = [self.placement.batch(b) for b in self.eval_host]
+        self.train_fn = self.placement.jit_step(make_train_step(cfg, self.graphdef, self.rest, self.axes))
+        self.eval_fn = self.placement.jit_eval(make_eval_step(cfg, self.graphdef, self.rest))
+        self.depths = eval_depths(cfg)
+        self.flops_per_token = throughput.train_flops_per_token(cfg)
+
+    def restore(self) -> int | None:
+        """Resume from the newest valid checkpoint (returns its step) or initialise (None)."""
+        changed: list[str] = []
+
+        def check_meta(meta: dict) -> None:
+            # The checkpoint's own config is the authority (config.yaml may be newer or torn);
+            # checked before the tree, so a changed config is named as such.
+            changed[:] = check_resume_config(config_from_yaml(meta["config_yaml"]), self.cfg)
+
+        restored = self.store.restore_latest_valid(
+            self.abstract, check_meta=check_meta, apply_data=self._apply_data, warn=self.say
+        )
+        if restored is None:
+            self.state = init_state(self.cfg).state
+            start = None
+        else:
+            start, self.state = restored.step, restored.state
+            if changed:
+                self.say(f"resuming with changed harmless keys: {', '.join(changed)}")
+            self.last_saved = start
+            self.say(f"resumed from {self.store.directory}/{start}")
+        if self.is_main:  # work a killed run logged past its last checkpoint is redone, not repeated
+            truncate_jsonl(self.workdir / "metrics.jsonl", start or 0)
+            write_config(self.workdir, config_to_yaml(self.cfg))
+        self.state = self.placement.state(self.state)
+        return start
+
+    def _apply_data(self, data_state) -> None:
+        try:
+            self.train_iter.set_state(data_state)
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # grain raises these for a foreign state
+            raise CheckpointMismatchError(
+                f"the data-iterator state in the checkpoint does not fit this data pipeline "
+                f"({type(e).__name__}: {str(e)[:120]}); nothing was moved (use the config that wrote it)"
+            ) from None
+
+    # ---------------------------------------------------------------- per step
+    def train_step(self, step: int) -> dict:
+        batch = next(self.train_iter)
+        if self.hooks.before_step is not None:
+            batch = self.hooks.before_step(step, batch)
+        n = jnp.asarray(sample_depth(self.cfg, step), jnp.int32)
+        self.state, m = self.train_fn(self.state, self.placement.batch(batch), n)
+        self.pending.append(m)
+        return m
+
+    def check_finite(self, step_done: int) -> None:
+        """Raise NonFiniteError if any step since the last sync ended a streak of max_nan_steps."""
+        t = self.cfg.train
+        first = step_done - len(self.pending) + 1
+        streaks = [int(s) for s in jax.device_get([m["nan_streak"] for m in self.pending])]
+        for i, streak in enumerate(streaks):
+            if streak >= t.max_nan_steps:
+                where = "none" if self.last_saved is None else f"step {self.last_saved}"
+                raise NonFiniteError(
+                    f"{t.max_nan_steps} consecutive non-finite steps (loss or grad NaN/Inf) ending at step "
+                    f"{first + i}; stopped without saving; last good checkpoint: {where}"
+                )
+
+    def log(self, step_done: int) -> None:
+        record = flatten("train", _mean_metrics(self.pending))
+        # An iteration that never ran in this window has no CE: leave it out rather than log 0 or NaN.
+        record = {k: v for k, v in record.items() if not (k.startswith("train/ce_per_iter/") and np.isnan(v))}
+        self.pending = []
+        if self.window is not None and self.window[1] > 0:
+            t0, steps = self.window
+            tokens = self.cfg.train.batch_size * self.cfg.data.seq_len * steps
+            rates = throughput.rates(
+                self.cfg, tokens / (time.perf_counter() - t0), self.flops_per_token, self.placement
+            )
+            record.update(rates)
+            self.window = (time.perf_counter(), 0)
+        self.last_train = record
+        self.writer.write(step_done, record)
+        self.writer.progress(step_done, _bar_fields(record, self.last_eval))
+
+    def evaluate(self, step_done: int | None) -> dict[str, float]:
+        """Depth sweep on the fixed eval batches; written to the log when step_done is given."""
+        by_depth = evaluate_depths(
+            lambda batch, n: self.eval_fn(self.state["params"], batch, n),
+            self.eval_host,
+            self.depths,
+            data_lib.exact_match,
+            placed=self.eval_dev,
+            to_local=self.placement.to_local,
+        )
+        self.last_eval = flat_metrics(self.cfg, by_depth)
+        if step_done is not None:
+            self.writer.write(step_done, self.last_eval)
+            self.say(_eval_line(step_done, self.last_eval, self.depths))
+            if self.last_train:  # refresh the bar's exact match, which would otherwise lag one eval
+                self.writer.progress(step_done, _bar_fields(self.last_train, self.last_eval))
+        return self.last_eval
+
+    def checkpoint(self, step_done: int, fresh_eval: bool) -> None:
+        if int(jax.device_get(self.state["nan_streak"])):
+            self.say(f"step {step_done}: not checkpointing during a non-finite streak")
+            return
+        best = self.last_eval.get("eval/ce") if fresh_eval else None
+        meta = config_meta(self.cfg, step_done, self.last_eval)
+        self.store.save(step_done, self.state, self.train_iter.get_state(), meta, eval_ce=best)
+        self.last_saved = step_done
+
+    # -------------------------------------------------------------------- loop
+    def train(self, start: int) -> tuple[str, int]:
+        """Steps start..train.steps; returns (status, steps done)."""
+        t = self.cfg.train
+        status, step_done = "done", start
+        if t.timing_skip_steps == 0:  # time everything, compile included
+            self.window = (time.perf_counter(), 0)
+        for step in range(start, t.steps):
+            m = self.train_step(step)
+            step_done = step + 1
+            if step_done - start == t.timing_skip_steps:
+                jax.block_until_ready(m)
+                self.window = (time.perf_counter(), 0)
+            elif self.window is not None:
+                self.window = (self.window[0], self.window[1] + 1)
+            is_last = step_done == t.steps
+            do_log = step_done % t.log_every == 0 or is_last
+            do_eval = step_done % t.eval_every == 0 or is_last
+            do_ckpt = step_done % t.checkpoint_every == 0 or is_last
+            if do_log or do_eval or do_ckpt:
+                # Skipped steps leave the state unchanged, so catching a streak here is safe.
+                self.check_finite(step_done)
+            if do_log:
+                self.log(step_done)
+            if do_eval:
+                self.evaluate(step_done)
+            if do_ckpt:
+                self.checkpoint(step_done, fresh_eval=do_eval)
+            if self.hooks.after_step is not None and self.hooks.after_step(step_done):
+                return "stopped", step_done
+            if Signals.received is not None or self.store.reached_preemption(step_done):
+                if self.last_saved != step_done:
+                    self.checkpoint(step_done, fresh_eval=False)
+                self.say(f"signal {Signals.received}: saved step {step_done}, exiting")
+                return "preempted", step_done
+        return status, step_done
+
+    def close(self) -> None:
+        self.store.close()
+        self.writer.close()
 
 
 def run(
     cfg: Config,
     workdir: str | Path,
     *,
-    stop_after: int | None = None,
-    nan_steps: Container[int] = (),
+    hooks: Hooks | None = None,
     install_signal_handlers: bool = True,
     say: Callable[[str], None] | None = None,
     compiler_options: dict | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) `cfg` in `workdir`. Returns a summary dict (see end of function).
+    """Train (or resume) `cfg` in `workdir`. Returns a summary dict (see the end of this function).
 
-    stop_after: return right after this many total steps, with no extra save (simulates a kill).
-    nan_steps:  0-based steps whose loss is multiplied by NaN (also via $ASURA_INJECT_NAN_STEPS).
     compiler_options: XLA options for the jitted steps, e.g. FAST_COMPILE for tests.
     say: where one-line messages go (default: stderr above the progress bar).
     """
     t_start = time.time()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    t = cfg.train
-    data = data_api()
-    data.check_compatible(cfg, process_count=jax.process_count())  # fail before any compilation
-    from asura.model import sample_depth
-
-    nan_steps = set(nan_steps) | _nan_steps_from_env()
-    store = CheckpointStore(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-    writer = MetricsWriter(workdir, cfg, enabled=is_main, total_steps=t.steps)
-    say = say or writer.message
     # Multi-process: only orbax's coordinated preemption sync may trigger a save (a local
     # flag on one host would deadlock the others), so the handlers are single-process only.
-    signals = _Signals(install_signal_handlers and jax.process_count() == 1)
+    installed = install_signal_handlers and jax.process_count() == 1 and Signals.install()
+    workdir = Path(workdir)
     try:
-        _prepare_workdir(cfg, workdir, store, say)
-        from asura.parallel.placement import make_placement
-
-        placement = make_placement(cfg, compiler_options)  # a mesh whenever there are several devices
-        graphdef, rest, abstract = abstract_state(cfg)
-        abstract = placement.abstract(abstract)  # restore straight onto this run's shardings
-        train_iter = _train_iterator(cfg)
-        restored = store.restore_latest_valid(abstract, warn=say) if store.steps() else None
-        if restored is not None:
-            start, state, data_state, _meta = restored
-            train_iter.set_state(data_state)
-            if is_main:
-                truncate_jsonl(workdir / "metrics.jsonl", start)
-            say(f"resumed from {store.directory}/{start}")
-        else:
-            start = 0
-            graphdef, rest, state = init_state(cfg)
-        state = placement.state(state)
-        n_params = count_params(state["params"])
-
-        train_step = placement.jit_step(make_train_step(cfg, graphdef, rest))
-        eval_fn = placement.jit_eval(make_eval_step(cfg, graphdef, rest))
-        eval_host = _eval_batches(cfg, data)
-        eval_dev = [placement.batch(b) for b in eval_host]
-        depths = eval_depths(cfg)
-        flops_tok = throughput.train_flops_per_token(cfg)
-        tokens_per_step = t.batch_size * cfg.data.seq_len
-        say(f"{cfg.name}: {n_params:,} params, steps {start}->{t.steps}, workdir {workdir}")
-        writer.progress(start)
-
-        last_eval: dict[str, float] = {}
-        last_train: dict[str, Any] = {}
-        pending: list[dict] = []
-        window_t0, window_steps = None, 0
-        status, step_done = "done", start
-        last_saved = start if restored is not None else None
-        one, nan = jnp.float32(1.0), jnp.float32(np.nan)
-        if t.timing_skip_steps == 0:  # time everything, compile included
-            window_t0 = time.perf_counter()
-        if start >= t.steps:  # nothing left to train: report the checkpoint's eval
-            say(f"already trained to step {start} (train.steps={t.steps})")
-            last_eval = evaluate(
-                cfg, eval_fn, state["params"], eval_host, eval_dev, data.exact_match, depths, placement.to_local
-            )
-
-        def save(step: int, eval_loss: float | None = None) -> None:
-            nonlocal last_saved
-            store.save(step, state, train_iter.get_state(), config_meta(cfg, step, last_eval), eval_loss=eval_loss)
-            last_saved = step
-
-        for step in range(start, t.steps):
-            batch = placement.batch(next(train_iter))
-            n = jnp.asarray(sample_depth(cfg, step), jnp.int32)
-            state, m = train_step(state, batch, n, nan if step in nan_steps else one)
-            pending.append(m)
-            step_done = step + 1
-            if step_done - start == t.timing_skip_steps:
-                jax.block_until_ready(m)
-                window_t0, window_steps = time.perf_counter(), 0
-            elif window_t0 is not None:
-                window_steps += 1
-
-            is_last = step_done == t.steps
-            do_log = step_done % t.log_every == 0 or is_last
-            do_ckpt = step_done % t.checkpoint_every == 0 or is_last
-            if do_log or do_ckpt or step_done % t.eval_every == 0:
-                # Host syncs happen only here. Skipped steps leave the state unchanged, so
-                # catching a streak at the next sync point (not at its last step) is safe.
-                _check_streak(pending, step_done - len(pending) + 1, t, last_saved)
-            if do_log:
-                avg = _mean_metrics(pending)
-                pending = []
-                record = flatten("train", avg)
-                if window_t0 is not None and window_steps > 0:
-                    dt = time.perf_counter() - window_t0
-                    record.update(throughput.rates(cfg, tokens_per_step * window_steps / dt, flops_tok, placement))
-                    window_t0, window_steps = time.perf_counter(), 0
-                last_train = record
-                writer.write(step_done, record)
-                writer.progress(step_done, _bar_fields(record, last_eval))
-            if step_done % t.eval_every == 0 or is_last:
-                last_eval = evaluate(
-                    cfg, eval_fn, state["params"], eval_host, eval_dev, data.exact_match, depths, placement.to_local
-                )
-                writer.write(step_done, last_eval)
-                say(_eval_line(step_done, last_eval, depths))
-                if last_train:  # refresh the bar's exact match, which would otherwise lag one eval
-                    writer.progress(step_done, _bar_fields(last_train, last_eval))
-            if do_ckpt and int(jax.device_get(m["nan_streak"])):
-                say(f"step {step_done}: not checkpointing during a non-finite streak")
-            elif do_ckpt:
-                fresh_eval = last_eval.get("eval/loss") if step_done % t.eval_every == 0 or is_last else None
-                save(step_done, fresh_eval)
-            if stop_after is not None and step_done >= stop_after:
-                status = "stopped"
-                break
-            if signals.received is not None or store.reached_preemption(step_done):
-                if last_saved != step_done:
-                    save(step_done)
-                say(f"signal {signals.received}: saved step {step_done}, exiting")
-                status = "preempted"
-                break
-        store.wait()
-        jax.block_until_ready(state)
+        data_lib.check_compatible(cfg, process_count=jax.process_count())  # before any compilation
+        preflight(cfg, workdir)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
+        with WorkdirLock(workdir):
+            if Signals.received is not None:  # signalled during imports: nothing started, nothing to save
+                say = say or (lambda m: print(m, file=sys.stderr))
+                say(f"signal {Signals.received} before the first step: exiting")
+                return {"status": "preempted", "step": 0, "resumed_from": None, "eval": {}, "train": {},
+                        "wall_s": time.time() - t_start, "params": None, "nan_total": 0}  # fmt: skip
+            trainer = Trainer(cfg, workdir, say=say, compiler_options=compiler_options, hooks=hooks or Hooks())
+            try:
+                status, start, step_done = _run(trainer)
+            finally:
+                trainer.close()
     finally:
-        signals.restore()
-        store.close()
-        writer.close()
+        if installed:
+            Signals.restore()
+    state = trainer.state
     return {
         "status": status,
         "step": step_done,
-        "resumed_from": start if restored is not None else None,
-        "n_params": n_params,
-        "train": {k: to_python(v) for k, v in last_train.items()},
-        "eval": last_eval,
-        "final_loss": last_train.get("train/loss"),
-        "exact_match": last_eval.get("eval/exact_match"),
-        "nan_total": int(jax.device_get(state["nan_total"])),
+        "resumed_from": start,
+        "n_params": count_params(state["params"]) if state is not None else None,
+        "train": {k: to_python(v) for k, v in trainer.last_train.items()},
+        "eval": trainer.last_eval,
+        "final_objective": trainer.last_train.get("train/objective"),
+        "exact_match": trainer.last_eval.get("eval/exact_match"),
+        "nan_total": int(jax.device_get(state["nan_total"])) if state is not None else 0,
         "wall_s": time.time() - t_start,
-        "params": state["params"],
+        "params": state["params"] if state is not None else None,
     }
+
+
+def _run(trainer: Trainer) -> tuple[str, int | None, int]:
+    """build -> restore -> train (or report a finished run); returns (status, resumed_from, step)."""
+    cfg = trainer.cfg
+    trainer.build_state()
+    start = trainer.restore()
+    if Signals.received is not None:  # signalled while compiling/restoring: the workdir is as it was
+        trainer.say(f"signal {Signals.received} before the first step: exiting")
+        return "preempted", start, start or 0
+    n_params = count_params(trainer.state["params"])
+    trainer.say(f"{cfg.name}: {n_params:,} params, steps {start or 0}->{cfg.train.steps}, workdir {trainer.workdir}")
+    trainer.writer.progress(start or 0)
+    if (start or 0) >= cfg.train.steps:  # already finished: report the checkpoint's eval
+        trainer.say(f"already trained to step {start} (train.steps={cfg.train.steps})")
+        trainer.evaluate(None)
+        status, step_done = "done", start
+    else:
+        status, step_done = trainer.train(start or 0)
+    trainer.store.wait()
+    jax.block_until_ready(trainer.state)
+    return status, start, step_done
 
 
 def _bar_fields(train: dict, ev: dict) -> dict[str, float]:
     nan = float("nan")
     return {
-        "loss": train["train/loss"],
+        "ce": train.get("train/ce", nan),
         "acc": train.get("train/accuracy", nan),
-        "lr": train["train/lr"],
+        "lr": train.get("train/lr", nan),
         "em": ev.get("eval/exact_match", nan),
     }
 
 
-def _check_streak(pending: list[dict], first_step: int, t, last_saved: int | None) -> None:
-    """Raise NonFiniteError if any step since the last sync ended a streak of max_nan_steps."""
-    streaks = [int(s) for s in jax.device_get([m["nan_streak"] for m in pending])]
-    for i, streak in enumerate(streaks):
-        if streak >= t.max_nan_steps:
-            where = "none" if last_saved is None else f"step {last_saved}"
-            raise NonFiniteError(
-                f"{t.max_nan_steps} consecutive non-finite steps (loss or grad NaN/Inf) ending at step "
-                f"{first_step + i}; stopped without saving; last good checkpoint: {where}"
-            )
-
-
 def _eval_line(step: int, ev: dict[str, float], depths: list[int]) -> str:
     nan = float("nan")
-    per = " ".join(f"d{n}:{ev.get(f'eval/d{n}/loss', nan):.3f}/{ev[f'eval/d{n}/exact_match']:.2f}" for n in depths)
-    return f"eval step {step}: loss {ev.get('eval/loss', float('nan')):.4f} em {ev['eval/exact_match']:.3f} | {per}"
+    per = " ".join(
+        f"d{n}:{ev.get(f'eval/d{n}/ce', nan):.3f}/{ev.get(f'eval/d{n}/exact_match', nan):.2f}" for n in depths
+    )
+    return f"eval step {step}: ce {ev.get('eval/ce', nan):.4f} em {ev.get('eval/exact_match', nan):.3f} | ce/em {per}"

@@ -56,6 +56,30 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _wandb_run(workdir: Path, cfg):
+    """A W&B run named after the workdir (configs are shared by many runs), resumable: its id is
+    stored in the workdir, so a resumed run continues the same W&B run. $ASURA_WANDB_GROUP
+    (set by sweeps) groups the trials of one study."""
+    import os
+    import uuid
+
+    import wandb  # optional dependency; preflight checks it is installed
+
+    from asura.config import config_to_dict
+
+    id_file = workdir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:16]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=cfg.train.wandb_project,
+        name=workdir.resolve().name,
+        id=run_id,
+        resume="allow",
+        group=os.environ.get("ASURA_WANDB_GROUP"),
+        config=config_to_dict(cfg),
+    )
+
+
 class MetricsWriter:
     def __init__(self, workdir: Path, cfg, *, enabled: bool = True, total_steps: int = 0, initial_step: int = 0):
         self.enabled = enabled
@@ -71,11 +95,7 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(str(workdir / "tb"))
         if cfg.train.wandb:
-            import wandb  # optional dependency
-
-            from asura.config import config_to_dict
-
-            self.wandb = wandb.init(project=cfg.train.wandb_project, name=cfg.name, config=config_to_dict(cfg))
+            self.wandb = _wandb_run(workdir, cfg)
         if cfg.train.progress:
             from tqdm.auto import tqdm
 

@@ -6,21 +6,17 @@ it, because the whole optimiser state is kept unchanged on a skip).
 
 from __future__ import annotations
 
-import re
-
 import jax
 import optax
 
 from asura.config import TrainConfig
 
-# A parameter is exempt from weight decay when its path names a norm, bias, scale or
-# input embedding. Path-based because per-iteration norms carry an iteration axis
-# ([I, D]), so "ndim < 2" alone would wrongly decay them. An untied output head
-# ("unembed", "lm_head") is a projection and is decayed.
-_NO_DECAY_NAMES = frozenset({"bias", "scale", "embedding", "embed", "embedder", "tok_embed", "wte", "wpe", "pos_embed"})
-
-
-_LN_RE = re.compile(r"ln(\d*|_\w+)")  # ln, ln1, ln_f
+# Weight decay is a rule on logical axes (nanoGPT's "matrices decay" rule, made
+# iteration-aware): a parameter decays when it has >= 2 feature axes once the
+# per-iteration "iteration" axis is dropped, so norms' scales/biases ([D] or [M, D])
+# never decay, and projections, adapters and an untied head do. The token embedding
+# [vocab, embed] is a lookup table, not a map: its rows get gradient only when their
+# token appears, so decay would shrink rare tokens (GPT-2 / nanoGPT leave it undecayed).
 
 
 def lr_schedule(t: TrainConfig) -> optax.Schedule:
@@ -35,36 +31,23 @@ def lr_schedule(t: TrainConfig) -> optax.Schedule:
     )
 
 
-def _path_names(path) -> list[str]:
-    out = []
-    for k in path:
-        name = getattr(k, "key", None)
-        if name is None:
-            name = getattr(k, "name", None)
-        if name is None:
-            name = getattr(k, "idx", "")
-        out.append(str(name))
-    return out
+def decays(names: tuple[str | None, ...] | None) -> bool:
+    """True when a parameter with these logical axis names gets weight decay."""
+    feature = [n for n in (names or ()) if n != "iteration"]
+    return len(feature) >= 2 and feature[0] != "vocab"
 
 
-def decays(path_names: list[str], ndim: int) -> bool:
-    """True when a parameter at this path should get weight decay."""
-    if ndim < 2:
-        return False
-    for name in (n.lower() for n in path_names):
-        if "norm" in name or name in _NO_DECAY_NAMES or name.endswith(("_bias", "_scale")) or _LN_RE.fullmatch(name):
-            return False
-    return True
+def decay_mask(axes):
+    """Pytree of bools shaped like the params: True where weight decay applies (`axes` from train.state)."""
+    return jax.tree.map(lambda a: decays(a.names), axes)
 
 
-def decay_mask(params):
-    """Pytree of bools matching `params`: True where weight decay applies."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: decays(_path_names(p), x.ndim), params)
-
-
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(t: TrainConfig, axes) -> optax.GradientTransformation:
+    """AdamW (+ clipping); `axes` is the params-shaped pytree of Axes that sets the decay mask."""
     parts = []
     if t.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(t.grad_clip))
-    parts.append(optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask(axes))
+    )
     return optax.chain(*parts)

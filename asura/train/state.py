@@ -1,34 +1,48 @@
-"""Train state as a plain pytree, and the ONE place that puts state and batches on devices.
+"""Train state as a plain pytree, built from the model in one place.
 
 State layout (a dict, so orbax saves it as-is)::
 
-    params     pure dict of fp32 arrays (nnx.Param leaves of the model)
-    opt_state  optax state for `make_optimizer(cfg.train)`
+    params     pure dict of arrays (the model's nnx.Param leaves)
+    opt_state  optax state for `make_optimizer(cfg.train, axes)`
     step       int32: loop steps taken (advances on skipped steps too; drives data and depth)
     opt_step   int32: applied optimiser updates (drives the lr schedule)
-    rng        uint32 raw key data (for stochastic layers; folded with step)
     nan_streak int32: consecutive non-finite steps
     nan_total  int32: all skipped steps
 
-`Placement` is where a mesh plugs in: today it puts everything on one device and
-jits with donation; with `asura.parallel.mesh` it will give NamedShardings.
+`Built.axes` mirrors `params` with an `Axes` leaf per parameter: its logical axis names.
+Placement (sharding) and the weight-decay rule read them, so neither builds a model.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from asura.compat import nnx_merge, variable_axes
 from asura.config import Config
 from asura.train.optim import make_optimizer
 
 
+@dataclass(frozen=True)
+class Axes:
+    """Logical axis names of one parameter (a pytree leaf, unlike a bare tuple)."""
+
+    names: tuple[str | None, ...] | None
+
+
+class Built(NamedTuple):
+    graphdef: Any  # nnx graph definition of the model
+    rest: Any  # non-param model state, held constant (not trained)
+    state: dict  # arrays (init_state) or ShapeDtypeStructs (abstract_state)
+    axes: dict  # params-shaped pytree of Axes
+
+
 def build_model(cfg: Config):
-    """The model object; imported lazily so the CLI can reject bad configs before importing it."""
     from asura.model import LoopedLM
 
     return LoopedLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
@@ -36,81 +50,45 @@ def build_model(cfg: Config):
 
 def merge_model(graphdef, params, rest):
     """Rebuild the module from a pure param dict (works inside jit)."""
-    try:
-        return nnx.merge(graphdef, params, rest)
-    except (TypeError, ValueError):  # older flax: merge wants nnx.State
-        return nnx.merge(graphdef, nnx.State(params), rest)
+    return nnx_merge(graphdef, params, rest)
 
 
-def init_state(cfg: Config) -> tuple[Any, Any, dict]:
-    """(graphdef, rest, state). `rest` is non-param model state, held constant (not trained)."""
-    model = build_model(cfg)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def _param_axes(params: nnx.State) -> dict:
+    tree: dict = {}
+    for path, var in nnx.to_flat_state(params):
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = Axes(variable_axes(var))
+    return tree
+
+
+def _init(cfg: Config, out: dict) -> dict:
+    graphdef, params, rest = nnx.split(build_model(cfg), nnx.Param, ...)
+    out.update(graphdef=graphdef, rest=rest, axes=_param_axes(params))
     params = nnx.to_pure_dict(params)
-    tx = make_optimizer(cfg.train)
-    state = {
+    return {
         "params": params,
-        "opt_state": tx.init(params),
+        "opt_state": make_optimizer(cfg.train, out["axes"]).init(params),
         "step": jnp.zeros((), jnp.int32),
         "opt_step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
         "nan_streak": jnp.zeros((), jnp.int32),
         "nan_total": jnp.zeros((), jnp.int32),
     }
-    return graphdef, rest, state
 
 
-def abstract_state(cfg: Config) -> tuple[Any, Any, dict]:
-    """Like init_state, but the state holds ShapeDtypeStructs (no allocation) - for restore targets."""
-    out = {}
+def init_state(cfg: Config) -> Built:
+    out: dict = {}
+    state = _init(cfg, out)
+    return Built(out["graphdef"], out["rest"], state, out["axes"])
 
-    def f():
-        g, r, s = init_state(cfg)
-        out["g"], out["r"] = g, r
-        return s
 
-    shapes = jax.eval_shape(f)
-    return out["g"], out["r"], shapes
+def abstract_state(cfg: Config) -> Built:
+    """Like init_state, but the state holds ShapeDtypeStructs (no allocation): restore targets."""
+    out: dict = {}
+    shapes = jax.eval_shape(lambda: _init(cfg, out))
+    return Built(out["graphdef"], out["rest"], shapes, out["axes"])
 
 
 def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-class Placement:
-    """Device placement for state and batches, and the jit wrapper that uses it.
-
-    Single device: everything on `jax.devices()[0]`. A mesh-aware version replaces
-    `state_sharding`/`batch_sharding` (NamedSharding via asura.parallel) and keeps
-    this interface; nothing else in the train package touches devices.
-    """
-
-    def __init__(self, cfg: Config, compiler_options: dict | None = None):
-        self.cfg = cfg
-        self.compiler_options = compiler_options  # XLA options for every jit here (tests: fast compile)
-        self.device = jax.devices()[0]
-        self.sharding = jax.sharding.SingleDeviceSharding(self.device)
-        self.n_devices = 1
-
-    def state(self, state):
-        return jax.device_put(state, self.sharding)
-
-    def batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, self.sharding)
-
-    def jit_step(self, fn, donate_state: bool = True):
-        """jit a `fn(state, batch, *scalars)`; the state buffers are donated."""
-        return jax.jit(fn, donate_argnums=(0,) if donate_state else (), **self._opts())
-
-    def jit_eval(self, fn):
-        return jax.jit(fn, **self._opts())
-
-    def abstract(self, shapes):
-        """Restore target: ShapeDtypeStructs on this device."""
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.sharding), shapes)
-
-    def to_local(self, x: jax.Array) -> np.ndarray:
-        return np.asarray(x)
-
-    def _opts(self) -> dict:
-        return {"compiler_options": self.compiler_options} if self.compiler_options else {}

@@ -1,0 +1,81 @@
+"""What flows through the depth loop (asura.model.looped): the carry, the per-step outputs,
+the named result, the scoring object, and the two traceable helpers the drivers share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from asura.model.loss import Score
+
+
+class LoopCarry(NamedTuple):
+    h_BTD: jax.Array  # latent after the last step run
+    objective: jax.Array  # Σ_t w_t · (ce_t + z · lse²_t) so far (0 without scoring)
+    z_term: jax.Array  # Σ_t w_t · z · lse²_t so far
+    state: Any = ()  # per-token state seam (halting); passed through today
+
+
+class LoopResult(NamedTuple):
+    h_BTD: jax.Array  # final iteration's latent h_{n-1}
+    objective: jax.Array
+    z_term: jax.Array
+    ce_S: jax.Array | None  # per-step CE with scoring (0 for t >= n), else None
+    acc_S: jax.Array | None
+    h_SBTD: jax.Array | None  # per-step latents with keep_latents (h_{n-1} repeated for t >= n)
+    S: int  # static loop length
+    n: jax.Array  # depth as a traced int32, clipped to [1, S]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Latent guidance inside the loop: step t adds w_S[t] · (ce_t + z_loss · lse²_t)."""
+
+    score: Callable[[jax.Array], Score]  # h_BTD -> Score(ce, z, acc), masked token means
+    w_S: jax.Array  # per-step weights, zero for t >= n
+    z_loss: float
+
+
+class Iterated(NamedTuple):
+    """One loop step through `LoopedLM.iteration_cached` (asura.infer's KV cache)."""
+
+    h_BTD: jax.Array
+    k_LBTKH: tuple[jax.Array, ...]  # per layer: this step's keys (after qk-norm and RoPE) and values
+    v_LBTKH: tuple[jax.Array, ...]
+
+
+class StepOut(NamedTuple):
+    h_BTD: jax.Array | None
+    ce: jax.Array | None
+    acc: jax.Array | None
+
+
+def projconcat_init(std: float):
+    """W_proj[t] = ½[I; I] + N(0, std²): u_t starts as the mean of e and h_{t-1},
+    so the loop starts close to additive injection instead of a random mix."""
+
+    def init(key, shape, dtype):
+        d = shape[-1]
+        half_eye = 0.5 * jnp.concatenate([jnp.eye(d), jnp.eye(d)], axis=0)
+        return (half_eye + std * jax.random.normal(key, shape)).astype(dtype)
+
+    return init
+
+
+def default_positions(segment_ids_BT: jax.Array | None, B: int, T: int) -> jax.Array:
+    """0..T-1, restarting at every packed document boundary when segment ids are given."""
+    t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids_BT is None:
+        return t_BT
+    start_BT = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    return t_BT - jax.lax.cummax(jnp.where(start_BT, t_BT, 0), axis=1)
+
+
+def frozen(t, n, bptt_k):
+    """True where step t runs under stop_gradient: t < n − k (k > 0). Traceable."""
+    return (bptt_k > 0) & (t < n - bptt_k)

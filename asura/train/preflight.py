@@ -1,0 +1,93 @@
+"""Checks that must fail before any compilation: devices, mesh, batch split, memory, optional packages.
+
+Each raises a ValueError subclass with one line naming the problem and what would work, so
+train.py exits 2 in seconds instead of after a long compile (or an out-of-memory kill).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from asura.config import Config
+from asura.train.workdir import WorkdirError, check_writable
+
+
+class PreflightError(ValueError):
+    """A run that cannot work on this machine as configured; one line."""
+
+
+def check_devices(cfg: Config, n_devices: int, process_count: int = 1) -> None:
+    """The mesh must use exactly the devices there are, and the batch must split over it."""
+    from asura.parallel.mesh import mesh_shape
+
+    sizes = mesh_shape(cfg.mesh, n_devices)  # MeshError (one line) when the mesh does not fit
+    rows = sizes["data"] * sizes["fsdp"]
+    if cfg.train.batch_size % (rows * cfg.train.grad_accum):
+        raise PreflightError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by mesh data x fsdp ({rows}) x "
+            f"train.grad_accum ({cfg.train.grad_accum}) on {n_devices} device(s)"
+        )
+    if cfg.train.batch_size % process_count:
+        raise PreflightError(f"train.batch_size={cfg.train.batch_size} is not divisible by {process_count} processes")
+
+
+def activation_bytes_lower_bound(cfg: Config) -> int:
+    """A LOWER bound on peak memory of one train step: params + Adam state, and the attention
+    scores of one layer when the XLA path materialises them (B·N·T² fp32). Real use is higher;
+    this only catches configs that cannot possibly fit."""
+    from asura.flops import param_count
+
+    m, t = cfg.model, cfg.train
+    state = 16 * param_count(cfg).unique  # fp32 params, grads, Adam mu and nu
+    micro = t.batch_size // t.grad_accum
+    scores = 4 * micro * m.n_heads * cfg.data.seq_len**2 if m.attention in ("xla", "auto") else 0
+    return state + scores
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one device: the accelerator's limit, or this host's RAM on a CPU."""
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if dev.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_memory(cfg: Config) -> None:
+    need, have = activation_bytes_lower_bound(cfg), device_memory_bytes()
+    if have is not None and need > have:
+        gib = 1 << 30
+        raise PreflightError(
+            f"this config needs at least {need / gib:.1f} GiB per device (params + Adam state + one layer's "
+            f"{cfg.data.seq_len}x{cfg.data.seq_len} attention scores), the device has {have / gib:.1f} GiB; "
+            "lower data.seq_len or train.batch_size, raise train.grad_accum, or use model.attention=pallas"
+        )
+
+
+def check_packages(cfg: Config) -> None:
+    if cfg.data.source in ("task", "text") and importlib.util.find_spec("grain") is None:
+        raise PreflightError(
+            f"data.source={cfg.data.source} needs the grain package (pip install grain); "
+            "data.source=synthetic runs without it"
+        )
+    if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
+        raise PreflightError("train.wandb=true needs the wandb package: pip install 'asura[wandb]' (or wandb)")
+
+
+def preflight(cfg: Config, workdir: Path) -> None:
+    """Everything train.py can check before building the model (imports JAX, compiles nothing)."""
+    import jax
+
+    check_writable(Path(workdir))
+    check_packages(cfg)
+    check_devices(cfg, jax.device_count(), jax.process_count())
+    check_memory(cfg)
+
+
+__all__ = ["PreflightError", "WorkdirError", "preflight"]

@@ -1,0 +1,141 @@
+"""The workdir around a run: one exclusive lock, an atomic config.yaml, early signal handlers.
+
+Preemptible pods kill, fill disks and start two jobs on one path; nothing here may leave
+the workdir in a state a rerun cannot use:
+
+* `WorkdirLock`: an flock on ``workdir/.lock`` holding ``host pid start-time``. The kernel
+  drops an flock when its process dies, so a lock left by a killed run is never "stale"
+  in practice; where flock is not supported (some network filesystems) a lock whose pid
+  is gone on this host is taken over.
+* `write_config`: temp file + rename, so a kill mid-write never leaves config.yaml empty.
+* `Signals`: SIGTERM/SIGINT handlers installed before anything slow (imports, compile);
+  a signal before the first step ends the run cleanly with exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used (busy, not a directory, not writable); one line."""
+
+
+def check_writable(workdir: Path) -> None:
+    """Fail fast (before compiling) when the workdir cannot hold a run."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"workdir {workdir} is a file, not a directory; pass --workdir DIR")
+    probe = workdir if workdir.exists() else next((p for p in workdir.parents if p.exists()), Path("/"))
+    if not probe.is_dir():
+        raise WorkdirError(f"workdir {workdir}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "workdir" if probe == workdir else f"workdir's parent {probe}"
+        raise WorkdirError(f"workdir {workdir}: {what} is not writable (permission denied or read-only)")
+    ckpt = workdir / "checkpoints"
+    if ckpt.is_dir() and not os.access(ckpt, os.W_OK | os.X_OK):
+        raise WorkdirError(f"checkpoint dir {ckpt} is not writable (permission denied or read-only)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkdirLock:
+    """Exclusive lock on a workdir for the life of one trainer (a context manager)."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / ".lock"
+        self.fd: int | None = None
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self) -> WorkdirLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkdirError(
+                f"workdir {self.path.parent} is in use by another trainer ({self._holder()}); "
+                "wait for it, stop it, or use another --workdir"
+            ) from None
+        except OSError as e:  # no flock on this filesystem: fall back to the pid in the file
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            host, pid = [*self._holder().split(), "", "0"][:2]
+            if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                os.close(fd)
+                raise WorkdirError(f"workdir {self.path.parent} is in use by pid {pid} on {host}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock; the file stays (its content is informational)
+            self.fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def write_config(workdir: Path, text: str) -> None:
+    """config.yaml via temp + rename: a kill mid-write never leaves it empty or torn."""
+    path = Path(workdir) / "config.yaml"
+    tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class Signals:
+    """SIGTERM/SIGINT set a flag that the loop reads at step boundaries (the process-wide instance).
+
+    `install()` is idempotent: train.py calls it first thing, so a signal during imports or
+    compilation is caught too; `run` calls it again and restores the previous handlers at the end.
+    """
+
+    received: int | None = None
+    _old: dict[int, Any] = {}  # noqa: RUF012 - process-wide by design
+
+    @classmethod
+    def install(cls) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig not in cls._old:
+                cls._old[sig] = signal.signal(sig, cls._handle)
+        return True
+
+    @classmethod
+    def _handle(cls, signum, frame) -> None:
+        cls.received = signum
+
+    @classmethod
+    def restore(cls) -> None:
+        for sig, handler in cls._old.items():
+            signal.signal(sig, handler)
+        cls._old = {}
+        cls.received = None
