@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -139,3 +140,35 @@ class MetricsWriter:
             self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def window_means(pending: list[dict]) -> dict[str, Any]:
+    """Window means; per-iteration entries that never ran (NaN) are averaged over the steps that ran them."""
+    host = jax.device_get(pending)
+    out = {}
+    for k in host[-1]:
+        x = np.stack([np.asarray(m[k], np.float64) for m in host])
+        if k == "ce_per_iter":
+            ran = np.isfinite(x)
+            out[k] = np.where(ran.any(0), np.where(ran, x, 0).sum(0) / np.maximum(ran.sum(0), 1), np.nan)
+        else:
+            out[k] = x.mean(0)
+    return out
+
+
+def bar_fields(train: dict, ev: dict) -> dict[str, float]:
+    nan = float("nan")
+    return {
+        "ce": train.get("train/ce", nan),
+        "acc": train.get("train/accuracy", nan),
+        "lr": train.get("train/lr", nan),
+        "em": ev.get("eval/exact_match", nan),
+    }
+
+
+def eval_line(step: int, ev: dict[str, float], depths: list[int]) -> str:
+    nan = float("nan")
+    per = " ".join(
+        f"d{n}:{ev.get(f'eval/d{n}/ce', nan):.3f}/{ev.get(f'eval/d{n}/exact_match', nan):.2f}" for n in depths
+    )
+    return f"eval step {step}: ce {ev.get('eval/ce', nan):.4f} em {ev.get('eval/exact_match', nan):.3f} | ce/em {per}"

@@ -44,6 +44,13 @@ def check_writable(workdir: Path) -> None:
         raise WorkdirError(f"checkpoint dir {ckpt} is not writable (permission denied or read-only)")
 
 
+def make_workdir(workdir: Path) -> None:
+    try:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. under /proc, or a parent root cannot write
+        raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -1,0 +1,229 @@
+"""The train loop's named sub-actions (see asura.train.loop for the order they run in).
+
+`Trainer` owns one run's mutable state (train state, data iterator, pending metrics, the
+throughput window, the last save) so that `loop.run` reads as a plain sequence of steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asura import data as data_lib
+from asura.config import Config, config_from_yaml, config_to_yaml
+from asura.depth import eval_depths, sample_depth
+from asura.train import throughput
+from asura.train.checkpoint import CheckpointMismatchError, CheckpointStore, check_resume_config, config_meta
+from asura.train.evaluate import evaluate_depths, flat_metrics
+from asura.train.metrics import MetricsWriter, bar_fields, eval_line, flatten, truncate_jsonl, window_means
+from asura.train.state import abstract_state, init_state
+from asura.train.step import make_eval_step, make_train_step
+from asura.train.workdir import Signals, write_config
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite training steps."""
+
+
+@dataclass
+class Hooks:
+    """Injected callables for tests, notebooks and fault drills; production runs pass none.
+
+    before_step(step, batch) -> batch   sees each host batch before it is placed (fault injection)
+    after_step(step) -> bool            True stops the run right after `step` steps, with no
+                                        extra save: the state a kill at that moment leaves
+    """
+
+    before_step: Callable[[int, dict], dict] | None = None
+    after_step: Callable[[int], bool] | None = None
+
+
+class Trainer:
+    """One training run in one workdir; each sub-action below is one named step of `run`."""
+
+    def __init__(self, cfg: Config, workdir: Path, *, say, compiler_options, hooks: Hooks):
+        self.cfg, self.workdir, self.hooks = cfg, workdir, hooks
+        self.is_main = jax.process_index() == 0
+        t = cfg.train
+        self.store = CheckpointStore(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+        self.writer = MetricsWriter(workdir, cfg, enabled=self.is_main, total_steps=t.steps)
+        self.say = say or self.writer.message
+        self.compiler_options = compiler_options
+        self.last_eval: dict[str, float] = {}
+        self.last_train: dict[str, Any] = {}
+        self.pending: list[dict] = []
+        self.window: tuple[float, int] | None = None  # (t0, steps) of the throughput window
+        self.last_saved: int | None = None
+        self.state: dict | None = None
+
+    # ------------------------------------------------------------ build / restore
+    def build_state(self) -> None:
+        """Model, optimiser state, placement, compiled steps, data iterators, eval batches."""
+        from asura.parallel.placement import make_placement
+
+        cfg = self.cfg
+        built = abstract_state(cfg)
+        self.graphdef, self.rest, self.axes = built.graphdef, built.rest, built.axes
+        self.placement = make_placement(cfg, built.axes, self.compiler_options)
+        self.abstract = self.placement.abstract(built.state)  # restore straight onto this run's shardings
+        pid, pcount = jax.process_index(), jax.process_count()
+        self.train_iter = data_lib.build_train_iterator(cfg, process_index=pid, process_count=pcount)
+        self.eval_host = data_lib.build_eval_batches(
+            cfg, cfg.train.eval_batches, process_index=pid, process_count=pcount
+        )
+        self.eval_dev = [self.placement.batch(b) for b in self.eval_host]
+        self.train_fn = self.placement.jit_step(make_train_step(cfg, self.graphdef, self.rest, self.axes))
+        self.eval_fn = self.placement.jit_eval(make_eval_step(cfg, self.graphdef, self.rest))
+        self.depths = eval_depths(cfg)
+        self.flops_per_token = throughput.train_flops_per_token(cfg)
+
+    def restore(self) -> int | None:
+        """Resume from the newest valid checkpoint (returns its step) or initialise (None)."""
+        changed: list[str] = []
+
+        def check_meta(meta: dict) -> None:
+            # The checkpoint's own config is the authority (config.yaml may be newer or torn);
+            # checked before the tree, so a changed config is named as such.
+            changed[:] = check_resume_config(config_from_yaml(meta["config_yaml"]), self.cfg)
+
+        restored = self.store.restore_latest_valid(
+            self.abstract, check_meta=check_meta, apply_data=self._apply_data, warn=self.say
+        )
+        if restored is None:
+            self.state = init_state(self.cfg).state
+            start = None
+        else:
+            start, self.state = restored.step, restored.state
+            if changed:
+                self.say(f"resuming with changed harmless keys: {', '.join(changed)}")
+            self.last_saved = start
+            self.say(f"resumed from {self.store.directory}/{start}")
+        if self.is_main:  # work a killed run logged past its last checkpoint is redone, not repeated
+            truncate_jsonl(self.workdir / "metrics.jsonl", start or 0)
+            write_config(self.workdir, config_to_yaml(self.cfg))
+        self.state = self.placement.state(self.state)
+        return start
+
+    def _apply_data(self, data_state) -> None:
+        try:
+            self.train_iter.set_state(data_state)
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # grain raises these for a foreign state
+            raise CheckpointMismatchError(
+                f"the data-iterator state in the checkpoint does not fit this data pipeline "
+                f"({type(e).__name__}: {str(e)[:120]}); nothing was moved (use the config that wrote it)"
+            ) from None
+
+    # ---------------------------------------------------------------- per step
+    def train_step(self, step: int) -> dict:
+        batch = next(self.train_iter)
+        if self.hooks.before_step is not None:
+            batch = self.hooks.before_step(step, batch)
+        n = jnp.asarray(sample_depth(self.cfg, step), jnp.int32)
+        self.state, m = self.train_fn(self.state, self.placement.batch(batch), n)
+        self.pending.append(m)
+        return m
+
+    def check_finite(self, step_done: int) -> None:
+        """Raise NonFiniteError if any step since the last sync ended a streak of max_nan_steps."""
+        t = self.cfg.train
+        first = step_done - len(self.pending) + 1
+        streaks = [int(s) for s in jax.device_get([m["nan_streak"] for m in self.pending])]
+        for i, streak in enumerate(streaks):
+            if streak >= t.max_nan_steps:
+                where = "none" if self.last_saved is None else f"step {self.last_saved}"
+                raise NonFiniteError(
+                    f"{t.max_nan_steps} consecutive non-finite steps (loss or grad NaN/Inf) ending at step "
+                    f"{first + i}; stopped without saving; last good checkpoint: {where}"
+                )
+
+    def log(self, step_done: int) -> None:
+        record = flatten("train", window_means(self.pending))
+        # An iteration that never ran in this window has no CE: leave it out rather than log 0 or NaN.
+        record = {k: v for k, v in record.items() if not (k.startswith("train/ce_per_iter/") and np.isnan(v))}
+        self.pending = []
+        if self.window is not None and self.window[1] > 0:
+            t0, steps = self.window
+            tokens = self.cfg.train.batch_size * self.cfg.data.seq_len * steps
+            rates = throughput.rates(
+                self.cfg, tokens / (time.perf_counter() - t0), self.flops_per_token, self.placement
+            )
+            record.update(rates)
+            self.window = (time.perf_counter(), 0)
+        self.last_train = record
+        self.writer.write(step_done, record)
+        self.writer.progress(step_done, bar_fields(record, self.last_eval))
+
+    def evaluate(self, step_done: int | None) -> dict[str, float]:
+        """Depth sweep on the fixed eval batches; written to the log when step_done is given."""
+        by_depth = evaluate_depths(
+            lambda batch, n: self.eval_fn(self.state["params"], batch, n),
+            self.eval_host,
+            self.depths,
+            data_lib.exact_match,
+            placed=self.eval_dev,
+            to_local=self.placement.to_local,
+        )
+        self.last_eval = flat_metrics(self.cfg, by_depth)
+        if step_done is not None:
+            self.writer.write(step_done, self.last_eval)
+            self.say(eval_line(step_done, self.last_eval, self.depths))
+            if self.last_train:  # refresh the bar's exact match, which would otherwise lag one eval
+                self.writer.progress(step_done, bar_fields(self.last_train, self.last_eval))
+        return self.last_eval
+
+    def checkpoint(self, step_done: int, fresh_eval: bool) -> None:
+        if int(jax.device_get(self.state["nan_streak"])):
+            self.say(f"step {step_done}: not checkpointing during a non-finite streak")
+            return
+        best = self.last_eval.get("eval/ce") if fresh_eval else None
+        meta = config_meta(self.cfg, step_done, self.last_eval)
+        self.store.save(step_done, self.state, self.train_iter.get_state(), meta, eval_ce=best)
+        self.last_saved = step_done
+
+    # -------------------------------------------------------------------- loop
+    def train(self, start: int) -> tuple[str, int]:
+        """Steps start..train.steps; returns (status, steps done)."""
+        t = self.cfg.train
+        status, step_done = "done", start
+        if t.timing_skip_steps == 0:  # time everything, compile included
+            self.window = (time.perf_counter(), 0)
+        for step in range(start, t.steps):
+            m = self.train_step(step)
+            step_done = step + 1
+            if step_done - start == t.timing_skip_steps:
+                jax.block_until_ready(m)
+                self.window = (time.perf_counter(), 0)
+            elif self.window is not None:
+                self.window = (self.window[0], self.window[1] + 1)
+            is_last = step_done == t.steps
+            do_log = step_done % t.log_every == 0 or is_last
+            do_eval = step_done % t.eval_every == 0 or is_last
+            do_ckpt = step_done % t.checkpoint_every == 0 or is_last
+            if do_log or do_eval or do_ckpt:
+                # Skipped steps leave the state unchanged, so catching a streak here is safe.
+                self.check_finite(step_done)
+            if do_log:
+                self.log(step_done)
+            if do_eval:
+                self.evaluate(step_done)
+            if do_ckpt:
+                self.checkpoint(step_done, fresh_eval=do_eval)
+            if self.hooks.after_step is not None and self.hooks.after_step(step_done):
+                return "stopped", step_done
+            if Signals.received is not None or self.store.reached_preemption(step_done):
+                if self.last_saved != step_done:
+                    self.checkpoint(step_done, fresh_eval=False)
+                self.say(f"signal {Signals.received}: saved step {step_done}, exiting")
+                return "preempted", step_done
+        return status, step_done
+
+    def close(self) -> None:
+        self.store.close()
+        self.writer.close()
