@@ -3,6 +3,8 @@
 import re
 import subprocess
 import sys
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -117,3 +119,74 @@ def test_tasks_and_synthetic_work_without_grain():
     assert re.fullmatch(r"\d{3}\+\d{3}=\d{4}", lines[0]) and lines[1] == "(32, 64)"
     assert "needs the `grain` package" in lines[2] and "data.source=synthetic" in lines[2]
     assert lines[3] == "(32, 64) 2"
+
+
+# ------------------------------------------------------------ example_rng: cheaper, same draws
+
+
+def fresh_example_rng(seed, stream, index):
+    """tasks.example_rng as first written (a new Philox per example): the draws that must never change."""
+    mask = (1 << 64) - 1
+    return np.random.Generator(
+        np.random.Philox(key=[int(seed) & mask, int(stream) & mask], counter=[0, int(index), 0, 0])
+    )
+
+
+def _draws(rng):
+    """Draws of every kind the tasks use and more; the last one leaves half a 64-bit word buffered."""
+    out = [rng.integers(0, 10, size=7), rng.permutation(26), rng.random(3), rng.integers(0, 2**40, size=2)]
+    out += [rng.choice(["+", "-"], size=4), rng.standard_normal(2), rng.integers(0, 10)]
+    state = rng.bit_generator.state
+    return [np.asarray(x).tolist() for x in out] + [{k: np.asarray(v).tolist() for k, v in state["state"].items()}]
+
+
+SEEDS = [0, 1, 7, 2**32 + 3, 2**63 - 1, 2**63 + 5, -1]  # keys >= 2**63 go through numpy's float64 conversion
+STREAMS = [tasks.TRAIN_STREAM, tasks.EVAL_STREAM, 12345]
+INDICES = [0, 1, 2, 1000, 2**31 - 1, 2**32 + 1, 2**53 + 1, 2**62 + 12345, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 1, -1]
+
+
+def test_example_rng_draws_exactly_as_a_fresh_philox():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's own cast warning for indices near 2**64
+        for seed in SEEDS:
+            for stream in STREAMS:
+                for index in INDICES + INDICES[:3]:  # revisit: a reused generator is rewound, not continued
+                    want = _draws(fresh_example_rng(seed, stream, index))
+                    assert _draws(tasks.example_rng(seed, stream, index)) == want, (seed, stream, index)
+                    other = (seed, stream + 1, index)  # another key in between must not disturb this one
+                    assert _draws(tasks.example_rng(*other)) == _draws(fresh_example_rng(*other))
+    for index in (2**64, 2**70):  # out of numpy's range: refused alike
+        with pytest.raises(OverflowError):
+            fresh_example_rng(0, 0, index)
+        with pytest.raises(OverflowError):
+            tasks.example_rng(0, 0, index)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_examples_unchanged_by_the_cheaper_rng(name):
+    task = tasks.get_task(name)
+    for i in [*range(300), 2**40 + 7]:
+        want = task.generate(fresh_example_rng(5, tasks.TRAIN_STREAM, i), 4)
+        assert tasks.make_example(task, 4, 5, tasks.TRAIN_STREAM, i) == want
+
+
+def test_example_rng_per_thread():
+    """The prefetch thread and the main thread (eval batches) generate at once; neither may move the other's."""
+    task = tasks.get_task("pointer_chase")
+    want = {s: [task.generate(fresh_example_rng(0, s, i), 3).text for i in range(400)] for s in range(4)}
+    got = {}
+
+    def work(s):
+        got[s] = [tasks.make_example(task, 3, 0, s % 2, i).text for i in range(400)]  # two threads per key
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert got == {s: want[s % 2] for s in range(4)}

@@ -3,6 +3,8 @@
   asura.data.sources    SOURCES registry (data.source = task | text | synthetic), each entry carrying its facts
   asura.data.pipeline   check_compatible, data_vocab_size, build_train_iterator, build_eval_batches, exact_match
   asura.data.host       the grain graph shared by task and text: documents -> ... -> [B, T] batches
+  asura.data.grain_pack the grain stage that packs documents into batches (packing.FirstFit), resumable
+  asura.data.packing    row layout (segments, targets, loss mask) and the first-fit packer; pure numpy
   asura.data.tasks      task registry (pointer_chase, addition, parity, reverse, modular_arith); pure numpy
   asura.data.text       reading prepared shards: resolve_shards, probe_shards
   asura.data.prepare    CLI: text files / jsonl / Hugging Face datasets -> ArrayRecord token shards

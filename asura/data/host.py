@@ -1,26 +1,29 @@
 """Host input pipeline (grain), shared by the task and text sources.
 
     Documents (random-access records)
-      -> shuffle -> per-process slice -> repeat (epochs) -> to_doc
-      -> chunk documents longer than seq_len -> first-fit pack (or pad) -> batch [B, T] -> prefetch
+      -> shuffle -> per-process slice -> repeat (epochs) -> to_doc      grain MapDataset
+      -> split documents longer than seq_len into pieces
+      -> first-fit pack (or one piece per row) -> batch [B, T]           asura.data.grain_pack
+      -> prefetch (a thread, or grain worker processes)
 
 A source only supplies its `Documents` (task_documents, text_documents); everything
 after that is the same graph. Invariants a contributor must keep:
   - each epoch is sliced across processes *before* repeat, so processes see disjoint
     documents and together cover every one of them once per epoch;
   - the records are random access and every stage is deterministic, so get_state()
-    is JSON and set_state() resumes bit-exactly;
+    is JSON (where the document stream stands) and set_state() resumes bit-exactly;
   - element functions are module-level (not lambdas): grain worker processes pickle them.
 
-This is the only module that imports grain, and only when a pipeline is built: the GPU
-image lacks grain, and the synthetic source must work without it.
+The packer reads documents by index and packs them with numpy (asura.data.packing.FirstFit):
+the rows grain's FirstFitPackIterDataset gave, for about a tenth of its CPU per batch.
+This module and asura.data.grain_pack are the only ones that import grain, and only when a
+pipeline is built: the GPU image lacks grain, and the synthetic source must work without it.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import math
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -29,7 +32,6 @@ import numpy as np
 
 from asura.data import tasks as tasks_lib
 from asura.data import text as text_lib
-from asura.data.packing import batch_rows, single_row
 
 _SHUFFLE_SALT = 0x5EED  # keeps the shuffle seed independent of the example-generation seed
 
@@ -39,7 +41,6 @@ class Documents(NamedTuple):
     to_doc: Callable[[Any], dict]  # record -> {"tokens": int32 [L], "scored": int32 [L]}
     max_doc_tokens: int
     fixed_len: bool  # every document has max_doc_tokens tokens: if two cannot share a row, packing == padding
-    read_threads: int  # 0 when a record costs less to make than a thread hand-off (tasks)
 
 
 def grain():
@@ -70,7 +71,6 @@ def task_documents(cfg, *, stream: int, difficulty: int, n_examples: int) -> Doc
         to_doc=to_doc,
         max_doc_tokens=task.max_len(difficulty),
         fixed_len=True,
-        read_threads=0,  # ~20us of numpy per example
     )
 
 
@@ -86,27 +86,10 @@ def text_documents(shards: text_lib.Shards) -> Documents:
         to_doc=_text_doc,
         max_doc_tokens=shards.max_doc_tokens,
         fixed_len=False,
-        read_threads=2,  # file reads overlap with packing
     )
 
 
 # ------------------------------------------------------------ graph
-
-
-def _pad_doc(doc, *, seq_len):
-    return single_row(doc["tokens"], doc["scored"], seq_len)
-
-
-class _Chunker:
-    """grain FlatMap (duck-typed, so it pickles for worker processes): a document -> seq_len pieces."""
-
-    def __init__(self, seq_len: int, max_doc_tokens: int):
-        self.seq_len = seq_len
-        self.max_fan_out = max(1, math.ceil(max_doc_tokens / seq_len))
-
-    def flat_map(self, doc):
-        pieces = zip(text_lib.chunk(doc["tokens"], self.seq_len), text_lib.chunk(doc["scored"], self.seq_len))
-        return [{"tokens": t, "scored": s} for t, s in pieces]
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -121,26 +104,21 @@ def _mark_absl_flags_parsed() -> None:
 def batches(cfg, docs: Documents, *, process_index: int, process_count: int, shuffle: bool, num_epochs: int):
     """The grain IterDataset of this process's [train.batch_size // process_count, seq_len] batches."""
     g, d = grain(), cfg.data
-    n_rows = cfg.train.batch_size // process_count
+    from asura.data.grain_pack import PackedBatches
+
     ds = docs.records
     if shuffle:
         ds = ds.shuffle(seed=cfg.train.seed + _SHUFFLE_SALT)
     ds = ds[process_index::process_count]  # before repeat: each epoch is split disjointly and completely
     ds = ds.repeat(None if num_epochs == 0 else num_epochs)  # reshuffles every epoch
-    threads = docs.read_threads
-    ds = ds.map(docs.to_doc).to_iter_dataset(g.ReadOptions(num_threads=threads, prefetch_buffer_size=threads * 8))
-    if docs.max_doc_tokens > d.seq_len:
-        ds = g.experimental.FlatMapIterDataset(ds, _Chunker(d.seq_len, docs.max_doc_tokens))
-    if d.pack and not (docs.fixed_len and 2 * docs.max_doc_tokens > d.seq_len):
-        ds = g.experimental.FirstFitPackIterDataset(
-            ds,
-            length_struct={"tokens": d.seq_len, "scored": d.seq_len},
-            num_packing_bins=n_rows,
-            shuffle_bins=False,
-        )
-    else:
-        ds = ds.map(functools.partial(_pad_doc, seq_len=d.seq_len))
-    ds = ds.batch(n_rows, drop_remainder=False, batch_fn=functools.partial(batch_rows, n_rows=n_rows))
+    ds = PackedBatches(
+        ds.map(docs.to_doc),
+        n_rows=cfg.train.batch_size // process_count,
+        seq_len=d.seq_len,
+        chunk=docs.max_doc_tokens > d.seq_len,
+        # pack=false, or fixed-length documents no two of which fit a row (packing would only pad)
+        one_per_row=not d.pack or (docs.fixed_len and 2 * docs.max_doc_tokens > d.seq_len),
+    )
     if d.worker_count > 0:
         _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(g.MultiprocessingOptions(num_workers=d.worker_count))

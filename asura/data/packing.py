@@ -1,4 +1,4 @@
-"""Row layout shared by every source: pure numpy, no grain.
+"""Row layout shared by every source, and the packer that fills rows: pure numpy, no grain.
 
 A *row* is seq_len tokens holding one or more documents (segments numbered
 from 1; 0 = padding). The model sees ``inputs = tokens`` and predicts
@@ -6,6 +6,16 @@ from 1; 0 = padding). The model sees ``inputs = tokens`` and predicts
 the same segment, so targets never cross a document boundary and a document's
 last token (and all padding) has loss_mask 0. ``scored`` marks which tokens
 may be targets (all of them for text, only the answer for tasks).
+
+    pieces (each <= seq_len tokens), in stream order
+      -> FirstFit.add: choose a row (a few numpy calls on per-row counters: no per-token work)
+      -> FirstFit.take: one vectorised scatter into [B, T], then model_fields
+
+FirstFit reproduces grain's FirstFitPackIterDataset (shuffle_bins=False) followed by
+batching its rows: the same rows in the same order, segment ids and positions included
+(tests/test_data_packing.py holds grain's packer as the oracle). Keep that equality: a
+checkpointed iterator state names a place in the document stream, and resuming must
+rebuild the same batches.
 """
 
 from __future__ import annotations
@@ -13,19 +23,6 @@ from __future__ import annotations
 import numpy as np
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
-
-def single_row(tokens_L: np.ndarray, scored_L: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """One document padded to seq_len (the pack=False path); same keys as a packed row."""
-    n = len(tokens_L)
-    if n > seq_len:
-        raise ValueError(f"document of {n} tokens does not fit data.seq_len={seq_len}")
-    tokens_T = np.zeros(seq_len, np.int32)
-    scored_T = np.zeros(seq_len, np.int32)
-    seg_T = np.zeros(seq_len, np.int32)
-    pos_T = np.zeros(seq_len, np.int32)
-    tokens_T[:n], scored_T[:n], seg_T[:n], pos_T[:n] = tokens_L, scored_L, 1, np.arange(n)
-    return {"tokens": tokens_T, "scored": scored_T, "tokens_segment_ids": seg_T, "tokens_positions": pos_T}
 
 
 _PACKED = ("tokens", "scored", "tokens_segment_ids", "tokens_positions")
@@ -49,17 +46,6 @@ def model_fields(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def batch_rows(rows: list[dict[str, np.ndarray]], n_rows: int) -> dict[str, np.ndarray]:
-    """Stack packed rows into [B, T] model fields; a short final batch gets empty rows (segment 0, loss 0)."""
-    packed = {}
-    for k in _PACKED:
-        x_BT = np.stack([r[k] for r in rows])
-        if len(rows) < n_rows:
-            x_BT = np.concatenate([x_BT, np.zeros((n_rows - len(rows), x_BT.shape[1]), x_BT.dtype)])
-        packed[k] = x_BT
-    return model_fields(packed)
-
-
 def exact_match(pred_BT, batch: dict) -> tuple[int, int]:
     """(n_correct, n_examples) over the examples in a batch.
 
@@ -78,3 +64,69 @@ def exact_match(pred_BT, batch: dict) -> tuple[int, int]:
     has_answer = np.bincount(key_BT[mask_BT], minlength=n_keys) > 0
     has_wrong = np.bincount(key_BT[wrong_BT], minlength=n_keys) > 0
     return int((has_answer & ~has_wrong).sum()), int(has_answer.sum())
+
+
+class FirstFit:
+    """First-fit packing of pieces into ``n_rows`` rows of ``seq_len`` tokens: one batch at a time.
+
+    ``add`` puts a piece into the first row with room for it (and, with ``max_per_row``, fewer than
+    that many pieces) and returns True; it returns False, adding nothing, when no row has room: the
+    batch is then complete and the piece starts the next one. ``take`` returns the batch as model
+    fields [n_rows, seq_len] (rows never used are empty: segment 0, loss 0) and starts a new batch.
+    ``max_per_row=1`` is the unpacked layout: piece k of a batch alone in row k.
+
+    A piece of 0 tokens still takes a row's next segment id and counts as its content, as in grain.
+    """
+
+    def __init__(self, n_rows: int, seq_len: int, max_per_row: int | None = None):
+        self.n_rows, self.seq_len, self.max_per_row = n_rows, seq_len, max_per_row
+        self._reset()
+
+    def _reset(self) -> None:
+        self._free = np.full(self.n_rows, self.seq_len, np.int64)  # room left per row
+        self._count = np.zeros(self.n_rows, np.int64)  # pieces per row, so also its last segment id
+        self._used = 0  # rows holding a piece: always a prefix, since an empty row fits any piece
+        self._tokens, self._scored = [], []  # the pieces, in the order they were added
+        self._dest = []  # flat index row * seq_len + start of each piece
+        self._seg = []
+
+    def __len__(self) -> int:
+        """Pieces in the current batch."""
+        return len(self._tokens)
+
+    def add(self, tokens_L: np.ndarray, scored_L: np.ndarray) -> bool:
+        n = len(tokens_L)
+        if n > self.seq_len:
+            raise ValueError(f"a piece of {n} tokens does not fit data.seq_len={self.seq_len}")
+        end = min(self._used + 1, self.n_rows)  # the rows past self._used are empty and alike: look at one
+        ok = self._free[:end] >= n
+        if self.max_per_row is not None:
+            ok &= self._count[:end] < self.max_per_row
+        row = int(ok.argmax())
+        if not ok[row]:
+            return False
+        self._dest.append(row * self.seq_len + self.seq_len - int(self._free[row]))
+        self._free[row] -= n
+        self._count[row] += 1
+        self._seg.append(int(self._count[row]))
+        self._used = max(self._used, row + 1)
+        self._tokens.append(tokens_L)
+        self._scored.append(scored_L)
+        return True
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The batch as model fields [n_rows, seq_len]; the packer is empty afterwards."""
+        b, t = self.n_rows, self.seq_len
+        lengths = np.fromiter(map(len, self._tokens), np.int64, len(self._tokens))
+        total = int(lengths.sum())
+        first = np.cumsum(lengths) - lengths  # each piece's offset in the concatenation
+        pos = np.arange(total, dtype=np.int64) - np.repeat(first, lengths)  # position inside its piece
+        dest = np.repeat(np.asarray(self._dest, np.int64), lengths) + pos
+        packed = {k: np.zeros(b * t, np.int32) for k in _PACKED}
+        if total:
+            packed["tokens"][dest] = np.concatenate(self._tokens)
+            packed["scored"][dest] = np.concatenate(self._scored)
+            packed["tokens_segment_ids"][dest] = np.repeat(np.asarray(self._seg, np.int32), lengths)
+            packed["tokens_positions"][dest] = pos
+        self._reset()
+        return model_fields({k: v.reshape(b, t) for k, v in packed.items()})
