@@ -1,0 +1,136 @@
+"""Evaluate any checkpoint at any depths, with extrapolation chosen at evaluation time.
+
+    python -m asura.evaluate --workdir runs/demo --depths 1-8 --extrapolation last [--step S|best|latest]
+        [--task-difficulty D] [--data PATH] [--batches N] [--json OUT]
+
+Prints a table and (with --json) writes one JSON object: per depth the final iteration's ce,
+accuracy, exact_match and objective (asura.train.evaluate's metric names and meanings), plus
+perplexity = exp(ce) per scored token and, for the byte tokenizer (tasks and byte-level
+text), bits_per_byte = ce / ln 2. The evaluation is asura.analysis.depth.evaluate_depths (the
+training code path; one compiled program for every depth of the sweep).
+
+Data: the checkpoint's own eval set by default; --task-difficulty D sets data.eval_difficulty
+(tasks only: test length generalisation); --data PATH evaluates text shards from
+`python -m asura.data.prepare` (tokenised with the checkpoint's tokenizer). Depths past
+max_iterations need --extrapolation last|cycle (no retraining: it only picks which
+per-iteration parameters the extra iterations reuse). Every bad input is one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from asura.config.cli import OneLineParser, fail
+from asura.infer.cli import add_model_flags, load_model, positive
+
+PROG = "python -m asura.evaluate"
+
+
+def parse_depths(spec: str) -> list[int]:
+    """'1-8', '1,2,4' or '2-4,8' -> sorted distinct depths >= 1."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            fail(f"--depths {spec!r} is not a list of depths such as 1-8 or 1,2,4", PROG)
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if a < 1 or b < a:
+            fail(f"--depths {spec!r}: a range must be a-b with 1 <= a <= b", PROG)
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description="Evaluate an asura checkpoint at a list of depths.")
+    add_model_flags(p)
+    p.add_argument("--depths", default=None, help="e.g. 1-8 or 1,2,4 (default: 1..max_iterations)")
+    p.add_argument("--task-difficulty", type=int, default=None, help="task eval difficulty (data.eval_difficulty)")
+    p.add_argument("--data", default=None, help="text shards from python -m asura.data.prepare")
+    p.add_argument("--batches", type=int, default=None, help="eval batches (default: train.eval_batches)")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    return p
+
+
+def eval_config(cfg, args):
+    """The checkpoint's config with the data chosen on the command line (validated)."""
+    from asura.config import ConfigError, with_overrides
+
+    over = {}
+    if args.data is not None:
+        over.update({"data.source": "text", "data.path": args.data})
+    if args.task_difficulty is not None:
+        if cfg.data.source != "task":
+            fail(f"--task-difficulty applies to task data, but this checkpoint trained on {cfg.data.source}", PROG)
+        over["data.eval_difficulty"] = args.task_difficulty
+    try:
+        return with_overrides(cfg, over) if over else cfg
+    except ConfigError as e:
+        fail(str(e), PROG)
+
+
+def table(rows: list[dict], byte: bool) -> str:
+    what = "bits/byte" if byte else "ppl"
+    lines = [f"{'depth':>5}  {'ce':>8}  {what:>9}  {'accuracy':>8}  {'exact':>6}"]
+    for r in rows:
+        x = r["bits_per_byte"] if byte else r["perplexity"]
+        mark = "  (extrapolated)" if r["extrapolated"] else ""
+        lines.append(f"{r['depth']:>5}  {r['ce']:8.4f}  {x:9.4f}  {r['accuracy']:8.4f}  {r['exact_match']:6.3f}{mark}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.data is not None and args.task_difficulty is not None:
+        fail("--task-difficulty applies to task data; --data evaluates text shards (choose one)", PROG)
+    for flag, value in (("--batches", args.batches), ("--task-difficulty", args.task_difficulty)):
+        if value is not None:
+            positive(flag, value, PROG)
+    depths = parse_depths(args.depths) if args.depths is not None else None
+    if args.json is not None and not Path(args.json).expanduser().resolve().parent.is_dir():
+        fail(f"--json {args.json}: its directory does not exist", PROG)
+
+    loaded = load_model(args, PROG, depths or [])
+    cfg = eval_config(loaded.cfg, args)
+    depths = depths or list(range(1, cfg.model.max_iterations + 1))
+    from asura.analysis.depth import evaluate_depths
+    from asura.data import build_eval_batches, check_compatible
+
+    try:
+        check_compatible(cfg)
+        batches = build_eval_batches(cfg, args.batches or cfg.train.eval_batches)
+    except ValueError as e:
+        fail(str(e).splitlines()[0], PROG)
+    if not batches:
+        fail(f"no eval batches: {cfg.data.path or cfg.data.source} has no eval documents", PROG)
+    byte = cfg.data.tokenizer == "byte"
+    rows = evaluate_depths(loaded.model, batches, depths)
+    for r in rows:
+        r["perplexity"] = math.exp(min(r["ce"], 700.0))
+        if byte:
+            r["bits_per_byte"] = r["ce"] / math.log(2)
+    print(f"{loaded.workdir} step {loaded.step}, extrapolation {cfg.model.extrapolation}, "
+          f"max_iterations {cfg.model.max_iterations}, {len(batches)} batches")  # fmt: skip
+    print(table(rows, byte))
+    if args.json is not None:
+        d = cfg.data
+        data = {
+            "source": d.source,
+            "batches": len(batches),
+            "tokens": sum(float(b["loss_mask"].sum()) for b in batches),
+        }
+        data.update({"task": d.task, "difficulty": d.eval_difficulty or d.difficulty} if d.source == "task" else {})
+        data.update({"path": d.path, "tokenizer": d.tokenizer} if d.source == "text" else {})
+        out = {
+            "workdir": str(loaded.workdir), "step": loaded.step, "extrapolation": cfg.model.extrapolation,
+            "max_iterations": cfg.model.max_iterations, "trained_depth": cfg.model.iterations, "data": data,
+            "depths": rows,
+        }  # fmt: skip
+        Path(args.json).expanduser().write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

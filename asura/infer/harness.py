@@ -1,0 +1,127 @@
+"""lm-evaluation-harness model "asura": score and generate with any checkpoint at any depth.
+
+Needs the `eval` extra (``pip install -e '.[eval]'``: lm-eval's core, no torch/transformers).
+Importing this module registers the model; the Python API is the way in::
+
+    import lm_eval
+    from asura.infer.harness import AsuraLM
+    lm = AsuraLM(workdir="runs/demo", depth=6, extrapolation="last")
+    lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
+
+or ``lm_eval.simple_evaluate(model="asura", model_args="workdir=runs/demo,depth=6", ...)`` after
+the import. Requests go to asura.infer: loglikelihood and loglikelihood_rolling to
+score.loglikelihoods (the training forward, teacher-forced), generate_until to
+generate.generate (KV cache policy `cache`, greedy unless the task asks to sample).
+
+The model has no BOS token: a loglikelihood request needs a non-empty context, and a rolling
+log-likelihood does not score a document's first token (lm-eval's HF models condition it on EOT).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from asura.infer.generate import generate
+from asura.infer.sample import Sampling
+from asura.infer.score import loglikelihoods, rolling_windows
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation), split where the whole string's tokens split:
+    trailing spaces move from the context to the continuation (as lm-eval's HF model)."""
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        context, continuation = context[:-n_space], context[-n_space:] + continuation
+    whole, ctx = tok.encode_batch([context + continuation, context])
+    return whole[: len(ctx)], whole[len(ctx) :]
+
+
+@register_model("asura")
+class AsuraLM(LM):
+    def __init__(
+        self,
+        workdir: str,
+        depth: int | None = None,
+        step: str | int = "latest",
+        extrapolation: str | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        cache: str = "per_iteration",
+        max_gen_toks: int = 256,
+        seed: int = 0,
+        device: str | None = None,  # lm-eval passes these two to every model; JAX places arrays itself
+        max_batch_size: int | None = None,
+    ):
+        super().__init__()
+        from asura.analysis.load import load
+        from asura.data.tokenizer import load_tokenizer
+
+        step = int(step) if isinstance(step, str) and step.isdigit() else step
+        loaded = load(workdir, step, extrapolation=extrapolation or None)
+        self.model, self.cfg, self.step = loaded.model, loaded.cfg, loaded.step
+        self.depth = int(depth or self.cfg.model.iterations)
+        self.max_depth = max(self.depth, self.cfg.model.max_iterations)
+        self.model.scan_len(self.depth, self.max_depth)  # DepthError past max_iterations without extrapolation
+        self.tok = load_tokenizer(self.cfg.data.tokenizer)
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length or self.cfg.data.seq_len)
+        self.cache, self.max_gen_toks, self.seed = cache, int(max_gen_toks), int(seed)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tok.spec
+
+    def _score(self, pairs):
+        kw = dict(max_len=self.max_length, batch_size=self.batch_size, max_depth=self.max_depth)
+        return loglikelihoods(self.model, pairs, self.depth, **kw)
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        pairs = [encode_pair(self.tok, *r.args) for r in requests]
+        out = [(ll.logprob, ll.greedy) for ll in self._score(pairs)]
+        for r, res in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood", r.args, res)
+        return out
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        docs = [rolling_windows(ids, self.max_length) for ids in self.tok.encode_batch([r.args[0] for r in requests])]
+        scores = iter(self._score([w for windows in docs for w in windows]))
+        out = [sum(ll.logprob for ll in itertools.islice(scores, len(windows))) for windows in docs]
+        for r, res in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, res)
+        return out
+
+    def generate_until(self, requests) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):  # one generate() call per distinct gen_kwargs
+            groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+        for idx in groups.values():
+            kw = dict(requests[idx[0]].args[1])
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            sampling = Sampling(
+                float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0,
+                int(kw.get("top_k") or 0),
+                float(kw.get("top_p") or 1.0),
+            )
+            stops = [ids[0] for ids in self.tok.encode_batch(until) if len(ids) == 1] if until else []
+            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                prompts = [
+                    ids[-self.max_length :] for ids in self.tok.encode_batch([requests[i].args[0] for i in chunk])
+                ]
+                gen = generate(
+                    self.model, prompts, self.depth, max_new_tokens=max_new, sampling=sampling, stop_tokens=stops,
+                    seed=self.seed, cache=self.cache, max_depth=self.max_depth,
+                )  # fmt: skip
+                for i, ids in zip(chunk, gen.tokens, strict=True):
+                    text = self.tok.decode(ids)
+                    for u in until:  # cut at the first stop string (multi-token ones included)
+                        text = text.split(u, 1)[0]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out
