@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv/ with Python 3.12 and install asura with every extra. Idempotent:
-# reinstalls only when pyproject.toml changed since the last successful install.
+# Create .venv/ with Python 3.12 and install asura with its research, notebook and dev extras,
+# plus any listed in ASURA_EXTRAS (comma-separated, e.g. ASURA_EXTRAS=tpu for libtpu, which CI
+# uses). Idempotent: reinstalls only when pyproject.toml or the extras changed since the last
+# successful install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +23,8 @@ find_python() {
   exit 1
 }
 
-stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+extras="research,notebooks,dev${ASURA_EXTRAS:+,$ASURA_EXTRAS}"
+stamp=".venv/.installed-$( (cat pyproject.toml; echo "$extras") | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && .venv/bin/python -c 'import asura.kernels' 2>/dev/null; then
   exit 0
 fi
@@ -30,9 +33,9 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $py"
   "$py" -m venv .venv
 fi
-echo "[setup] installing asura and its dependencies into .venv (first run takes a few minutes)"
+echo "[setup] installing asura[$extras] into .venv (first run takes a few minutes)"
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[research,notebooks,dev]"
+.venv/bin/python -m pip install -q -e ".[$extras]"
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 rm -f .venv/.installed-*
 touch "$stamp"

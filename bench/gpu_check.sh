@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should run, as ONE command (an H200 lease is 15 minutes of device time, all
+# tries together; this script stays under 8 minutes however the steps go):
+#
+#   bash bench/gpu_check.sh              # on the device: tables and logs to $OUT (default $TMPDIR/gpu_check_out)
+#   bash bench/gpu_check.sh --cpu-smoke  # on a CPU: every step's entry point with tiny sizes (numbers meaningless)
+#
+# Steps, each under its own timeout; a failed or timed-out step does not stop the next:
+#   1 env        nvidia-smi, python/jax versions, devices; where asura.kernels is imported from
+#   2 tests      compiled kernels vs the fp32 reference: tests/test_kernels_hw.py and the gpu-marked
+#                tests of tests/test_attention_dispatch.py (the other test files need grain/tensorboardX)
+#   3 attention  bench/attention.py: pallas vs cudnn vs xla, T 1k-8k, d 64/128, bf16, causal, fwd and fwd+bwd
+#   4 mfu        bench/mfu.py: configs/presets/looped_350m.yaml at batch 32 (synthetic data), 10 timed steps
+# Files in $OUT (at most 8 come back): env.txt tests.txt attention.txt mfu.txt mfu.json summary.txt
+#
+# The device image (python3, jax 0.11.2, no grain, no asura install) is used as it is. asura is put
+# on the path through a view in $TMPDIR: asura/* linked, asura/kernels -> kernels/ (what pyproject's
+# package-dir does when installed), bench/ and tests/ copied so their repo-root lookups land in it.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MODE=device
+case "${1:-}" in
+  "") ;;
+  --cpu-smoke) MODE=smoke ;;
+  *) echo "usage: bash bench/gpu_check.sh [--cpu-smoke]" >&2; exit 2 ;;
+esac
+OUT="${OUT:-${TMPDIR:-/tmp}/gpu_check_out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"  # absolute: the steps run from the view
+if [ "$MODE" = smoke ] && [ -x "$REPO/.venv/bin/python" ]; then PY="${PY:-$REPO/.venv/bin/python}"; else PY="${PY:-python3}"; fi
+
+# Per-step limits (s): 15 + 120 + 170 + 165 = 470 s < 8 min at worst. Compiles dominate every step (72 jit
+# compiles in the attention table, one 350M train step in mfu); output is unbuffered, so a step cut
+# short by its limit still leaves the rows it finished in $OUT.
+T_ENV=15 T_TESTS=120 T_ATTN=170 T_MFU=165
+TEST_ARGS=(-m gpu)  # on a CPU they all skip: the smoke checks that the files import and collect
+if [ "$MODE" = device ]; then
+  ATTN_ARGS=(--T 1024,2048,4096,8192 --d 64,128 --heads 16 --dtype bfloat16 --impls pallas,cudnn,xla --reps 30)
+  MFU_ARGS=(--config configs/presets/looped_350m.yaml train.batch_size=32 --steps 10)
+else  # the same entry points, tiny; Pallas runs in interpret mode
+  ATTN_ARGS=(--cpu-smoke)
+  MFU_ARGS=(--cpu-smoke)
+fi
+
+VIEW="${TMPDIR:-/tmp}/asura_view.$$"
+rm -rf "$VIEW" && mkdir -p "$VIEW/asura"
+for f in "$REPO"/asura/*; do ln -s "$f" "$VIEW/asura/"; done
+ln -s "$REPO/kernels" "$VIEW/asura/kernels"
+ln -s "$REPO/configs" "$VIEW/configs"
+cp -r "$REPO/bench" "$REPO/tests" "$REPO/pyproject.toml" "$VIEW/"
+rm -rf "$VIEW/tests/__pycache__" "$VIEW/bench/__pycache__"
+trap 'rm -rf "$VIEW"' EXIT
+cd "$VIEW"
+export PYTHONPATH="$VIEW" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+
+SUMMARY=()
+step() {  # step NAME LIMIT_S OUTFILE CMD...: run with a timeout, tee to $OUT, record status and seconds
+  local name=$1 limit=$2 file=$3; shift 3
+  local t0=$SECONDS rc
+  echo "=== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$file"
+  rc=${PIPESTATUS[0]}
+  local how="ok"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then how="TIMEOUT"; elif [ "$rc" != 0 ]; then how="FAILED (exit $rc)"; fi
+  SUMMARY+=("$(printf '%-10s %-16s %4ss  %s' "$name" "$how" "$((SECONDS - t0))" "$OUT/$file")")
+}
+
+ENV_PY='
+import shutil, subprocess, sys
+import jax, flax, optax
+import asura.kernels
+if shutil.which("nvidia-smi"):
+    q = "name,memory.total,driver_version,clocks.sm,clocks.max.sm"
+    print(subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"], capture_output=True, text=True).stdout)
+print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)
+print("devices", jax.devices())
+print("asura.kernels from", asura.kernels.__file__)
+'
+step env "$T_ENV" env.txt "$PY" -c "$ENV_PY"
+step tests "$T_TESTS" tests.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_hw.py \
+  tests/test_attention_dispatch.py "${TEST_ARGS[@]}"
+step attention "$T_ATTN" attention.txt "$PY" bench/attention.py "${ATTN_ARGS[@]}"
+step mfu "$T_MFU" mfu.txt "$PY" bench/mfu.py "${MFU_ARGS[@]}" --json "$OUT/mfu.json"
+
+{
+  echo "=== gpu_check ($MODE) summary: step, status, seconds, output"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo "--- tests:"; tail -n 3 "$OUT/tests.txt"
+  echo "--- attention:"; grep -E '^(impl|pallas|cudnn|xla) ' "$OUT/attention.txt" || echo "(no rows)"
+  echo "--- mfu:"; grep -E '^[|#]' "$OUT/mfu.txt" || echo "(no rows)"
+} | tee "$OUT/summary.txt"
+
+for line in "${SUMMARY[@]}"; do case "$line" in *" ok "*) ;; *) exit 1 ;; esac; done
