@@ -4,13 +4,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import ROOT
 
 from asura.analysis import sweep_results
 from asura.config import load_config
 
 nbclient = pytest.importorskip("nbclient")
-
-from conftest import ROOT as REPO
+REPO = ROOT
 
 
 def _execute(name: str) -> nbformat.NotebookNode:

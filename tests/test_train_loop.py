@@ -7,7 +7,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import poison, quiet, stop_at, tiny_config
 
 from asura.train.loop import FAST_COMPILE, NonFiniteError

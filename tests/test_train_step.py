@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
 
 from asura.train.checkpoint import ConfigMismatchError, check_resume_config
