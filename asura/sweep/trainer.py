@@ -83,7 +83,8 @@ def subprocess_trial(cfg: Config, workdir: Path, on_eval: OnEval, poll_s: float 
     cfg_path.write_text(config_to_yaml(cfg))
     log = (workdir / "train.log").open("w")
     cmd = [sys.executable, str(TRAIN_PY), "--config", str(cfg_path), "--workdir", str(workdir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # W&B (train.wandb=true) groups a sweep's trials under the sweep dir's name (DIR/trials/<id>).
+    env = {"ASURA_WANDB_GROUP": workdir.resolve().parent.parent.name, **os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
     offset, last = 0, None
     try:
