@@ -76,6 +76,35 @@ def poison(steps):
     return Hooks(before_step=before)
 
 
+def random_model(cfg, seed: int = 0, scale: float = 1.0, bias_std: float = 0.1):
+    """A LoopedLM with every parameter random (numpy, no init compile).
+
+    Adapters start with ΔW = 0 and norms at 1/0, which would hide indexing bugs, so tests use
+    random values everywhere: matrices ~ N(0, scale²/fan_in), norm scales ~ 1 + N(0, 0.1²),
+    biases ~ N(0, bias_std²); ABBA/LoRA factors all nonzero.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from asura.model import LoopedLM
+
+    model = nnx.eval_shape(lambda: LoopedLM(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        z = rng.standard_normal(x.shape).astype(np.float32)
+        if name == "scale":
+            return jnp.asarray(1 + 0.1 * z)
+        if name == "bias":
+            return jnp.asarray(bias_std * z)
+        return jnp.asarray(z * scale / np.sqrt(x.shape[-2] if x.ndim >= 2 else 1))
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(fill, nnx.state(model, nnx.Param)))
+    return model
+
+
 def _backend() -> str:
     import jax
 

@@ -8,10 +8,10 @@ changes the logits.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_model as _random_model
 from flax import nnx
 
 from asura.config.schema import ModelConfig
@@ -44,22 +44,8 @@ MAX_DEPTH = 5  # past max_iterations=3: extrapolation last / cycle
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, scale: float = 1.0) -> LoopedLM:
-    """Every parameter random (numpy, no init compile): matrices ~ N(0, scale²/fan_in), norm
-    scales ~ 1 + N(0, 0.1²), biases ~ N(0, 0.02²); ABBA/LoRA factors all nonzero."""
-    model = nnx.eval_shape(lambda: LoopedLM(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        z = rng.standard_normal(x.shape).astype(np.float32)
-        if name == "scale":
-            return jnp.asarray(1 + 0.1 * z)
-        if name == "bias":
-            return jnp.asarray(0.02 * z)
-        return jnp.asarray(z * scale / np.sqrt(x.shape[-2] if x.ndim >= 2 else 1))
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(fill, nnx.state(model, nnx.Param)))
-    return model
+    """conftest.random_model with small biases (N(0, 0.02²))."""
+    return _random_model(cfg, seed, scale, bias_std=0.02)
 
 
 @nnx.jit

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_model
 from flax import nnx
 
 from asura.config.schema import ModelConfig
-from asura.model import LoopedLM
 
 V, T, B = 32, 12, 2
 # fp32 against fp32 computed in another order (scan vs unrolled, fused vs plain einsums): rounding
@@ -44,27 +44,8 @@ def make_batch(seed, packed=False):
 
 
 def build(cfg, seed, scale=1.0):
-    """A LoopedLM with every parameter random (numpy; no init compile).
-
-    Adapters start with ΔW = 0 and norms at 1/0, which would hide indexing
-    bugs, so tests use random values everywhere: matrices ~ N(0, scale²/fan_in),
-    norm scales ~ 1 + N(0, 0.1²), biases ~ N(0, 0.1²).
-    """
-    model = nnx.eval_shape(lambda: LoopedLM(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        z = rng.standard_normal(x.shape).astype(np.float32)
-        if name == "scale":
-            return jnp.asarray(1 + 0.1 * z)
-        if name == "bias":
-            return jnp.asarray(0.1 * z)
-        return jnp.asarray(z * scale / np.sqrt(x.shape[-2] if x.ndim >= 2 else 1))
-
-    state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree_util.tree_map_with_path(fill, state))
-    return model
+    """conftest.random_model: every parameter random, so indexing bugs cannot hide behind ΔW = 0."""
+    return random_model(cfg, seed, scale)
 
 
 # ----------------------------------------------------------- independent reference
