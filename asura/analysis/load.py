@@ -6,7 +6,7 @@ Accepted paths (layout written by ``asura.train.loop.run``):
     workdir/checkpoints/<step>/  that step
 Restoring goes through ``asura.train.checkpoint.CheckpointStore`` and
 ``asura.train.state.abstract_state``, so this reads exactly the format the train
-loop writes. The config comes from ``workdir/config.yaml``. Every failure is a
+loop writes. The config is each checkpoint's own (saved in its meta item). Every failure is a
 ``LoadError`` with a one-line message.
 """
 
@@ -45,19 +45,6 @@ def resolve(path: str | Path, step: int | None = None) -> tuple[Path, int | None
     return p, step
 
 
-def read_config(workdir: str | Path):
-    """The resolved config a workdir was trained with (``config.yaml``)."""
-    from asura.config import ConfigError, config_from_yaml
-
-    f = Path(workdir) / "config.yaml"
-    if not f.is_file():
-        raise LoadError(f"{Path(workdir)} has no config.yaml: not an asura workdir (written by `python train.py`)")
-    try:
-        return config_from_yaml(f.read_text())
-    except ConfigError as e:
-        raise LoadError(f"{f} is not a valid config: {e}") from None
-
-
 def model_from_params(cfg, params):
     """A LoopedLM holding ``params`` (a pure param dict, e.g. ``run(...)["params"]``)."""
     from asura.train.state import abstract_state, merge_model
@@ -77,17 +64,10 @@ def _meta_config(store, step: int):
     """The config a checkpoint step was trained with (its own meta: the authority on resume too)."""
     from asura.config import ConfigError, config_from_yaml
 
-    meta = store.mngr.restore(step, args=_meta_args())["meta"]
     try:
-        return config_from_yaml(meta["config_yaml"])
+        return config_from_yaml(store.read_meta(step)["config_yaml"])
     except (ConfigError, KeyError) as e:
         raise LoadError(f"checkpoint step {step} holds no valid config: {e}") from None
-
-
-def _meta_args():
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(meta=ocp.args.JsonRestore())
 
 
 def with_extrapolation(cfg, extrapolation: str | None):
