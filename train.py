@@ -27,14 +27,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, args = parse_config_args(argv, "train.py", "Train a looped-depth transformer.", extra)
     workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
-    try:  # pure python checks: still before any JAX compile
-        from asura.data import check_compatible
-        from asura.train.preflight import preflight
-
-        check_compatible(cfg)
-        preflight(cfg, workdir)
-    except ValueError as e:
-        fail(str(e).splitlines()[0], "train.py")
 
     from asura.parallel.mesh import MeshError
     from asura.train.checkpoint import CheckpointError, CheckpointMismatchError, ConfigMismatchError, SaveError
@@ -45,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     refused = (ConfigMismatchError, CheckpointMismatchError, CheckpointError, WorkdirError, MeshError, PreflightError)
     try:
         summary = run(cfg, workdir)
-    except refused as e:  # the workdir or its checkpoints cannot be used as asked; nothing was moved
+    except refused as e:  # bad data/workdir/devices (preflight, before compiling) or unusable checkpoints
         fail(str(e).splitlines()[0], "train.py")
     except NonFiniteError as e:
         print(f"train.py: error: {e}", file=sys.stderr)

@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 
-from asura import data as data_lib
 from asura.config import Config
 from asura.train.metrics import to_python
 from asura.train.preflight import preflight
@@ -65,8 +64,7 @@ def run(
     installed = install_signal_handlers and jax.process_count() == 1 and Signals.install()
     workdir = Path(workdir)
     try:
-        data_lib.check_compatible(cfg, process_count=jax.process_count())  # before any compilation
-        preflight(cfg, workdir)
+        preflight(cfg, workdir)  # data, workdir, devices, memory: before any compilation
         make_workdir(workdir)
         with WorkdirLock(workdir):
             if Signals.received is not None:  # signalled during imports: nothing started, nothing to save

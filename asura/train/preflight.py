@@ -1,4 +1,4 @@
-"""Checks that must fail before any compilation: devices, mesh, batch split, memory, optional packages.
+"""Checks that must fail before any compilation: data, workdir, devices, mesh, batch split, memory, packages.
 
 Each raises a ValueError subclass with one line naming the problem and what would work, so
 train.py exits 2 in seconds instead of after a long compile (or an out-of-memory kill).
@@ -81,9 +81,16 @@ def check_packages(cfg: Config) -> None:
 
 
 def preflight(cfg: Config, workdir: Path) -> None:
-    """Everything train.py can check before building the model (imports JAX, compiles nothing)."""
+    """Everything the train loop checks before building the model (imports JAX, compiles nothing):
+    the data against the model and batch, the workdir, packages, devices and memory."""
     import jax
 
+    from asura.data import check_compatible
+
+    try:
+        check_compatible(cfg, process_count=jax.process_count())
+    except ValueError as e:  # the data checks' contract: one-line ValueErrors
+        raise PreflightError(str(e)) from None
     check_writable(Path(workdir))
     check_packages(cfg)
     check_devices(cfg, jax.device_count(), jax.process_count())
