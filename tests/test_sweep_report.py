@@ -103,9 +103,14 @@ def test_report_cli_records_its_command_and_commands_accumulate(tmp_path, capsys
         f"python -m asura.sweep {spec} --workdir {wd} --max-trials 2",
         "python -m asura.sweep spec.yaml --workdir run",
     ]
+    before = (wd / "REPORT.md").read_text()
     main(["report", str(wd), "--metric", "ce@1"])
-    assert str(wd / "REPORT.md") in capsys.readouterr().out.split()
-    text = (wd / "REPORT.md").read_text()
+    out = capsys.readouterr().out.split()
+    assert str(wd / "REPORT_ce_at1.md") in out and str(wd / "REPORT.md") not in out
+    assert (wd / "REPORT.md").read_text() == before  # the sweep's own report is kept, not overwritten
+    assert (wd / "plots_ce_at1" / "learning_curves.png").stat().st_size > 1000
+    text = (wd / "REPORT_ce_at1.md").read_text()
+    assert "(plots_ce_at1/ablation.png)" in text
     assert f"Report command: `python -m asura.sweep report {wd} --metric ce@1`" in text
     assert "The sweep optimised `ce`; this report tabulates `ce@1`." in text
     assert all(f"- `{c['command']}`" in text for c in commands)

@@ -1,5 +1,7 @@
-"""CLI: ``python -m asura.sweep SPEC.yaml [--workdir DIR] [--workers N] [--baselines]``
-and ``python -m asura.sweep report DIR [--metric NAME[@DEPTH]]``.
+"""CLI: ``python -m asura.sweep SPEC.yaml [--workdir DIR] [--workers N] [--baselines]``,
+``python -m asura.sweep report DIR [--metric NAME[@DEPTH]]``,
+``python -m asura.sweep study PLAN.yaml [--only NAMES] [--workers N] [--dry-run]`` (asura.sweep.study)
+and ``python -m asura.sweep extrapolate DIR [--factor K] [--modes M,..]`` (asura.sweep.extrapolation).
 
 Every refusal is one line on stderr and exit 2, before any study or training starts and
 before anything is written: a bad flag or missing argument, a bad spec (unknown key, bad
@@ -46,6 +48,57 @@ def _report(argv: list[str]) -> None:
     print("\n".join(str(f) for f in out["files"]))
 
 
+def _study(argv: list[str]) -> None:
+    p = _Parser(prog=f"{PROG} study", description="Run (or resume) every sweep of a study plan, with reports.")
+    p.add_argument("plan", help="study plan YAML (configs/studies/*.yaml; see asura/sweep/study.py)")
+    p.add_argument("--only", default="", help="comma-separated study names to run (default: all)")
+    p.add_argument("--workers", type=int, help="worker processes per sweep (default: the plan's)")
+    p.add_argument("--dry-run", action="store_true", help="validate the plan and every spec, run nothing")
+    args = p.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        fail(f"--workers must be >= 1, got {args.workers}", p.prog)
+    from asura.sweep.study import check_plan, load_plan, run_plan
+
+    only = tuple(n for n in args.only.split(",") if n)
+    try:
+        plan = load_plan(args.plan)
+        if args.dry_run:
+            for study, spec in check_plan(plan, only):
+                print(f"{study.name}: {len(spec.grid.cells)} trials -> {plan.out / study.name}")
+            return
+        index = run_plan(plan, only, args.workers, command=_command(["study", *argv]))
+    except SpecError as e:
+        fail(str(e), p.prog)
+    print(f"index: {index}")
+
+
+def _extrapolate(argv: list[str]) -> None:
+    from asura.sweep.extrapolation import METRICS, MODES
+
+    p = _Parser(prog=f"{PROG} extrapolate", description="Evaluate a sweep's checkpoints past their trained depth.")
+    p.add_argument("workdir")
+    p.add_argument("--factor", type=int, default=4, help="evaluate depths 1 .. factor x trained depth (default 4)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"extrapolation modes (default {','.join(MODES)})")
+    p.add_argument("--metrics", default="exact_match,ce", help=f"tabulated metrics, from {', '.join(METRICS)}")
+    p.add_argument("--batches", type=int, help="eval batches per trial (default: each trial's train.eval_batches)")
+    args = p.parse_args(argv)
+    modes, metrics = tuple(args.modes.split(",")), tuple(args.metrics.split(","))
+    for flag, values, valid in (("--modes", modes, MODES), ("--metrics", metrics, tuple(METRICS))):
+        bad = [v for v in values if v not in valid]
+        if bad:
+            fail(f"{flag} has {bad[0]!r}; valid: {', '.join(valid)}", p.prog)
+    if args.factor < 1 or (args.batches is not None and args.batches < 1):
+        fail("--factor and --batches must be >= 1", p.prog)
+    from asura.sweep import extrapolation
+    from asura.sweep.report import EmptySweep
+
+    try:
+        records = extrapolation.evaluate_sweep(args.workdir, args.factor, modes, args.batches)
+    except EmptySweep as e:
+        fail(str(e), p.prog)
+    print(extrapolation.write(args.workdir, records, args.factor, metrics, command=_command(["extrapolate", *argv])))
+
+
 def _dry_run(spec) -> None:
     if spec.search is not None:
         s = spec.search
@@ -59,8 +112,9 @@ def _dry_run(spec) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["report"]:
-        _report(argv[1:])
+    sub = {"report": _report, "study": _study, "extrapolate": _extrapolate}
+    if argv[:1] and argv[0] in sub:
+        sub[argv[0]](argv[1:])
         return
     p = _Parser(prog=PROG, description="Run or resume an optuna sweep of asura training runs.")
     p.add_argument("spec", help="sweep spec YAML (see asura/sweep/spec.py)")

@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -62,6 +63,7 @@ PLOTS = (
     ("metric_vs_flops.png", "training FLOPs (per token × tokens)"),
     ("metric_vs_params.png", "unique parameters"),
     ("ablation.png", "per group"),
+    ("learning_curves.png", "during training"),
 )
 
 
@@ -147,6 +149,7 @@ def group_rows(manifests: list[dict], meta: dict, metric: str | MetricSpec | Non
             "role": first["role"],
             "parent": first["parent"],
             "seeds": [m["seed"] for m in ms],
+            "keys": [m["key"] for m in ms],
             "n_complete": s.n,
             "n_pruned": sum(m["status"] == "pruned" for m in ms),
             "n_failed": sum(m["status"] in ("failed", "interrupted") for m in ms),
@@ -300,7 +303,35 @@ def draw_ablation(ax, rows: list[dict], metric: MetricSpec):
     return ax
 
 
-def _plots(rows: list[dict], plot_dir: Path, metric: MetricSpec) -> list[Path]:
+def draw_learning_curves(ax, rows: list[dict], manifests: list[dict], metric: MetricSpec):
+    """Each group's metric at every eval step (mean over its complete seeds; band: min..max), so a
+    reader can see whether every arm had learned, or was still learning, when the sweep stopped."""
+    by_key = {m["key"]: m for m in latest_per_cell(manifests)}
+    for r in (r for r in rows if r["value"] is not None):
+        curves: dict[int, list[float]] = {}
+        for m in (by_key.get(k) for k in r.get("keys", ())):
+            if m is None or m["status"] != "complete":
+                continue
+            trained = int(m["config"]["model"]["iterations"])
+            for e in m.get("evals") or []:
+                with contextlib.suppress(MetricMissing):  # an eval that skipped this depth
+                    curves.setdefault(int(e["step"]), []).append(metric_value(metric, trained, e["depths"]))
+        if not curves:
+            continue
+        steps = sorted(curves)
+        mean = [sum(curves[s]) / len(curves[s]) for s in steps]
+        (line,) = ax.plot(steps, mean, marker=".", label=r["group"])
+        ax.fill_between(steps, [min(curves[s]) for s in steps], [max(curves[s]) for s in steps],
+                        color=line.get_color(), alpha=0.15, lw=0)  # fmt: skip
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"eval {metric.label} ({metric.direction})")
+    ax.set_title(f"eval {metric.label} during training: mean over seeds, band min..max", fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
+    return ax
+
+
+def _plots(rows: list[dict], manifests: list[dict], plot_dir: Path, metric: MetricSpec) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,7 +351,12 @@ def _plots(rows: list[dict], plot_dir: Path, metric: MetricSpec) -> list[Path]:
     fig.tight_layout()
     fig.savefig(plot_dir / PLOTS[2][0], dpi=120)
     plt.close(fig)
-    return [*paths, plot_dir / PLOTS[2][0]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_learning_curves(ax, rows, manifests, metric)
+    fig.tight_layout()
+    fig.savefig(plot_dir / PLOTS[3][0], dpi=120)
+    plt.close(fig)
+    return [*paths, plot_dir / PLOTS[2][0], plot_dir / PLOTS[3][0]]
 
 
 # ------------------------------------------------------------------ REPORT.md
@@ -366,7 +402,7 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
     if plots:
         out += ["", "## Plots", ""]
         titles = dict(PLOTS)
-        out += [f"![{metric.label} {titles[p.name]}](plots/{p.name})" for p in plots]
+        out += [f"![{metric.label} {titles[p.name]}]({p.parent.name}/{p.name})" for p in plots]
     out += _impossible(meta)
     return "\n".join(out) + "\n"
 
@@ -403,12 +439,21 @@ def write_report(
     meta = read_meta(d)
     spec = resolve_metric(meta, manifests, metric)
     rows = group_rows(manifests, meta, spec)
+    sfx = suffix(meta, spec)
     _write_csv(d / "trials.csv", manifests, TRIAL_COLS)
-    _write_csv(d / "summary.csv", rows, GROUP_COLS)
-    (d / "summary.md").write_text(_markdown(rows, meta, spec))
-    files = [d / "trials.csv", d / "summary.csv", d / "summary.md"]
-    plots = _plots(rows, d / "plots", spec) if rows else []
+    _write_csv(d / f"summary{sfx}.csv", rows, GROUP_COLS)
+    (d / f"summary{sfx}.md").write_text(_markdown(rows, meta, spec))
+    files = [d / "trials.csv", d / f"summary{sfx}.csv", d / f"summary{sfx}.md"]
+    plots = _plots(rows, manifests, d / f"plots{sfx}", spec) if rows else []
     report = _report_md(rows, meta, spec, manifests, plots, command or report_command(d, metric),
                         commit or manifest.git_commit())  # fmt: skip
-    (d / "REPORT.md").write_text(report)
-    return {"rows": rows, "files": [*files, *plots, d / "REPORT.md"]}
+    (d / f"REPORT{sfx}.md").write_text(report)
+    return {"rows": rows, "files": [*files, *plots, d / f"REPORT{sfx}.md"]}
+
+
+def suffix(meta: dict, metric: MetricSpec) -> str:
+    """'' for the sweep's own metric; '_exact_match', '_ce_at1', ... for another, so a report under a
+    second metric sits beside the first instead of overwriting it."""
+    if metric.label == (meta.get("metric") or DEFAULT_METRIC):
+        return ""
+    return "_" + metric.label.replace("@", "_at")

@@ -152,8 +152,11 @@ def _search_probes(search: SearchSpec, base: Config) -> list[_Probe]:
     return probes
 
 
-def load_spec(path: str | Path, baselines: bool = False) -> SweepSpec:
-    """Parse and validate a spec file (``baselines`` forces --baselines). Raises SpecError."""
+def load_spec(path: str | Path, baselines: bool = False, extra_overrides: dict | None = None) -> SweepSpec:
+    """Parse and validate a spec file (``baselines`` forces --baselines). Raises SpecError.
+
+    ``extra_overrides`` (dotted keys) apply after the spec's own ``overrides``: a study preset uses
+    them to scale every sweep of a study up for a GPU or TPU without copying the specs."""
     path = Path(path).resolve()
     if not path.is_file():
         raise SpecError(f"sweep spec not found: {path}")
@@ -170,6 +173,7 @@ def load_spec(path: str | Path, baselines: bool = False) -> SweepSpec:
     except ConfigError as e:
         raise SpecError(f"base config: {e}") from None
     overrides = _mapping_of_overrides("overrides", raw.get("overrides"))
+    overrides.update(_mapping_of_overrides("preset overrides", extra_overrides))
     base_cfg = apply(base_cfg, overrides, "overrides")
 
     variants_raw = raw.get("variants") or {}

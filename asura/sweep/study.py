@@ -1,0 +1,234 @@
+"""A study plan: several sweeps run one after another, each reported, behind one resumable command.
+
+    python -m asura.sweep study configs/studies/cpu.yaml [--only NAME[,NAME]] [--workers N] [--dry-run]
+
+The plan (YAML) lists sweeps by spec file; each runs into ``<out>/<name>`` with the sweep
+runner (optuna study in sqlite: a rerun skips finished trials and requeues interrupted ones), then
+its REPORT.md is written under the sweep's metric and under each extra ``reports`` metric
+(``REPORT_<metric>.md``), and ``extrapolate`` adds EXTRAPOLATION.md (asura.sweep.extrapolation).
+``overrides`` apply to every trial of every sweep, which is how a GPU/TPU preset scales the same
+studies up. Text data named under ``prepare`` is tokenised first when missing.
+
+``<out>/STUDIES.md`` indexes the studies with their status and the wall time this command spent on
+each (summed over resumes, from ``<out>/studies.json``). Every spec is loaded and validated before
+the first trial starts, so a typo in the last study fails in seconds, not hours.
+
+    out: results                      # relative to the repo root
+    workers: 2
+    overrides: {}                     # dotted keys, every trial of every study
+    prepare: {data/pydoc: pydoc}      # output dir -> asura.data.prepare --builtin corpus
+    studies:
+      - {name: demo_iso_baselines, spec: ../sweeps/iso_baselines.yaml, reports: [exact_match]}
+      - {name: demo_extrapolation, spec: ../sweeps/depth_extrapolation.yaml,
+         extrapolate: {factor: 4, modes: [none, last, cycle], metrics: [exact_match, ce]}}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from asura.sweep.keys import SpecError, check_keys
+from asura.sweep.manifest import REPO_ROOT, git_commit
+
+PLAN_KEYS = ("out", "workers", "overrides", "prepare", "studies", "description")
+STUDY_KEYS = ("name", "spec", "reports", "extrapolate")
+EXTRAPOLATE_KEYS = ("factor", "modes", "metrics", "batches")
+LEDGER = "studies.json"
+
+
+@dataclass(frozen=True)
+class Extrapolate:
+    factor: int = 4
+    modes: tuple[str, ...] = ("none", "last", "cycle")
+    metrics: tuple[str, ...] = ("exact_match", "ce")
+    batches: int | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    spec: Path
+    reports: tuple[str, ...] = ()
+    extrapolate: Extrapolate | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    out: Path
+    workers: int
+    overrides: dict
+    prepare: dict[str, str]
+    studies: tuple[Study, ...] = field(default_factory=tuple)
+
+
+def _extrapolate(name: str, raw) -> Extrapolate | None:
+    from asura.sweep.extrapolation import METRICS, MODES
+
+    if raw is None:
+        return None
+    check_keys(f"studies.{name}.extrapolate", raw, EXTRAPOLATE_KEYS)
+    e = Extrapolate(
+        factor=int(raw.get("factor", 4)),
+        modes=tuple(raw.get("modes", Extrapolate.modes)),
+        metrics=tuple(raw.get("metrics", Extrapolate.metrics)),
+        batches=raw.get("batches"),
+    )
+    if e.factor < 1:
+        raise SpecError(f"studies.{name}.extrapolate.factor must be >= 1, got {e.factor}")
+    for m in e.modes:
+        if m not in MODES:
+            raise SpecError(f"studies.{name}.extrapolate.modes has {m!r}; valid: {', '.join(MODES)}")
+    for m in e.metrics:
+        if m not in METRICS:
+            raise SpecError(f"studies.{name}.extrapolate.metrics has {m!r}; valid: {', '.join(METRICS)}")
+    return e
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Parse the plan; SpecError (one line) on any bad key. Specs are validated by ``check_plan``."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise SpecError(f"study plan not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"study plan {path.name} is not valid YAML: {str(e).splitlines()[0]}") from None
+    check_keys(f"study plan {path.name}", raw, PLAN_KEYS)
+    studies, names = [], set()
+    for i, s in enumerate(raw.get("studies") or []):
+        check_keys(f"studies[{i}]", s, STUDY_KEYS)
+        if "name" not in s or "spec" not in s:
+            raise SpecError(f"studies[{i}] needs a name and a spec, got {s!r}")
+        name = str(s["name"])
+        if name in names:
+            raise SpecError(f"studies: duplicate name {name!r}")
+        names.add(name)
+        reports = s.get("reports") or []
+        if not isinstance(reports, list):
+            raise SpecError(f"studies.{name}.reports must be a list of metrics, got {reports!r}")
+        spec = (path.parent / str(s["spec"])).resolve()
+        studies.append(Study(name, spec, tuple(map(str, reports)), _extrapolate(name, s.get("extrapolate"))))
+    if not studies:
+        raise SpecError(f"study plan {path.name} lists no studies")
+    workers = raw.get("workers", 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise SpecError(f"workers must be an integer >= 1, got {workers!r}")
+    prepare = raw.get("prepare") or {}
+    if not isinstance(prepare, dict):
+        raise SpecError(f"prepare must map an output dir to a builtin corpus, got {prepare!r}")
+    return Plan(
+        path=path,
+        out=REPO_ROOT / str(raw.get("out", "results")),
+        workers=workers,
+        overrides=dict(raw.get("overrides") or {}),
+        prepare={str(k): str(v) for k, v in prepare.items()},
+        studies=tuple(studies),
+    )
+
+
+def check_plan(plan: Plan, only: tuple[str, ...] = ()) -> list:
+    """Load (and so validate) every spec the plan will run; returns the loaded specs in order."""
+    from asura.sweep.metrics import MetricError, parse_metric
+    from asura.sweep.spec import load_spec
+
+    unknown = [n for n in only if n not in {s.name for s in plan.studies}]
+    if unknown:
+        raise SpecError(f"--only {unknown[0]!r} is not a study; valid: {', '.join(s.name for s in plan.studies)}")
+    loaded = []
+    for s in plan.studies:
+        if only and s.name not in only:
+            continue
+        for m in s.reports:
+            try:
+                parse_metric(m)
+            except MetricError as e:
+                raise SpecError(f"studies.{s.name}.reports: {e}") from None
+        try:
+            loaded.append((s, load_spec(s.spec, extra_overrides=plan.overrides)))
+        except SpecError as e:
+            raise SpecError(f"study {s.name}: {e}") from None
+    return loaded
+
+
+def _prepare_data(plan: Plan, say) -> None:
+    for out, corpus in plan.prepare.items():
+        target = REPO_ROOT / out
+        if (target / "metadata.json").exists():
+            continue
+        say(f"preparing {out} from the builtin corpus {corpus!r}")
+        cmd = [sys.executable, "-m", "asura.data.prepare", "--builtin", corpus, "--output", str(target)]
+        subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+
+
+def _ledger(plan: Plan) -> dict:
+    p = plan.out / LEDGER
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _save_ledger(plan: Plan, ledger: dict) -> None:
+    p = plan.out / LEDGER
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ledger, indent=1) + "\n")
+    tmp.replace(p)
+
+
+def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None, command: str = "", say=print) -> Path:
+    """Run (or resume) every study of the plan in order; returns the path of STUDIES.md."""
+    from asura.sweep import extrapolation
+    from asura.sweep.report import write_report
+    from asura.sweep.runner import run_sweep
+
+    _prepare_data(plan, say)  # before the specs load: text configs are checked against their shards
+    loaded = check_plan(plan, only)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    ledger = _ledger(plan)
+    for study, spec in loaded:
+        wd = plan.out / study.name
+        entry = ledger.setdefault(study.name, {"wall_s": 0.0, "runs": []})
+        t0 = time.time()
+        say(f"== study {study.name}: {spec.path.name} -> {wd}")
+        run_sweep(spec, wd, workers=workers or plan.workers, command=f"{command}  # study {study.name}")
+        for metric in study.reports:
+            write_report(wd, metric, command=f"python -m asura.sweep report {wd} --metric {metric}")
+        if study.extrapolate is not None:
+            e = study.extrapolate
+            records = extrapolation.evaluate_sweep(wd, e.factor, e.modes, e.batches, say=say)
+            cmd = f"python -m asura.sweep extrapolate {wd} --factor {e.factor} --modes {','.join(e.modes)}"
+            extrapolation.write(wd, records, e.factor, e.metrics, command=cmd)
+        wall = time.time() - t0
+        entry["wall_s"] += wall
+        entry["runs"].append({"command": command, "commit": git_commit(), "wall_s": round(wall, 1),
+                              "finished": time.strftime("%Y-%m-%d %H:%M:%S %z")})  # fmt: skip
+        _save_ledger(plan, ledger)
+    return write_index(plan, ledger)
+
+
+def write_index(plan: Plan, ledger: dict) -> Path:
+    from asura.sweep.manifest import read_all
+
+    lines = [f"# Studies: {plan.path.name}", "", f"Plan: `{plan.path.relative_to(REPO_ROOT)}`.", ""]
+    lines += ["| study | spec | trials complete | wall time (this command, all resumes) | reports |"]
+    lines += ["|---|---|---|---|---|"]
+    total = 0.0
+    for s in plan.studies:
+        wd = plan.out / s.name
+        ms = read_all(wd) if wd.is_dir() else []
+        done = sum(m["status"] == "complete" for m in ms)
+        wall = float(ledger.get(s.name, {}).get("wall_s", 0.0))
+        total += wall
+        reports = [p.name for p in sorted(wd.glob("*.md")) if p.name.startswith(("REPORT", "EXTRAPOLATION"))]
+        links = ", ".join(f"[{r}]({s.name}/{r})" for r in reports) or "-"
+        spec = s.spec.relative_to(REPO_ROOT)
+        lines.append(f"| {s.name} | `{spec}` | {done}/{len(ms)} | {wall / 60:.1f} min | {links} |")
+    lines += ["", f"Total wall time: {total / 60:.1f} min ({total:.0f} s) on this machine.", ""]
+    path = plan.out / "STUDIES.md"
+    path.write_text("\n".join(lines))
+    return path
