@@ -136,3 +136,46 @@ def test_failed_trial_is_recorded_and_sweep_continues(tmp_path):
     assert ms["injection=projconcat|seed=0"]["status"] == "complete"
     run_sweep(spec, wd, trial_fn=fake_trial, report=False)  # the failed cell reruns on the next invocation
     assert helpers.EXECUTIONS == ["projconcat|L=1|seed=0", "add|L=1|seed=0"]
+
+
+def test_two_workers_cannot_pop_the_same_waiting_trial(tmp_path, monkeypatch):
+    """The pop's read (WAITING) and write (RUNNING) are one transaction on sqlite.
+
+    Both workers are held between the read and the write (a barrier inside optuna's read) so the
+    interleaving that ran one trial twice under load happens every time. With plain pysqlite
+    transactions both reads see WAITING and both pops succeed; with BEGIN IMMEDIATE the second
+    worker's read waits for the first's commit, sees RUNNING and gives the trial up.
+    """
+    import contextlib
+    import threading
+
+    from optuna.storages._rdb import models
+
+    from asura.sweep.runner import make_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=make_storage(url), study_name="s")
+    study.enqueue_trial({})
+    trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+    workers = [make_storage(url) for _ in range(2)]  # separate engines, as in separate processes
+
+    barrier = threading.Barrier(2, timeout=1.0)  # the blocked worker never arrives: go on after 1 s
+    real = models.TrialModel.find_or_raise_by_id
+
+    def held(trial_id, session, for_update=False):
+        row = real(trial_id, session, for_update)
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other worker is blocked: go on
+            barrier.wait()
+        return row
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", held)
+    won: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda s=s: won.append(s.set_trial_state_values(trial_id, TrialState.RUNNING)))
+        for s in workers
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [False, True]

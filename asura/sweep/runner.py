@@ -58,10 +58,18 @@ def storage_url(spec: SweepSpec, workdir: Path) -> str:
     return spec.storage or f"sqlite:///{(workdir / 'study.db').resolve()}"
 
 
-def open_study(spec: SweepSpec, workdir: Path) -> optuna.Study:
-    url = storage_url(spec, workdir)
-    # sqlite serialises writers; a generous busy timeout lets several workers share one file.
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+def make_storage(url: str) -> RDBStorage:
+    """The study's RDB storage. On sqlite every transaction is ``BEGIN IMMEDIATE``.
+
+    Why: Python's sqlite3 opens a transaction only at the first write, so optuna's pop of a waiting
+    trial (read WAITING, then write RUNNING) is not atomic across processes: two workers could both
+    read WAITING and both run the same trial (seen under load: one train.py refused by the other's
+    workdir lock, then the trial failed under its winner). Taking the write lock when the
+    transaction begins makes the read-check-write one step; the busy timeout lets workers queue.
+    """
+    sqlite = url.startswith("sqlite")
+    # isolation_level=None: the driver leaves transactions to us (the "begin" hook below).
+    engine = {"connect_args": {"timeout": 120, "isolation_level": None}} if sqlite else {}
     with warnings.catch_warnings():  # heartbeats are "experimental" in optuna; they are what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = RDBStorage(
@@ -71,6 +79,15 @@ def open_study(spec: SweepSpec, workdir: Path) -> optuna.Study:
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
+    if sqlite:
+        from sqlalchemy import event
+
+        event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return storage
+
+
+def open_study(spec: SweepSpec, workdir: Path) -> optuna.Study:
+    storage = make_storage(storage_url(spec, workdir))
     # A grid's sampler is never consulted (its trials are enqueued); a search's is its method's.
     sampler = optuna.samplers.RandomSampler(seed=0) if spec.search is None else spec.search.sampler()
     p = spec.pruner
@@ -313,4 +330,4 @@ def run_sweep(
     return wd
 
 
-__all__ = ["Objective", "field_type", "metric_value", "open_study", "prepare", "run_sweep", "work"]
+__all__ = ["Objective", "field_type", "make_storage", "metric_value", "open_study", "prepare", "run_sweep", "work"]

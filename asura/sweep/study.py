@@ -211,10 +211,15 @@ def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None,
     return write_index(plan, ledger)
 
 
+def _shown(path: Path) -> Path:
+    """A path as the index shows it: relative to the repo root when inside it."""
+    return path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+
+
 def write_index(plan: Plan, ledger: dict) -> Path:
     from asura.sweep.manifest import read_all
 
-    lines = [f"# Studies: {plan.path.name}", "", f"Plan: `{plan.path.relative_to(REPO_ROOT)}`.", ""]
+    lines = [f"# Studies: {plan.path.name}", "", f"Plan: `{_shown(plan.path)}`.", ""]
     lines += ["| study | spec | trials complete | wall time (this command, all resumes) | reports |"]
     lines += ["|---|---|---|---|---|"]
     total = 0.0
@@ -226,7 +231,7 @@ def write_index(plan: Plan, ledger: dict) -> Path:
         total += wall
         reports = [p.name for p in sorted(wd.glob("*.md")) if p.name.startswith(("REPORT", "EXTRAPOLATION"))]
         links = ", ".join(f"[{r}]({s.name}/{r})" for r in reports) or "-"
-        spec = s.spec.relative_to(REPO_ROOT)
+        spec = _shown(s.spec)
         lines.append(f"| {s.name} | `{spec}` | {done}/{len(ms)} | {wall / 60:.1f} min | {links} |")
     lines += ["", f"Total wall time: {total / 60:.1f} min ({total:.0f} s) on this machine.", ""]
     path = plan.out / "STUDIES.md"

@@ -1,0 +1,119 @@
+"""Study plans (python -m asura.sweep study) and depth extrapolation of a sweep's checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from test_sweep_helpers import REPO, write_spec
+
+from asura.sweep.__main__ import main
+from asura.sweep.extrapolation import CACHE, summarise
+from asura.sweep.stats import describe
+from asura.sweep.study import load_plan, run_plan
+
+
+def write_plan(tmp_path, studies, **fields):
+    plan = {"out": str(tmp_path / "out"), "workers": 1, "studies": studies, **fields}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"studies": []}, "lists no studies"),
+        ({"wrokers": 2}, "unknown key 'wrokers'; did you mean 'workers'?"),
+        ({"workers": 0}, "workers must be an integer >= 1"),
+        ({"studies": [{"name": "a", "spec": "s.yaml"}, {"name": "a", "spec": "s.yaml"}]}, "duplicate name 'a'"),
+        ({"studies": [{"name": "a"}]}, "studies[0] needs a name and a spec"),
+        ({"studies": [{"name": "a", "spec": "s.yaml", "extrapolate": {"modes": ["wrap"]}}]}, "has 'wrap'; valid"),
+        ({"studies": [{"name": "a", "spec": "s.yaml", "extrapolate": {"factr": 2}}]}, "unknown key 'factr'"),
+        ({"studies": [{"name": "a", "spec": "s.yaml", "reports": ["loss"]}]}, "reports: metric='loss' is not valid"),
+        # The last study's spec is broken: refused at the start, not after the first study's hours.
+        ({"studies": [{"name": "ok", "spec": "s.yaml"}, {"name": "bad", "spec": "bad.yaml"}]}, "study bad: "),
+    ],
+)
+def test_bad_plans_are_one_line_refusals_before_anything_runs(tmp_path, capsys, fields, needle):
+    write_spec(tmp_path, "s")
+    write_spec(tmp_path, "bad", overrides={"model.d_modle": 8})
+    plan = write_plan(tmp_path, [{"name": "x", "spec": "s.yaml"}])
+    raw = {**yaml.safe_load(plan.read_text()), **fields}
+    plan.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", str(plan)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()  # nothing written, nothing trained
+
+
+def test_only_names_a_study(tmp_path, capsys):
+    write_spec(tmp_path, "s")
+    plan = write_plan(tmp_path, [{"name": "x", "spec": "s.yaml"}])
+    with pytest.raises(SystemExit):
+        main(["study", str(plan), "--only", "y", "--dry-run"])
+    assert "--only 'y' is not a study; valid: x" in capsys.readouterr().err
+
+
+def test_shipped_plans_validate_every_spec(capsys):
+    """Both presets load, and the GPU preset's overrides reach every trial of every sweep."""
+    for name in ("cpu", "gpu"):
+        main(["study", str(REPO / "configs" / "studies" / f"{name}.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.count("demo_ablation: 30 trials") == 2 and out.count("text_iso_baselines: 15 trials") == 2
+    from asura.sweep.study import check_plan
+
+    for _study, spec in check_plan(load_plan(REPO / "configs" / "studies" / "gpu.yaml")):
+        assert {c.config.model.d_model for c in spec.grid.cells if c.role == "trial"} == {256}
+
+
+def test_summarise_is_the_seed_statistics():
+    cfg = {"model": {"iterations": 2, "max_iterations": 2}, "depth": {"schedule": "fixed"}}
+    recs = [
+        {"group": "g", "mode": "last", "config": cfg, "rows": {"1": {"ce": 1.0}, "2": {"ce": 0.5}, "3": {"ce": 0.7}}},
+        {"group": "g", "mode": "last", "config": cfg, "rows": {"1": {"ce": 2.0}, "2": {"ce": 0.25}, "3": {"ce": 0.9}}},
+        {"group": "g", "mode": "none", "config": cfg, "rows": {"1": {"ce": 1.0}, "2": {"ce": 0.5}}},
+    ]
+    rows = {r["mode"]: r for r in summarise(recs, "ce", factor=2)}
+    assert rows["last"]["depths"][3] == describe([0.7, 0.9]) and rows["last"]["depths"][1] == describe([1.0, 2.0])
+    assert rows["none"]["depths"][3].n == 0 and rows["none"]["depths"][4].n == 0  # not runnable: no value, not 0
+
+
+def test_study_trains_reports_extrapolates_and_resumes(tmp_path):
+    """One real tiny sweep (2 seeds) through the study command: report, extrapolation, index, resume."""
+    write_spec(tmp_path, "s", variants={"looped": {}}, seeds=[0, 1], pruner=None, metric="exact_match")
+    studies = [{"name": "ex", "spec": "s.yaml", "reports": ["ce"], "extrapolate": {"factor": 2}}]
+    plan = load_plan(write_plan(tmp_path, studies, workers=2))
+    said: list[str] = []
+    index = run_plan(plan, command="test", say=said.append)
+    wd = plan.out / "ex"
+    assert (wd / "REPORT.md").exists() and (wd / "REPORT_ce.md").exists() and (wd / "EXTRAPOLATION.md").exists()
+    assert sum(s.startswith("extrapolate ") for s in said) == 2 * 3  # 2 trials x 3 modes
+
+    for tdir in sorted((wd / "trials").iterdir()):
+        cache = json.loads((tdir / CACHE).read_text())
+        by_mode = {k.split(":")[0]: v["rows"] for k, v in cache.items()}
+        assert sorted(map(int, by_mode["none"])) == [1, 2]  # none stops at max_iterations
+        assert sorted(map(int, by_mode["last"])) == sorted(map(int, by_mode["cycle"])) == [1, 2, 3, 4]
+        for n in ("1", "2"):  # in range, the mode changes nothing; fp32 sums may be ordered differently
+            for mode in ("last", "cycle"):
+                assert math.isclose(by_mode[mode][n]["ce"], by_mode["none"][n]["ce"], rel_tol=1e-5)
+        # Past max_iterations the modes pick different slots: depth 3 runs slot 2 (last) or slot 1 (cycle).
+        assert by_mode["last"]["3"]["ce"] != by_mode["cycle"]["3"]["ce"]
+        # depth 4 under cycle = slots 1,2,1,2; its ce must be finite, whatever it is
+        assert math.isfinite(by_mode["cycle"]["4"]["ce"])
+
+    text = (wd / "EXTRAPOLATION.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| looped | none |"))
+    assert row.rstrip(" |").endswith("| - | -")  # d3, d4 not runnable without extrapolation
+    idx = index.read_text()
+    assert "| ex | " in idx and "| 2/2 |" in idx and "[EXTRAPOLATION.md](ex/EXTRAPOLATION.md)" in idx
+
+    said.clear()
+    run_plan(plan, command="test again", say=said.append)  # everything done: nothing retrained or re-evaluated
+    assert not [s for s in said if s.startswith("extrapolate ")]
+    ledger = json.loads((plan.out / "studies.json").read_text())
+    assert [r["command"] for r in ledger["ex"]["runs"]] == ["test", "test again"]
