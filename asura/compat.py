@@ -64,3 +64,15 @@ def orbax_preservation(latest_n: int, best_metric: str):
         return None
     best = pp.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1, keep_checkpoints_without_metrics=False)
     return pp.AnyPreservationPolicy([pp.LatestN(latest_n), best])
+
+
+def empty(shape, dtype, sharding=None):
+    """An uninitialised buffer: jax.lax.empty lowers to AllocateBuffer on GPU/TPU (no fill) and to
+    zeros on CPU; zeros where a jax release lacks it."""
+    import jax
+    import jax.numpy as jnp
+
+    fn = getattr(jax.lax, "empty", None)
+    if fn is not None:
+        return fn(tuple(shape), dtype, out_sharding=sharding)
+    return jnp.zeros(shape, dtype, out_sharding=sharding) if sharding is not None else jnp.zeros(shape, dtype)

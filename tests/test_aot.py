@@ -126,10 +126,12 @@ def test_tiny_train_step_compiles_on_a_v5e_slice(tmp_path):
 
 @needs_libtpu
 def test_out_of_memory_is_one_line_naming_the_shortfall_and_the_fix():
-    p = _aot("--config", str(TINY), "--topology", "v5e:1x1", "train.batch_size=4096", "data.seq_len=256")
+    p = _aot("--config", str(TINY), "--topology", "v5e:1x1", "train.batch_size=4096", "data.seq_len=256",
+             "model.remat=none")  # fmt: skip
     assert p.returncode == 1, p.stderr[-3000:]
     (line,) = _lines(p.stderr)
     assert line.startswith("asura.aot: error: looped_tiny does not fit on v5e:1x1 at batch 4096"), line
+    assert "remat none" in line, line
     assert "GiB of HBM per chip, TPU v5 lite has 15.75 (short" in line, line
     for fix in ("train.batch_size=", "train.grad_accum=", "model.remat=block"):
         assert fix in line, line

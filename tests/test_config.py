@@ -53,7 +53,7 @@ def test_overrides_coerce_types():
     sorted(
         p.relative_to(ROOT / "configs").as_posix()
         for p in ROOT.glob("configs/**/*.yaml")
-        if "sweeps" not in p.parts  # sweep specs are not train configs
+        if "sweeps" not in p.parts and "studies" not in p.parts  # sweep specs and study plans are not train configs
     ),
 )
 def test_yaml_round_trip_is_exact(name):

@@ -120,6 +120,25 @@ def test_git_commit_outside_a_repo_is_unknown(tmp_path):
     assert manifest.git_commit(tmp_path) == "unknown"
 
 
+def test_git_commit_marks_code_changes_but_not_rewritten_reports(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "results" / "REPORT.md").write_text("old\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    sha = manifest.git_commit(tmp_path)
+    assert len(sha) == 40
+    (tmp_path / "results" / "REPORT.md").write_text("rewritten by a study\n")
+    (tmp_path / "untracked.txt").write_text("x")
+    assert manifest.git_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert manifest.git_commit(tmp_path) == f"{sha} (uncommitted changes)"
+
+
 def _guided_manifests(tmp_path):
     """Two real runs that differ only in model.guidance, with final evals as the train loop writes them."""
     over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in TINY.items()]

@@ -53,7 +53,8 @@ class ModelConfig:
     attention: str = "auto"  # registry: asura.model.attention
     attn_block_q: int = 0  # Pallas block sizes; 0 = tuned default
     attn_block_k: int = 0
-    remat: str = "none"  # registry: asura.model.remat
+    remat: str = "iteration"  # registry: asura.model.remat (default: fastest measured, bench/skip_cost.py)
+    loop: str = "while"  # depth loop: while (steps t >= n cost nothing) | scan (lax.scan over S, skips via switch)
 
     @property
     def kv_heads(self) -> int:
@@ -166,6 +167,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.extrapolation": ("none", "last", "cycle"),
+    "model.loop": ("while", "scan"),
     "model.mlp": ("gelu", "swiglu"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.injection": ("projconcat", "add", "none"),

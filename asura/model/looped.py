@@ -15,9 +15,11 @@ Data flow of one forward pass (tokens_BT, depth n):
     logits = head(h_{n-1}) = FinalNorm(h) @ Wᵤ   (fp32)
 
 Invariant a contributor must keep: ONE COMPILED PROGRAM SERVES EVERY DEPTH n <= S. n is a
-traced int32; the loop is a lax.scan over S steps whose body picks skip / frozen / run with
-lax.switch, so nothing about n may become a static shape or a Python branch. A depth past
-max_iterations is legal only through model.extrapolation (asura.depth.scan_length checks).
+traced int32, so nothing about n may become a static shape or a Python branch. Two drivers run
+the loop (model.loop): ``while`` (default, asura.model.dynamic_loop) runs t < n in a
+lax.while_loop with a custom VJP over the executed steps only, so steps t >= n cost nothing;
+``scan`` is a lax.scan over S steps whose body picks skip / frozen / run with lax.switch. A depth
+past max_iterations is legal only through model.extrapolation (asura.depth.scan_length checks).
 
 One step function (`_step`) serves both drivers: the scanned one (production) and the
 unrolled one (`unroll=True`, a static n, no scan/cond/remat: the reference the scanned path
@@ -59,6 +61,7 @@ from asura.model.carry import (
     frozen,
     projconcat_init,
 )
+from asura.model.dynamic_loop import dynamic_loop
 from asura.model.layers import DTYPES, Norm, f32, normal, param
 from asura.model.loss import Score, guidance_weights, scores
 from asura.parallel.logical import constrain
@@ -214,6 +217,13 @@ class LoopedLM(nnx.Module):
         no_bptt = isinstance(bptt_k, int) and bptt_k <= 0
         if unroll:
             carry, ys = self._unrolled(carry, S, n, bptt_k, no_bptt, ctx)
+        elif self.cfg.loop == "while":  # steps t >= n cost nothing, forward or backward
+            lo = 0 if no_bptt else jnp.where(bptt_k > 0, jnp.maximum(n_arr - bptt_k, 0), 0)
+            carry, ys = dynamic_loop(
+                lambda c, t: self._step(c, t, "run", ctx),
+                lambda c: self._step(c, jnp.int32(0), "skip", ctx)[1],
+                carry, n_arr, S, remat.POLICIES[ctx["policy"]].store, lo,
+            )  # fmt: skip
         else:
             modes = ("skip", "run") if no_bptt else ("skip", "frozen", "run")
             branches = [lambda c, t, m=m: self._step(c, t, m, ctx) for m in modes]

@@ -1,6 +1,8 @@
 """Remat policies for the iteration loop, chosen by name (model.remat).
 
-Each registry entry says what the backward pass keeps and how the loop is scanned:
+Each registry entry says what the backward pass keeps, how the scan driver scans the loop
+(model.loop=scan), and what the while driver stores per executed step (``store``, see
+asura.model.dynamic_loop; model.loop=while, the default):
 
 none       plain scan; autodiff keeps every iteration's activations.
 block      jax.checkpoint around each block call: per block, only its input is kept and
@@ -65,14 +67,17 @@ def _sqrt_scan(body, carry, S: int):
 class RematPolicy:
     keeps: str  # what the backward pass holds, for docs and --help
     checkpoint_blocks: bool  # jax.checkpoint around each block call
-    scan: Scan  # how the iteration loop is scanned
+    scan: Scan  # how the iteration loop is scanned (model.loop=scan)
+    store: str  # what the while-loop driver keeps per step (model.loop=while; asura.model.dynamic_loop)
 
 
 POLICIES: Registry[RematPolicy] = Registry("model.remat", "what the iteration loop keeps for the backward pass")
-POLICIES.add("none", RematPolicy("every iteration's activations", False, _plain_scan))
-POLICIES.add("block", RematPolicy("each block's input; block insides recomputed", True, _plain_scan))
-POLICIES.add("iteration", RematPolicy("the carries only; one iteration recomputed at a time", False, _iteration_scan))
-POLICIES.add("sqrt", RematPolicy("~2√S carries plus one iteration's activations", False, _sqrt_scan))
+POLICIES.add("none", RematPolicy("every iteration's activations", False, _plain_scan, "residuals"))
+POLICIES.add("block", RematPolicy("each block's input; block insides recomputed", True, _plain_scan, "residuals"))
+POLICIES.add(
+    "iteration", RematPolicy("the carries only; one iteration recomputed at a time", False, _iteration_scan, "carries")
+)
+POLICIES.add("sqrt", RematPolicy("~2√S carries plus one iteration's activations", False, _sqrt_scan, "sqrt"))
 
 
 def wrap_block(fn: Callable, policy: str) -> Callable:

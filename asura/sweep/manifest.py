@@ -22,13 +22,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
-    """``git rev-parse HEAD`` of ``repo`` (+ " (uncommitted changes)" when tracked files differ), else "unknown"."""
+    """``git rev-parse HEAD`` of ``repo`` (+ " (uncommitted changes)" when tracked files outside results/
+    differ), else "unknown"."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
         if head.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            # results/ holds committed reports that every study rewrites: not a code change
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):  # no git binary, or it hung

@@ -1,0 +1,255 @@
+"""The depth loop with a traced trip count: steps t >= n cost nothing, forward or backward.
+
+A ``lax.scan`` over S steps that skips t >= n with ``lax.switch`` still runs S steps: under
+``remat=none`` each skipped step writes zero-filled residuals and runs a backward step, so a
+program compiled for S = 16 and run at n = 2 took 2.09x the step time of one compiled for S = 2.
+Here the forward is a ``lax.while_loop`` over t < n and a ``custom_vjp`` runs the backward as a
+second while-loop over the executed steps only, in reverse. Buffers are still sized by S (one
+program serves every n <= S), but nothing is computed for t >= n.
+
+What the forward keeps for the backward is the remat policy's ``store``:
+
+residuals  each step's VJP residuals (``jax.vjp``'s pullback is a pytree of arrays): no
+           recomputation. ``remat=none``; also ``block``, whose checkpointed blocks make the
+           residuals just the block inputs.
+carries    the carry entering each step; the backward recomputes one step at a time
+           (``remat=iteration``).
+sqrt       the carry at every chunk boundary (chunk = ceil(sqrt(S))); the backward recomputes a
+           chunk's carries, then steps back through it one recomputed step at a time (``sqrt``).
+
+Truncated backprop: steps t < lo are frozen (no gradient into them or through them), so the
+backward loop stops at lo. Per-step outputs ys have S rows; rows t >= n hold ``skip_y(carry_n)``,
+what a skipped step emits in the scanned loop.
+
+``step`` and ``skip_y`` may close over traced values (module parameters, the embedding, the
+batch); ``jax.closure_convert`` hoists them into explicit arguments so their gradients flow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asura.compat import empty
+
+STORES = ("residuals", "carries", "sqrt")
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _split(consts):
+    """(float consts, the rest, how to merge them back): only float values take gradients."""
+    is_f = [_is_float(c) for c in consts]
+    fl = [c for c, f in zip(consts, is_f) if f]
+    other = [c for c, f in zip(consts, is_f) if not f]
+
+    def merge(fl_, other_):
+        fi, oi = iter(fl_), iter(other_)
+        return [next(fi) if f else next(oi) for f in is_f]
+
+    return fl, other, merge
+
+
+def _zero_ct(x):
+    """Cotangent of an integer input: float0 zeros."""
+    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+
+
+def _explicit_mesh():
+    """The context's abstract mesh when it has explicit axes (e.g. kernels.lowering's target mesh)."""
+    m = jax.sharding.get_abstract_mesh()
+    return m if not m.empty and m._any_axis_explicit else None
+
+
+def _spec(x, ndim: int) -> tuple:
+    sh = jax.typeof(x).sharding if isinstance(x, jax.Array) else getattr(x, "sharding", None)
+    spec = tuple(getattr(sh, "spec", ()) or ())
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _on_mesh(v):
+    """Under an explicit mesh, put a row on the context mesh (same spec): values derived from
+    unsharded inputs carry an empty mesh, and an update must match its buffer's sharding."""
+    if _explicit_mesh() is None:
+        return v
+    return jax.sharding.reshard(v, jax.sharding.PartitionSpec(*_spec(v, jnp.ndim(v))))
+
+
+def _set(buf, t, value):
+    return jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, _on_mesh(v), t, 0), buf, value)
+
+
+def _get(buf, t):
+    return jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, t, 0, keepdims=False), buf)
+
+
+def _stack_like(tree, rows: int):
+    """S-row buffers. Uninitialised where the backend allows (GPU/TPU): the rows of steps that never
+    run are never read, and filling S rows of residuals would cost in proportion to S, not n."""
+
+    def buf(s):
+        sharding = None
+        if _explicit_mesh() is not None:  # on the context mesh, rows unsharded
+            sharding = jax.sharding.PartitionSpec(None, *_spec(s, len(s.shape)))
+        return empty((rows, *s.shape), s.dtype, sharding)
+
+    return jax.tree.map(buf, tree)
+
+
+def _fill_skipped(ys, y_skip, n, S: int):
+    """Rows t >= n of ys take the skipped step's output."""
+
+    def pick(b, s):
+        keep = (jnp.arange(S) < n).reshape((S,) + (1,) * jnp.ndim(s))
+        return jnp.where(keep, b, jnp.asarray(s)[None])
+
+    return jax.tree.map(pick, ys, y_skip)
+
+
+def _avals(fun, *args):
+    """Output avals of fun(*args) *with* their shardings (jax.eval_shape drops them under an
+    explicit mesh, and a buffer must match its rows' sharding)."""
+    closed, shapes = jax.make_jaxpr(fun, return_shape=True)(*args)
+    return jax.tree.unflatten(jax.tree.structure(shapes), closed.out_avals)
+
+
+def sqrt_chunk(S: int) -> int:
+    return max(1, math.ceil(math.sqrt(S)))
+
+
+def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str, lo=0):
+    """Run ``carry, y_t = step(carry, t)`` for t = 0 .. n-1 (n traced, 1 <= n <= S).
+
+    Returns (carry_n, ys) with ys stacked over S rows (rows t >= n: ``skip_y(carry_n)``).
+    Gradients flow through steps t >= lo only.
+    """
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    t0 = jnp.int32(0)
+    step_c, consts = jax.closure_convert(step, carry, t0)
+    skip_c, skip_consts = jax.closure_convert(skip_y, carry)
+    fl, other, merge = _split(consts)
+    sfl, sother, smerge = _split(skip_consts)
+    n = jnp.asarray(n, jnp.int32)
+    lo = jnp.asarray(lo, jnp.int32)
+
+    def f(c, t, fl_):
+        return step_c(c, t, *merge(fl_, other))
+
+    def g(c, sfl_):
+        return skip_c(c, *smerge(sfl_, sother))
+
+    def pullback(c, t, fl_):
+        return jax.vjp(lambda c_, p: f(c_, t, p), c, fl_)[1]
+
+    y_aval = _avals(lambda c, t: f(c, t, fl)[1], carry, t0)
+    # The pullback is a pytree (jax.vjp's Partial): its leaves are the residuals, the same
+    # structure at every t (traced), so S rows of each leaf hold every executed step's.
+    pull_tree = _avals(pullback, carry, t0, fl) if store == "residuals" else None
+
+    def forward(c0, fl_, sfl_, keep: str | None):
+        """While-loop over t < n; keep: None (no backward coming) or the store."""
+        ys0 = _stack_like(y_aval, S)
+        kept0 = None
+        if keep == "residuals":
+            kept0 = _stack_like(jax.tree.leaves(pull_tree), S)
+        elif keep == "carries":
+            kept0 = _stack_like(c0, S)
+        elif keep == "sqrt":
+            kept0 = _stack_like(c0, -(-S // sqrt_chunk(S)))
+
+        def body(state):
+            t, c, ys, kept = state
+            if keep == "residuals":
+                (c_next, y), pull = jax.vjp(lambda c_, p: f(c_, t, p), c, fl_)
+                kept = _set(kept, t, jax.tree.leaves(pull))
+            else:
+                if keep == "carries":
+                    kept = _set(kept, t, c)
+                elif keep == "sqrt":
+                    C = sqrt_chunk(S)
+                    kept = jax.lax.cond(t % C == 0, lambda k: _set(k, t // C, c), lambda k: k, kept)
+                c_next, y = f(c, t, fl_)
+            return t + 1, c_next, _set(ys, t, y), kept
+
+        _, c, ys, kept = jax.lax.while_loop(lambda s: s[0] < n, body, (t0, c0, ys0, kept0))
+        return c, _fill_skipped(ys, g(c, sfl_), n, S), kept
+
+    @jax.custom_vjp
+    def loop(c0, fl_, sfl_):
+        c, ys, _ = forward(c0, fl_, sfl_, None)
+        return c, ys
+
+    def loop_fwd(c0, fl_, sfl_):
+        c, ys, kept = forward(c0, fl_, sfl_, store)
+        return (c, ys), (kept, c, fl_, sfl_)
+
+    def step_back(pull, g_c, g_y, g_fl):
+        d_c, d_fl = pull((g_c, g_y))
+        return d_c, jax.tree.map(jnp.add, g_fl, d_fl)
+
+    def loop_bwd(res, cts):
+        kept, c_n, fl_, sfl_ = res
+        g_c, g_ys = cts
+        # Rows t >= n came from skip_y(carry_n): their cotangent flows into carry_n.
+        skipped = jnp.arange(S) >= n
+        g_skip = jax.tree.map(
+            lambda gy: jnp.sum(jnp.where(skipped.reshape((S,) + (1,) * (gy.ndim - 1)), gy, 0), axis=0), g_ys
+        )
+        _, skip_pull = jax.vjp(g, c_n, sfl_)
+        d_c, g_sfl = skip_pull(g_skip)
+        g_c = jax.tree.map(jnp.add, g_c, d_c)
+        g_fl = jax.tree.map(jnp.zeros_like, fl_)
+
+        if store in ("residuals", "carries"):
+
+            def body(state):
+                t, g_c, g_fl = state
+                if store == "residuals":
+                    pull = jax.tree.unflatten(jax.tree.structure(pull_tree), _get(kept, t))
+                else:
+                    pull = pullback(_get(kept, t), t, fl_)
+                g_c, g_fl = step_back(pull, g_c, _get(g_ys, t), g_fl)
+                return t - 1, g_c, g_fl
+
+            _, g_c, g_fl = jax.lax.while_loop(lambda s: s[0] >= lo, body, (n - 1, g_c, g_fl))
+        else:
+            C = sqrt_chunk(S)
+
+            def chunk_body(state):
+                k, g_c, g_fl = state
+                start = k * C
+                end = jnp.minimum(start + C, n)  # steps start .. end-1 ran
+
+                def fill(s):  # recompute the chunk's carries from its boundary carry
+                    i, c, local = s
+                    return i + 1, f(c, start + i, fl_)[0], _set(local, i, c)
+
+                local0 = _stack_like(c_n, C)
+                _, _, local = jax.lax.while_loop(
+                    lambda s: start + s[0] < end, fill, (jnp.int32(0), _get(kept, k), local0)
+                )
+
+                def inner(s):
+                    t, g_c, g_fl = s
+                    pull = pullback(_get(local, t - start), t, fl_)
+                    g_c, g_fl = step_back(pull, g_c, _get(g_ys, t), g_fl)
+                    return t - 1, g_c, g_fl
+
+                first = jnp.maximum(start, lo)
+                _, g_c, g_fl = jax.lax.while_loop(lambda s: s[0] >= first, inner, (end - 1, g_c, g_fl))
+                return k - 1, g_c, g_fl
+
+            _, g_c, g_fl = jax.lax.while_loop(lambda s: s[0] * C + C > lo, chunk_body, ((n - 1) // C, g_c, g_fl))
+        # Frozen steps (t < lo) pass no gradient back to the initial carry.
+        g_c = jax.tree.map(lambda x: jnp.where(lo > 0, jnp.zeros_like(x), x), g_c)
+        return g_c, g_fl, g_sfl
+
+    loop.defvjp(loop_fwd, loop_bwd)
+    return loop(carry, fl, sfl)

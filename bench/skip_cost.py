@@ -1,0 +1,93 @@
+"""What skipped iterations cost: one program compiled for S = max_iterations, run at depth n < S,
+against a program compiled for S = n, per remat policy and loop driver (model.loop).
+
+    .venv/bin/python bench/skip_cost.py [--d-model 256] [--seq 128] [--batch 8] [--reps 15]
+        [--pairs 2:16,8:16] [--policies none,block,iteration,sqrt] [--loops scan,while]
+
+The step is value_and_grad of the training objective (the train step without the optimizer,
+whose cost does not depend on S). The two programs of a pair run interleaved, call by call,
+so a busy machine slows both alike; the ratio is median(S) / median(S = n). Goal (issue #18):
+<= 1.05 for every policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from asura.config.schema import ModelConfig
+from asura.model.remat import POLICIES
+
+
+def build(cfg: ModelConfig):
+    from asura.model.looped import LoopedLM
+
+    return LoopedLM(cfg, rngs=nnx.Rngs(0))
+
+
+def step_fn(cfg: ModelConfig, batch, n: int):
+    graphdef, state = nnx.split(build(cfg))
+
+    @jax.jit
+    def step(s):
+        return jax.value_and_grad(lambda s: nnx.merge(graphdef, s).loss(batch, n=jnp.int32(n))[0])(s)
+
+    jax.block_until_ready(step(state))  # compile + warm
+    return lambda: jax.block_until_ready(step(state))
+
+
+def timed_pair(a, b, reps: int) -> tuple[float, float]:
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, ts in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--pairs", default="2:16,8:16", help="n:S pairs")
+    p.add_argument("--policies", default=",".join(POLICIES.names))
+    p.add_argument("--loops", default="scan,while")
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    V = 256
+    batch = {
+        "inputs": jnp.asarray(rng.integers(0, V, (args.batch, args.seq)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, V, (args.batch, args.seq)), jnp.int32),
+        "loss_mask": jnp.ones((args.batch, args.seq), jnp.float32),
+    }
+    base = ModelConfig(vocab_size=V, d_model=args.d_model, n_heads=4, n_layers=args.layers, guidance="linear",
+                       extrapolation="none")  # fmt: skip
+    where = f"jax {jax.__version__} on {jax.devices()[0].platform}"
+    print(f"{where}; d_model {args.d_model}, layers {args.layers}, T {args.seq}, B {args.batch}, fp32, "
+          f"every trick on (demo flags), guidance linear; {args.reps} reps")  # fmt: skip
+    print("| loop | remat | n | S | step ms (S) | step ms (S = n) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for loop in args.loops.split(","):
+        for policy in args.policies.split(","):
+            for pair in args.pairs.split(","):
+                n, S = map(int, pair.split(":"))
+                big = dataclasses.replace(base, iterations=n, max_iterations=S, remat=policy, loop=loop)
+                small = dataclasses.replace(big, max_iterations=n)
+                t_big, t_small = timed_pair(step_fn(big, batch, n), step_fn(small, batch, n), args.reps)
+                print(f"| {loop} | {policy} | {n} | {S} | {1e3 * t_big:.1f} | {1e3 * t_small:.1f} "
+                      f"| {t_big / t_small:.2f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
