@@ -110,7 +110,12 @@ def test_study_trains_reports_extrapolates_and_resumes(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| looped | none |"))
     assert row.rstrip(" |").endswith("| - | -")  # d3, d4 not runnable without extrapolation
     idx = index.read_text()
-    assert "| ex | " in idx and "| 2/2 |" in idx and "[EXTRAPOLATION.md](ex/EXTRAPOLATION.md)" in idx
+    assert (
+        "| ex | " in idx
+        and "| 2/2 |" in idx
+        and "Trial time summed over every trial" in idx
+        and "[EXTRAPOLATION.md](ex/EXTRAPOLATION.md)" in idx
+    )
 
     said.clear()
     run_plan(plan, command="test again", say=said.append)  # everything done: nothing retrained or re-evaluated

@@ -220,20 +220,29 @@ def write_index(plan: Plan, ledger: dict) -> Path:
     from asura.sweep.manifest import read_all
 
     lines = [f"# Studies: {plan.path.name}", "", f"Plan: `{_shown(plan.path)}`.", ""]
-    lines += ["| study | spec | trials complete | wall time (this command, all resumes) | reports |"]
-    lines += ["|---|---|---|---|---|"]
-    total = 0.0
+    lines += ["| study | spec | trials complete | trial time (summed) | wall time (this command) | reports |"]
+    lines += ["|---|---|---|---|---|---|"]
+    total = trials_total = 0.0
     for s in plan.studies:
         wd = plan.out / s.name
         ms = read_all(wd) if wd.is_dir() else []
         done = sum(m["status"] == "complete" for m in ms)
         wall = float(ledger.get(s.name, {}).get("wall_s", 0.0))
+        trial_s = sum(float(m.get("wall_s") or 0.0) for m in ms)  # however the trials were launched
         total += wall
+        trials_total += trial_s
         reports = [p.name for p in sorted(wd.glob("*.md")) if p.name.startswith(("REPORT", "EXTRAPOLATION"))]
         links = ", ".join(f"[{r}]({s.name}/{r})" for r in reports) or "-"
         spec = _shown(s.spec)
-        lines.append(f"| {s.name} | `{spec}` | {done}/{len(ms)} | {wall / 60:.1f} min | {links} |")
-    lines += ["", f"Total wall time: {total / 60:.1f} min ({total:.0f} s) on this machine.", ""]
+        row = f"| {s.name} | `{spec}` | {done}/{len(ms)} | {trial_s / 60:.1f} min | {wall / 60:.1f} min | {links} |"
+        lines.append(row)
+    lines += [
+        "",
+        f"Wall time of this command, all resumes: {total / 60:.1f} min ({total:.0f} s). Trial time summed over "
+        f"every trial: {trials_total / 60:.1f} min (workers run trials side by side, and trials started by a "
+        "plain sweep command count here too).",
+        "",
+    ]
     path = plan.out / "STUDIES.md"
     path.write_text("\n".join(lines))
     return path
