@@ -113,24 +113,29 @@ def plot(rows: list[dict], metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"none": ":", "last": "-", "cycle": "--"}
+    styles = {"last": "-", "cycle": "--", "none": ":"}
     colors: dict[str, str] = {}
-    for r in rows:
+    lo, hi = (0.0, 1.0) if metric != "ce" else (0.0, float("inf"))
+    # `none` equals the other modes wherever it runs (depth <= max_iterations): the table has it.
+    shown = [r for r in rows if r["mode"] != "none"] or rows
+    for r in shown:
         ns = [n for n, s in r["depths"].items() if s.n]
         ys = [r["depths"][n].mean for n in ns]
         err = [r["depths"][n].half_width or 0.0 for n in ns]
         kw = {"color": colors[r["group"]]} if r["group"] in colors else {}
-        line = ax.errorbar(ns, ys, yerr=err, ls=styles.get(r["mode"], "-"), marker="o", ms=3, capsize=2,
-                           label=f"{r['group']} ({r['mode']})", **kw)  # fmt: skip
-        colors.setdefault(r["group"], line[0].get_color())
-    trained = sorted({r["trained_depth"] for r in rows})
-    for t in trained:
-        ax.axvline(t, color="0.5", lw=0.8, ls="-.")
-    ax.set_xlabel(f"evaluation depth (iterations); dash-dot: trained depth {trained}")
+        (line,) = ax.plot(ns, ys, ls=styles.get(r["mode"], "-"), marker="o", ms=3, label=f"{r['group']} ({r['mode']})",
+                          **kw)  # fmt: skip
+        colors.setdefault(r["group"], line.get_color())
+        # the CI band, clipped to the metric's range (a t interval of a fraction can pass 0 or 1)
+        ax.fill_between(ns, [max(lo, y - e) for y, e in zip(ys, err)], [min(hi, y + e) for y, e in zip(ys, err)],
+                        color=line.get_color(), alpha=0.12, lw=0)  # fmt: skip
+    for t in sorted({r["trained_depth"] for r in rows}):
+        ax.axvline(t, color="r", lw=1.0, ls="-.", label=f"trained depth {t}")
+    ax.set_xlabel("evaluation depth (iterations)")
     ax.set_ylabel(f"eval {metric} ({METRICS[metric]}), mean over seeds")
     if metric != "ce":
         ax.set_ylim(0, 1.02)  # a fraction: the whole range, so a drop is not exaggerated
-    ax.set_title(f"{metric} vs depth; bars: {CONFIDENCE:.0%} CI over seeds", fontsize=9)
+    ax.set_title(f"{metric} vs depth; bands: {CONFIDENCE:.0%} CI over seeds (clipped to the range)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
