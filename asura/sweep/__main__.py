@@ -73,30 +73,27 @@ def _study(argv: list[str]) -> None:
 
 
 def _extrapolate(argv: list[str]) -> None:
-    from asura.sweep.extrapolation import METRICS, MODES
+    from asura.sweep import extrapolation
+    from asura.sweep.extrapolation import METRICS, MODES, Options
 
+    d = Options()
     p = _Parser(prog=f"{PROG} extrapolate", description="Evaluate a sweep's checkpoints past their trained depth.")
     p.add_argument("workdir")
-    p.add_argument("--factor", type=int, default=4, help="evaluate depths 1 .. factor x trained depth (default 4)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"extrapolation modes (default {','.join(MODES)})")
-    p.add_argument("--metrics", default="exact_match,ce", help=f"tabulated metrics, from {', '.join(METRICS)}")
+    p.add_argument("--factor", type=int, default=d.factor, help=f"depths 1 .. factor x trained depth ({d.factor})")
+    p.add_argument("--modes", default=",".join(d.modes), help=f"extrapolation modes, from {', '.join(MODES)}")
+    p.add_argument("--metrics", default=",".join(d.metrics), help=f"tabulated metrics, from {', '.join(METRICS)}")
     p.add_argument("--batches", type=int, help="eval batches per trial (default: each trial's train.eval_batches)")
     args = p.parse_args(argv)
-    modes, metrics = tuple(args.modes.split(",")), tuple(args.metrics.split(","))
-    for flag, values, valid in (("--modes", modes, MODES), ("--metrics", metrics, tuple(METRICS))):
-        bad = [v for v in values if v not in valid]
-        if bad:
-            fail(f"{flag} has {bad[0]!r}; valid: {', '.join(valid)}", p.prog)
-    if args.factor < 1 or (args.batches is not None and args.batches < 1):
-        fail("--factor and --batches must be >= 1", p.prog)
-    from asura.sweep import extrapolation
+    opts = Options(args.factor, tuple(args.modes.split(",")), tuple(args.metrics.split(",")), args.batches)
+    problem = opts.problem()
+    if problem:
+        fail(f"--{problem}", p.prog)
     from asura.sweep.report import EmptySweep
 
     try:
-        records = extrapolation.evaluate_sweep(args.workdir, args.factor, modes, args.batches)
+        print(extrapolation.run(args.workdir, opts, command=_command(["extrapolate", *argv])))
     except EmptySweep as e:
         fail(str(e), p.prog)
-    print(extrapolation.write(args.workdir, records, args.factor, metrics, command=_command(["extrapolate", *argv])))
 
 
 def _dry_run(spec) -> None:

@@ -14,6 +14,7 @@ iteration's cross-entropy, ``exact_match`` the answer exact match), on each tria
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from asura.sweep import manifest
@@ -34,15 +35,45 @@ def runnable(cfg: dict, mode: str, depth: int) -> bool:
     return mode != "none" or depth <= int(cfg["model"]["max_iterations"])
 
 
-def _evaluate_trial(trial_dir: Path, mode: str, depths: list[int], batches: int | None) -> dict:
+@dataclass(frozen=True)
+class Options:
+    """What to evaluate: depths 1 .. factor × trained depth, these modes; the tables' metrics."""
+
+    factor: int = 4
+    modes: tuple[str, ...] = MODES
+    metrics: tuple[str, ...] = ("exact_match", "ce")
+    batches: int | None = None  # eval batches per trial (None: each trial's train.eval_batches)
+
+    def problem(self) -> str | None:
+        """The first bad option as 'name: why' ("modes has 'wrap'; valid: ..."), or None."""
+        for name, value in (("factor", self.factor), ("batches", self.batches)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                return f"{name} must be an integer >= 1, got {value!r}"
+        for name, values, valid in (("modes", self.modes, MODES), ("metrics", self.metrics, tuple(METRICS))):
+            bad = [v for v in values if v not in valid]
+            if bad:
+                return f"{name} has {bad[0]!r}; valid: {', '.join(valid)}"
+        return None
+
+
+def _evaluate_trial(trial_dir: Path, depths_by_mode: dict[str, list[int]], batches: int | None) -> dict:
+    """{mode: {step, rows}}: the checkpoint is restored and the eval set built once; each mode only
+    rebuilds the module around the same parameters (the mode picks slots, it changes no weight)."""
+    from flax import nnx
+
     from asura.analysis.depth import evaluate_depths
-    from asura.analysis.load import load
+    from asura.analysis.load import load, model_from_params, with_extrapolation
     from asura.data import build_eval_batches
 
-    loaded = load(trial_dir, "latest", extrapolation=mode)
+    loaded = load(trial_dir, "latest")
     data = build_eval_batches(loaded.cfg, batches or loaded.cfg.train.eval_batches)
-    rows = evaluate_depths(loaded.model, data, depths)
-    return {"step": loaded.step, "rows": {str(r["depth"]): {k: r[k] for k in METRICS} for r in rows}}
+    params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    out = {}
+    for mode, depths in depths_by_mode.items():
+        model = model_from_params(with_extrapolation(loaded.cfg, mode), params)
+        rows = evaluate_depths(model, data, depths)
+        out[mode] = {"step": loaded.step, "rows": {str(r["depth"]): {k: r[k] for k in METRICS} for r in rows}}
+    return out
 
 
 def evaluate_sweep(
@@ -58,18 +89,25 @@ def evaluate_sweep(
         tdir = d / "trials" / f"{int(m['trial']):04d}"
         cache_path = tdir / CACHE
         cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-        for mode in modes:
-            depths = [n for n in trial_depths(m["config"], factor) if runnable(m["config"], mode, n)]
-            key = f"{mode}:{','.join(map(str, depths))}:{batches or ''}"
-            if key not in cache:
-                say(f"extrapolate {m['key']} mode={mode} depths 1..{max(depths)}")
-                cache[key] = _evaluate_trial(tdir, mode, depths, batches)
-                tmp = cache_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cache, indent=1) + "\n")
-                tmp.replace(cache_path)
-            out.append({"key": m["key"], "group": m["group"], "seed": m["seed"], "mode": mode, "config": m["config"],
-                        **cache[key]})  # fmt: skip
+        cfg = m["config"]
+        depths = {mode: [n for n in trial_depths(cfg, factor) if runnable(cfg, mode, n)] for mode in modes}
+        keys = {mode: f"{mode}:{','.join(map(str, ds))}:{batches or ''}" for mode, ds in depths.items()}
+        missing = {mode: ds for mode, ds in depths.items() if keys[mode] not in cache}
+        if missing:
+            for mode, ds in missing.items():
+                say(f"extrapolate {m['key']} mode={mode} depths 1..{max(ds)}")
+            for mode, result in _evaluate_trial(tdir, missing, batches).items():
+                cache[keys[mode]] = result
+            manifest.write_json(cache_path, cache)
+        out += [{"key": m["key"], "group": m["group"], "seed": m["seed"], "mode": mode, "config": cfg,
+                 **cache[keys[mode]]} for mode in modes]  # fmt: skip
     return out
+
+
+def run(sweep_dir: str | Path, opts: Options, command: str, say=print) -> Path:
+    """Evaluate what is missing, then write EXTRAPOLATION.md; returns its path."""
+    records = evaluate_sweep(sweep_dir, opts.factor, opts.modes, opts.batches, say=say)
+    return write(sweep_dir, records, opts.factor, opts.metrics, command=command)
 
 
 def summarise(records: list[dict], metric: str, factor: int) -> list[dict]:

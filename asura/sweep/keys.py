@@ -10,7 +10,10 @@ import dataclasses
 import difflib
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from asura.config.load import ConfigError, with_overrides
 from asura.config.schema import Config
@@ -24,6 +27,21 @@ def suggest(name: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
     return f"did you mean {close[0]!r}?" if close else "valid: " + ", ".join(valid)
+
+
+def read_yaml(path: str | Path, what: str, valid: Iterable[str]) -> tuple[Path, dict]:
+    """(resolved path, mapping) of a YAML file whose top-level keys must be in ``valid``; SpecError
+    (one line, naming ``what``: "sweep spec", "study plan") when it is missing, not YAML or has an
+    unknown key."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise SpecError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{what} {path.name} is not valid YAML: {str(e).splitlines()[0]}") from None
+    check_keys(f"{what} {path.name}", raw, valid)
+    return path, raw
 
 
 def check_keys(where: str, data: Any, valid: Iterable[str]) -> None:

@@ -97,13 +97,17 @@ def _finite(x):
     return x
 
 
+def write_json(path: Path, data) -> Path:
+    """JSON via temp + rename: a concurrent reader (a report, a resumed study) never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write(workdir: Path, manifest: dict) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_finite(manifest), indent=1, default=str))
-    os.replace(tmp, path)  # atomic: a concurrent report never reads half a manifest
-    return path
+    return write_json(workdir / MANIFEST, _finite(manifest))
 
 
 def read_all(sweep_dir: Path) -> list[dict]:

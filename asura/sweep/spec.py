@@ -30,14 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from asura.baselines import BASELINES, DEFAULT_BASELINES
 from asura.config.load import ConfigError, load_config
 from asura.config.schema import Config
 from asura.depth import eval_depths
 from asura.sweep.grid import Cell, Grid, Impossible, build_grid, config_hash, is_looped
-from asura.sweep.keys import SpecError, apply, check_keys, field_type, get, suggest
+from asura.sweep.keys import SpecError, apply, field_type, get, read_yaml, suggest
 from asura.sweep.metrics import DEFAULT_METRIC, MetricError, MetricSpec, incomparable, parse_metric
 from asura.sweep.search import PrunerSpec, SearchSpec, parse_pruner, parse_search
 
@@ -157,14 +155,7 @@ def load_spec(path: str | Path, baselines: bool = False, extra_overrides: dict |
 
     ``extra_overrides`` (dotted keys) apply after the spec's own ``overrides``: a study preset uses
     them to scale every sweep of a study up for a GPU or TPU without copying the specs."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise SpecError(f"sweep spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"sweep spec {path.name} is not valid YAML: {str(e).splitlines()[0]}") from None
-    check_keys(f"sweep spec {path.name}", raw, TOP_KEYS)
+    path, raw = read_yaml(path, "sweep spec", TOP_KEYS)
     if "base" not in raw:
         raise SpecError(f"sweep spec {path.name}: missing `base:` (a train config path, relative to the spec)")
     base_path = (path.parent / str(raw["base"])).resolve()

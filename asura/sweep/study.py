@@ -29,26 +29,17 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
-from asura.sweep.keys import SpecError, check_keys
-from asura.sweep.manifest import REPO_ROOT, git_commit
+from asura.sweep.extrapolation import Options
+from asura.sweep.keys import SpecError, check_keys, read_yaml
+from asura.sweep.manifest import REPO_ROOT, git_commit, write_json
 
 PLAN_KEYS = ("out", "workers", "overrides", "prepare", "studies", "description")
 STUDY_KEYS = ("name", "spec", "reports", "extrapolate")
-EXTRAPOLATE_KEYS = ("factor", "modes", "metrics", "batches")
+EXTRAPOLATE_KEYS = tuple(f.name for f in fields(Options))
 LEDGER = "studies.json"
-
-
-@dataclass(frozen=True)
-class Extrapolate:
-    factor: int = 4
-    modes: tuple[str, ...] = ("none", "last", "cycle")
-    metrics: tuple[str, ...] = ("exact_match", "ce")
-    batches: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +47,7 @@ class Study:
     name: str
     spec: Path
     reports: tuple[str, ...] = ()
-    extrapolate: Extrapolate | None = None
+    extrapolate: Options | None = None
 
 
 @dataclass(frozen=True)
@@ -69,39 +60,20 @@ class Plan:
     studies: tuple[Study, ...] = field(default_factory=tuple)
 
 
-def _extrapolate(name: str, raw) -> Extrapolate | None:
-    from asura.sweep.extrapolation import METRICS, MODES
-
+def _extrapolate(name: str, raw) -> Options | None:
     if raw is None:
         return None
     check_keys(f"studies.{name}.extrapolate", raw, EXTRAPOLATE_KEYS)
-    e = Extrapolate(
-        factor=int(raw.get("factor", 4)),
-        modes=tuple(raw.get("modes", Extrapolate.modes)),
-        metrics=tuple(raw.get("metrics", Extrapolate.metrics)),
-        batches=raw.get("batches"),
-    )
-    if e.factor < 1:
-        raise SpecError(f"studies.{name}.extrapolate.factor must be >= 1, got {e.factor}")
-    for m in e.modes:
-        if m not in MODES:
-            raise SpecError(f"studies.{name}.extrapolate.modes has {m!r}; valid: {', '.join(MODES)}")
-    for m in e.metrics:
-        if m not in METRICS:
-            raise SpecError(f"studies.{name}.extrapolate.metrics has {m!r}; valid: {', '.join(METRICS)}")
-    return e
+    opts = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    problem = opts.problem()
+    if problem:
+        raise SpecError(f"studies.{name}.extrapolate.{problem}")
+    return opts
 
 
 def load_plan(path: str | Path) -> Plan:
     """Parse the plan; SpecError (one line) on any bad key. Specs are validated by ``check_plan``."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise SpecError(f"study plan not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"study plan {path.name} is not valid YAML: {str(e).splitlines()[0]}") from None
-    check_keys(f"study plan {path.name}", raw, PLAN_KEYS)
+    path, raw = read_yaml(path, "study plan", PLAN_KEYS)
     studies, names = [], set()
     for i, s in enumerate(raw.get("studies") or []):
         check_keys(f"studies[{i}]", s, STUDY_KEYS)
@@ -174,10 +146,7 @@ def _ledger(plan: Plan) -> dict:
 
 
 def _save_ledger(plan: Plan, ledger: dict) -> None:
-    p = plan.out / LEDGER
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ledger, indent=1) + "\n")
-    tmp.replace(p)
+    write_json(plan.out / LEDGER, ledger)
 
 
 def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None, command: str = "", say=print) -> Path:
@@ -200,9 +169,9 @@ def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None,
             write_report(wd, metric, command=f"python -m asura.sweep report {wd} --metric {metric}")
         if study.extrapolate is not None:
             e = study.extrapolate
-            records = extrapolation.evaluate_sweep(wd, e.factor, e.modes, e.batches, say=say)
-            cmd = f"python -m asura.sweep extrapolate {wd} --factor {e.factor} --modes {','.join(e.modes)}"
-            extrapolation.write(wd, records, e.factor, e.metrics, command=cmd)
+            cmd = (f"python -m asura.sweep extrapolate {wd} --factor {e.factor} --modes {','.join(e.modes)} "
+                   f"--metrics {','.join(e.metrics)}" + (f" --batches {e.batches}" if e.batches else ""))  # fmt: skip
+            extrapolation.run(wd, e, cmd, say=say)
         wall = time.time() - t0
         entry["wall_s"] += wall
         entry["runs"].append({"command": command, "commit": git_commit(), "wall_s": round(wall, 1),
