@@ -32,33 +32,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from asura.compat import empty
 
 STORES = ("residuals", "carries", "sqrt")
-
-
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def _split(consts):
-    """(float consts, the rest, how to merge them back): only float values take gradients."""
-    is_f = [_is_float(c) for c in consts]
-    fl = [c for c, f in zip(consts, is_f) if f]
-    other = [c for c, f in zip(consts, is_f) if not f]
-
-    def merge(fl_, other_):
-        fi, oi = iter(fl_), iter(other_)
-        return [next(fi) if f else next(oi) for f in is_f]
-
-    return fl, other, merge
-
-
-def _zero_ct(x):
-    """Cotangent of an integer input: float0 zeros."""
-    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
 
 
 def _explicit_mesh():
@@ -132,21 +109,25 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
     t0 = jnp.int32(0)
-    step_c, consts = jax.closure_convert(step, carry, t0)
-    skip_c, skip_consts = jax.closure_convert(skip_y, carry)
-    fl, other, merge = _split(consts)
-    sfl, sother, smerge = _split(skip_consts)
+    # closure_convert hoists only the closed-over values that can carry a tangent (floats); integer
+    # ones (tokens, positions, n) stay closed over, so every hoisted value takes a float cotangent.
+    step_c, fl = jax.closure_convert(step, carry, t0)
+    skip_c, sfl = jax.closure_convert(skip_y, carry)
     n = jnp.asarray(n, jnp.int32)
     lo = jnp.asarray(lo, jnp.int32)
 
     def f(c, t, fl_):
-        return step_c(c, t, *merge(fl_, other))
+        return step_c(c, t, *fl_)
 
     def g(c, sfl_):
-        return skip_c(c, *smerge(sfl_, sother))
+        return skip_c(c, *sfl_)
+
+    def vjp_at(c, t, fl_):
+        """((carry, y), pullback) of step t."""
+        return jax.vjp(lambda c_, p: f(c_, t, p), c, fl_)
 
     def pullback(c, t, fl_):
-        return jax.vjp(lambda c_, p: f(c_, t, p), c, fl_)[1]
+        return vjp_at(c, t, fl_)[1]
 
     y_aval = _avals(lambda c, t: f(c, t, fl)[1], carry, t0)
     # The pullback is a pytree (jax.vjp's Partial): its leaves are the residuals, the same
@@ -167,7 +148,7 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
         def body(state):
             t, c, ys, kept = state
             if keep == "residuals":
-                (c_next, y), pull = jax.vjp(lambda c_, p: f(c_, t, p), c, fl_)
+                (c_next, y), pull = vjp_at(c, t, fl_)
                 kept = _set(kept, t, jax.tree.leaves(pull))
             else:
                 if keep == "carries":
