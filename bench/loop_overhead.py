@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from skip_cost import random_batch, step_fn, timed_pair  # bench/ is on sys.path when run as a script
 
 from asura.config.schema import Config, DataConfig, ModelConfig
 from asura.flops import flop_count
-
-
-def _step(cfg: ModelConfig, batch):
-    from asura.model.looped import LoopedLM
-
-    graphdef, state = nnx.split(LoopedLM(cfg, rngs=nnx.Rngs(0)))
-    fn = jax.jit(jax.value_and_grad(lambda s: nnx.merge(graphdef, s).loss(batch)[0]))
-    jax.block_until_ready(fn(state))
-    return lambda: jax.block_until_ready(fn(state))
 
 
 def main() -> None:
@@ -47,12 +34,7 @@ def main() -> None:
     p.add_argument("--loop", default="while")
     args = p.parse_args()
     V = 256
-    rng = np.random.default_rng(0)
-    batch = {
-        "inputs": jnp.asarray(rng.integers(0, V, (args.batch, args.seq)), jnp.int32),
-        "targets": jnp.asarray(rng.integers(0, V, (args.batch, args.seq)), jnp.int32),
-        "loss_mask": jnp.ones((args.batch, args.seq), jnp.float32),
-    }
+    batch = random_batch(args.batch, args.seq, V)
     common = dict(vocab_size=V, d_model=args.d_model, n_heads=4, remat=args.remat, loop=args.loop)
     vanilla = ModelConfig(**common, n_layers=args.layers * args.n, iterations=1, max_iterations=1,
                           injection="none", iter_norm=False, post_norm=False, guidance="none", qk_norm=False,
@@ -69,16 +51,9 @@ def main() -> None:
           f"T {args.seq}, B {args.batch}, remat {args.remat}, loop {args.loop}, {args.reps} reps")  # fmt: skip
     print("| looped | looped ms | vanilla ms | looped GFLOP/step | vanilla GFLOP/step | FLOP/s ratio |")
     print("|---|---|---|---|---|---|")
-    base = _step(vanilla, batch)
+    base = step_fn(vanilla, batch, 1)
     for name, m in (("tricks off", looped_off), ("tricks on", looped_on)):
-        run = _step(m, batch)
-        tl, tv = [], []
-        for _ in range(args.reps):
-            for f, ts in ((run, tl), (base, tv)):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-        ml, mv = statistics.median(tl), statistics.median(tv)
+        ml, mv = timed_pair(step_fn(m, batch, args.n), base, args.reps)
         fl, fv = flops(m), flops(vanilla)
         print(f"| {name} | {1e3 * ml:.1f} | {1e3 * mv:.1f} | {fl / 1e9:.3f} | {fv / 1e9:.3f} | "
               f"{(fl / ml) / (fv / mv):.3f} |", flush=True)  # fmt: skip

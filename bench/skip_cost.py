@@ -32,7 +32,17 @@ def build(cfg: ModelConfig):
     return LoopedLM(cfg, rngs=nnx.Rngs(0))
 
 
+def random_batch(batch: int, seq: int, vocab: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "inputs": jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32),
+        "loss_mask": jnp.ones((batch, seq), jnp.float32),
+    }
+
+
 def step_fn(cfg: ModelConfig, batch, n: int):
+    """A compiled, warmed value_and_grad of the objective at depth n; calling it runs one step."""
     graphdef, state = nnx.split(build(cfg))
 
     @jax.jit
@@ -44,6 +54,7 @@ def step_fn(cfg: ModelConfig, batch, n: int):
 
 
 def timed_pair(a, b, reps: int) -> tuple[float, float]:
+    """Medians of a() and b() called alternately, so a busy machine slows both alike."""
     ta, tb = [], []
     for _ in range(reps):
         for f, ts in ((a, ta), (b, tb)):
@@ -64,13 +75,8 @@ def main() -> None:
     p.add_argument("--policies", default=",".join(POLICIES.names))
     p.add_argument("--loops", default="scan,while")
     args = p.parse_args()
-    rng = np.random.default_rng(0)
     V = 256
-    batch = {
-        "inputs": jnp.asarray(rng.integers(0, V, (args.batch, args.seq)), jnp.int32),
-        "targets": jnp.asarray(rng.integers(0, V, (args.batch, args.seq)), jnp.int32),
-        "loss_mask": jnp.ones((args.batch, args.seq), jnp.float32),
-    }
+    batch = random_batch(args.batch, args.seq, V)
     base = ModelConfig(vocab_size=V, d_model=args.d_model, n_heads=4, n_layers=args.layers, guidance="linear",
                        extrapolation="none")  # fmt: skip
     where = f"jax {jax.__version__} on {jax.devices()[0].platform}"
