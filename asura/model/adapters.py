@@ -25,7 +25,7 @@ from flax import nnx
 
 from asura.config.schema import ModelConfig
 from asura.model.adapter_registry import ADAPTERS
-from asura.model.layers import normal, param, take
+from asura.model.layers import dense, normal, param, take
 
 
 class ABBA(nnx.Module):
@@ -47,7 +47,7 @@ class ABBA(nnx.Module):
         r2, d_out = v2.shape
         ukr = (u1[:, :, None] * u2[:, None, :]).reshape(d_in, r1 * r2)
         vkr = (v1[:, None, :] * v2[None, :, :]).reshape(r1 * r2, d_out)
-        return self.gamma * ((x @ ukr) @ vkr)
+        return self.gamma * dense(dense(x, ukr), vkr)
 
     def delta_w(self, t) -> jax.Array:
         """The materialised ΔW[t] [d_in, d_out]; for tests and analysis only."""
@@ -64,7 +64,7 @@ class LoRA(nnx.Module):
         self.v = param(rngs, nnx.initializers.zeros, (M, r, d_out), ("iteration", "rank", n_out), cfg)
 
     def __call__(self, x: jax.Array, t) -> jax.Array:
-        return self.gamma * ((x @ take(self.u, t).astype(x.dtype)) @ take(self.v, t).astype(x.dtype))
+        return self.gamma * dense(dense(x, take(self.u, t).astype(x.dtype)), take(self.v, t).astype(x.dtype))
 
     def delta_w(self, t) -> jax.Array:
         return self.gamma * take(self.u, t) @ take(self.v, t)

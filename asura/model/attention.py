@@ -51,14 +51,19 @@ def xla_attention(
     causal: bool = True,
     **_: object,
 ) -> jax.Array:
-    """Plain-JAX reference: fp32 softmax, GQA by head grouping, segment masking."""
+    """Plain-JAX reference: fp32 softmax, GQA by head grouping, segment masking.
+
+    Heads move ahead of time before the matmuls (q as [B, K, G·T, H]): both score matmuls and
+    their gradients are then plain batched matmuls over (B, K), and XLA:CPU needs no transpose
+    of the [T, S] scores (in BTNH order it copied them 4 times per call: bench/op_profile.py).
+    Only the small q/k/v/o tensors are transposed."""
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K, S = k_BSKH.shape[2], k_BSKH.shape[1]
     G = N // K
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    s_BKGTS = s_BKGTS * (1.0 / jnp.sqrt(jnp.float32(H)))
-    S = k_BSKH.shape[1]
+    q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # R = (g, t)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    s_BKRS = jnp.einsum("bkrh,bksh->bkrs", q_BKRH, k_BKSH, preferred_element_type=jnp.float32)
+    s_BKGTS = s_BKRS.reshape(B, K, G, T, S) * (1.0 / jnp.sqrt(jnp.float32(H)))
     mask_BTS = jnp.ones((1, T, S), dtype=bool)
     if causal:
         mask_BTS = mask_BTS & (jnp.arange(T)[:, None] >= jnp.arange(S)[None, :])[None]
@@ -67,9 +72,10 @@ def xla_attention(
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, -1e30)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
     # Rows with no visible key (impossible with causal self-attention) give zeros, not NaN.
-    p_BKGTS = jnp.where(mask_BTS[:, None, None], p_BKGTS, 0.0)
-    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
-    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    p_BKRS = jnp.where(mask_BTS[:, None, None], p_BKGTS, 0.0).reshape(B, K, G * T, S)
+    o_BKRH = jnp.einsum("bkrs,bksh->bkrh", p_BKRS.astype(v_BSKH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+    o_BTNH = o_BKRH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    return o_BTNH.astype(q_BTNH.dtype)
 
 
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -39,6 +39,21 @@ def normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+def dense(x: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
+    """x[..., D] @ w[D, F] as one 2-D matmul over the flattened leading axes.
+
+    Why 2-D: with x [B, T, D] the weight gradient contracts two axes (batch, seq), and XLA:CPU
+    lays it out by transposing the [B, T, F] cotangent into [F, B·T] (for the MLP up-projection
+    that copy, fused with the GELU backward, was 31% of the CPU train step: bench/op_profile.py).
+    Contracting one axis needs no copy. Merging the leading axes of a row-major array is a
+    bitcast on every backend, and "batch" is the only sharded one of them (seq maps to no mesh
+    axis), so the sharding carries over.
+    """
+    *lead, d = x.shape
+    y = jnp.matmul(x.reshape(-1, d), w_DF, preferred_element_type=out_dtype)
+    return y.reshape(*lead, w_DF.shape[-1])
+
+
 def take(p: nnx.Param, t) -> jax.Array:
     """Read a parameter; slice the leading iteration axis when t is given."""
     v = p[...]
@@ -103,7 +118,7 @@ class Linear(nnx.Module):
         self.adapter = make_adapter(cfg, d_in, d_out, names, rngs=rngs) if adapted else None
 
     def __call__(self, x: jax.Array, t=None) -> jax.Array:
-        y = x @ self.kernel[...].astype(x.dtype)
+        y = dense(x, self.kernel[...].astype(x.dtype))
         if self.adapter is not None:
             y = y + self.adapter(x, t)
         return y

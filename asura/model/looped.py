@@ -62,7 +62,7 @@ from asura.model.carry import (
     projconcat_init,
 )
 from asura.model.dynamic_loop import dynamic_loop
-from asura.model.layers import DTYPES, Norm, f32, normal, param
+from asura.model.layers import DTYPES, Norm, dense, f32, normal, param
 from asura.model.loss import Score, guidance_weights, scores
 from asura.parallel.logical import constrain
 
@@ -95,9 +95,7 @@ class LoopedLM(nnx.Module):
     def head(self, h_BTD: jax.Array) -> jax.Array:
         """Shared final norm + unembedding; fp32 logits."""
         x_BTD = self.final_norm(h_BTD)
-        logits_BTV = jnp.einsum(
-            "btd,dv->btv", x_BTD, self.w_DV().astype(x_BTD.dtype), preferred_element_type=f32(x_BTD.dtype)
-        )
+        logits_BTV = dense(x_BTD, self.w_DV().astype(x_BTD.dtype), f32(x_BTD.dtype))
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
     def slot(self, t):
@@ -144,7 +142,7 @@ class LoopedLM(nnx.Module):
         cfg = self.cfg
         if cfg.injection == "projconcat":
             eh_BT2D = jnp.concatenate([e_BTD, h_BTD], axis=-1)
-            x_BTD = eh_BT2D @ self.w_proj[...][s].astype(eh_BT2D.dtype)
+            x_BTD = dense(eh_BT2D, self.w_proj[...][s].astype(eh_BT2D.dtype))
         elif cfg.injection == "add":
             x_BTD = h_BTD + e_BTD
         else:

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from asura.config.schema import ModelConfig
-from asura.model.layers import f32
+from asura.model.layers import dense, f32
 
 
 def _full_stats(h_BTD, w_DV, targets_BT):
-    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=f32(h_BTD.dtype))
+    logits_BTV = dense(h_BTD, w_DV.astype(h_BTD.dtype), f32(h_BTD.dtype))
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     tgt_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return lse_BT, tgt_BT, logits_BTV.max(-1)
@@ -34,7 +34,7 @@ def _chunked_stats(h_BTD, w_DV, targets_BT, chunk: int):
     def body(carry, xs):
         m_BT, s_BT, tgt_BT = carry
         w_Dc, i = xs
-        logits_BTc = jnp.einsum("btd,dc->btc", h_BTD, w_Dc.astype(h_BTD.dtype), preferred_element_type=f32(h_BTD.dtype))
+        logits_BTc = dense(h_BTD, w_Dc.astype(h_BTD.dtype), f32(h_BTD.dtype))
         # The running max only stabilises exp(); lse does not depend on it, so
         # it needs no gradient.
         m_new = jax.lax.stop_gradient(jnp.maximum(m_BT, logits_BTc.max(-1)))
