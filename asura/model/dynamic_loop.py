@@ -11,7 +11,8 @@ What the forward keeps for the backward is the remat policy's ``store``:
 
 residuals  each step's VJP residuals (``jax.vjp``'s pullback is a pytree of arrays): no
            recomputation. ``remat=none``; also ``block``, whose checkpointed blocks make the
-           residuals just the block inputs.
+           residuals just the block inputs. Only residuals that vary per step get a row;
+           weights, masks and reshaped copies are kept once or rebuilt (asura.model.residual_plan).
 carries    the carry entering each step; the backward recomputes one step at a time
            (``remat=iteration``).
 sqrt       the carry at every chunk boundary (chunk = ceil(sqrt(S))); the backward recomputes a
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from asura.compat import empty
+from asura.model import residual_plan
 
 STORES = ("residuals", "carries", "sqrt")
 
@@ -129,17 +131,23 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
     def pullback(c, t, fl_):
         return vjp_at(c, t, fl_)[1]
 
+    def residuals(c, t, fl_):
+        return jax.tree.leaves(pullback(c, t, fl_))
+
     y_aval = _avals(lambda c, t: f(c, t, fl)[1], carry, t0)
     # The pullback is a pytree (jax.vjp's Partial): its leaves are the residuals, the same
-    # structure at every t (traced), so S rows of each leaf hold every executed step's.
-    pull_tree = _avals(pullback, carry, t0, fl) if store == "residuals" else None
+    # structure at every t (traced). Only those that vary per step get S rows (residual_plan).
+    if store == "residuals":
+        pull_tree = _avals(pullback, carry, t0, fl)
+        res_plan = residual_plan.plan(residuals, carry, t0, fl)
+        row_avals = [jax.tree.leaves(pull_tree)[i] for i in res_plan.indices("row")]
 
     def forward(c0, fl_, sfl_, keep: str | None):
         """While-loop over t < n; keep: None (no backward coming) or the store."""
         ys0 = _stack_like(y_aval, S)
         kept0 = None
         if keep == "residuals":
-            kept0 = _stack_like(jax.tree.leaves(pull_tree), S)
+            kept0 = _stack_like(row_avals, S)
         elif keep == "carries":
             kept0 = _stack_like(c0, S)
         elif keep == "sqrt":
@@ -149,7 +157,8 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
             t, c, ys, kept = state
             if keep == "residuals":
                 (c_next, y), pull = vjp_at(c, t, fl_)
-                kept = _set(kept, t, jax.tree.leaves(pull))
+                leaves = jax.tree.leaves(pull)
+                kept = _set(kept, t, [leaves[i] for i in res_plan.indices("row")])
             else:
                 if keep == "carries":
                     kept = _set(kept, t, c)
@@ -160,6 +169,9 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
             return t + 1, c_next, _set(ys, t, y), kept
 
         _, c, ys, kept = jax.lax.while_loop(lambda s: s[0] < n, body, (t0, c0, ys0, kept0))
+        if keep == "residuals":  # the step-invariant residuals, once (XLA drops the rest of this step)
+            once = residuals(c0, t0, fl_) if res_plan.indices("const") else []
+            kept = (kept, [once[i] for i in res_plan.indices("const")])
         return c, _fill_skipped(ys, g(c, sfl_), n, S), kept
 
     @jax.custom_vjp
@@ -193,7 +205,8 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
             def body(state):
                 t, g_c, g_fl = state
                 if store == "residuals":
-                    pull = jax.tree.unflatten(jax.tree.structure(pull_tree), _get(kept, t))
+                    rows, consts = kept
+                    pull = jax.tree.unflatten(jax.tree.structure(pull_tree), res_plan.assemble(_get(rows, t), consts))
                 else:
                     pull = pullback(_get(kept, t), t, fl_)
                 g_c, g_fl = step_back(pull, g_c, _get(g_ys, t), g_fl)
