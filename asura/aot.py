@@ -33,6 +33,7 @@ failed otherwise, or ran past --timeout. Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -167,6 +168,7 @@ def compile_train_step(cfg: Config, devices) -> dict:
 
     import jax
 
+    from asura.hlo import uninitialised_buffers
     from asura.kernels.lowering import kernel_calls
     from asura.parallel.mesh import make_mesh
     from asura.parallel.placement import MeshPlacement
@@ -199,7 +201,9 @@ def compile_train_step(cfg: Config, devices) -> dict:
     out["compile_s"] = time.perf_counter() - t1
     stats = compiled.memory_analysis()
     out["memory"] = {k: getattr(stats, f, None) for k, f in MEMORY_FIELDS.items()}
-    out["compiled_kernel_calls"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    text = compiled.as_text()
+    out["compiled_kernel_calls"] = text.count('custom_call_target="tpu_custom_call"')
+    out["loop_buffers"] = dataclasses.asdict(uninitialised_buffers(text))
     return {**out, "status": "ok"}
 
 
@@ -315,6 +319,8 @@ def report(cfg: Config, topo: Topology, res: dict) -> tuple[list[str], bool]:
         + ("fits" if fits else "DOES NOT FIT"),
         f"Mosaic kernels (lowered): {kernels}; tpu_custom_call in the compiled HLO: {res['compiled_kernel_calls']}",
     ]
+    if (buf := res.get("loop_buffers")) is not None:  # the while driver's S-row buffers
+        lines.append(f"loop buffers: {buf['uninitialised']} uninitialised (AllocateBuffer), {buf['copied']} copied")
     if not fits:
         fix = "; ".join(suggestions(cfg, topo, res, peak or 2 * cap, cap))
         lines.append(f"peak {_gib(peak)} GiB is over the chip's {topo.chip.hbm_gib:g} GiB; try {fix}")
