@@ -17,6 +17,7 @@ from flax import nnx
 
 from asura.compat import no_eager_sharding
 from asura.config.schema import ModelConfig
+from asura.kernels.lowering import target_platform
 from asura.model.attention import attention
 from asura.parallel.logical import constrain
 
@@ -40,15 +41,17 @@ def normal(std: float):
 
 
 def dense(x: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
-    """x[..., D] @ w[D, F] as one 2-D matmul over the flattened leading axes.
+    """x[..., D] @ w[D, F]; on the CPU as one 2-D matmul over the flattened leading axes.
 
-    Why 2-D: with x [B, T, D] the weight gradient contracts two axes (batch, seq), and XLA:CPU
-    lays it out by transposing the [B, T, F] cotangent into [F, B·T] (for the MLP up-projection
-    that copy, fused with the GELU backward, was 31% of the CPU train step: bench/op_profile.py).
-    Contracting one axis needs no copy. Merging the leading axes of a row-major array is a
-    bitcast on every backend, and "batch" is the only sharded one of them (seq maps to no mesh
-    axis), so the sharding carries over.
+    Why 2-D on the CPU: with x [B, T, D] the weight gradient contracts two axes (batch, seq), and
+    XLA:CPU lays it out by transposing the [B, T, F] cotangent into [F, B·T] (for the MLP
+    up-projection that copy, fused with the GELU backward, was 31% of the CPU train step:
+    bench/op_profile.py); contracting one axis needs no copy. Not on TPU/GPU, whose compilers
+    contract the two axes natively: there the flattening only moved XLA's choices (the 350M
+    preset compiled for v5p:2x2x2 at batch 128 peaked 1.38 GiB higher, bench/RESULTS.md).
     """
+    if target_platform() != "cpu":
+        return jnp.einsum("...d,df->...f", x, w_DF, preferred_element_type=out_dtype)
     *lead, d = x.shape
     y = jnp.matmul(x.reshape(-1, d), w_DF, preferred_element_type=out_dtype)
     return y.reshape(*lead, w_DF.shape[-1])
