@@ -8,6 +8,7 @@ from conftest import DEMO, tiny_config
 from asura.analysis import load
 from asura.config import config_to_yaml
 from asura.train.checkpoint import CheckpointStore, config_meta
+from asura.train.integrity import CHECKSUMS
 from asura.train.state import init_state
 
 # On top of TINY (and demo.yaml): demo's heads and sequence length, 4 rows.
@@ -79,3 +80,25 @@ def test_load_errors(workdir, tmp_path):
     (empty / "config.yaml").write_text((wd / "config.yaml").read_text())
     with pytest.raises(load.LoadError, match="has no checkpoints"):
         load.load(empty)
+
+
+def test_an_unreadable_step_falls_back_read_only(workdir, tmp_path):
+    """Latest: an unreadable newest step is skipped with a warning and the previous one loads,
+    nothing moved (analysis is read-only); named explicitly, it is a one-line LoadError."""
+    import shutil
+
+    wd, _, params1 = workdir
+    copy = tmp_path / "wd"
+    shutil.copytree(wd, copy)
+    step2 = copy / "checkpoints" / "2"
+    victim = max((p for p in step2.rglob("*") if p.is_file() and p.name != CHECKSUMS),
+                 key=lambda p: p.stat().st_size)  # fmt: skip
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size, other bytes: only the checksum tells
+    warnings = []
+    got = load.load(copy, warn=warnings.append)
+    assert got.step == 1
+    np.testing.assert_array_equal(_embed(got.model), np.asarray(params1["embed"]))
+    assert len(warnings) == 1 and "step 2 is unreadable" in warnings[0] and "checksum" in warnings[0]
+    assert step2.is_dir() and not (copy / "checkpoints_bad").exists()
+    with pytest.raises(load.LoadError, match=r"checkpoint step 2 in .* does not restore: .*checksum"):
+        load.load(copy, step=2)

@@ -103,8 +103,7 @@ def load(path: str | Path, step: int | str | None = None, *, extrapolation: str 
     if isinstance(step, int) and step not in steps:
         raise LoadError(f"step {step} not found in {workdir / 'checkpoints'}; available: {steps}")
 
-    from asura.train.checkpoint import CORRUPT, CheckpointStore, first_line
-    from asura.train.integrity import verify
+    from asura.train.checkpoint import CheckpointStore
     from asura.train.state import abstract_state, merge_model
 
     store = CheckpointStore(workdir / "checkpoints", keep=1, async_save=False, read_only=True)
@@ -113,22 +112,22 @@ def load(path: str | Path, step: int | str | None = None, *, extrapolation: str 
             step = store.best_step()
             if step is None:
                 raise LoadError(f"{workdir} has no step with an eval ce to rank (train with eval_every <= steps)")
+
+        def restore(s):  # each step with its own config: a workdir may hold runs of other settings
+            cfg = with_extrapolation(_meta_config(store, s), extrapolation)
+            built = abstract_state(cfg)
+            return Loaded(merge_model(built.graphdef, store.restore(s, built.state)[0]["params"], built.rest),
+                          cfg, int(s), workdir)  # fmt: skip
+
         candidates = [step] if isinstance(step, int) else sorted(steps, reverse=True)
         for s in candidates:
-            why = verify(workdir / "checkpoints" / str(s))
-            if why is None:
-                try:
-                    cfg = with_extrapolation(_meta_config(store, s), extrapolation)
-                    built = abstract_state(cfg)
-                    state = store.restore(s, built.state)[0]
-                except CORRUPT as e:
-                    why = first_line(e)
-                else:
-                    return Loaded(merge_model(built.graphdef, state["params"], built.rest), cfg, int(s), workdir)
+            attempt = store.attempt(s, restore)
+            if attempt.why is None:
+                return attempt.value
             if isinstance(step, int):
-                raise LoadError(f"checkpoint step {s} in {workdir} does not restore: {why}")
+                raise LoadError(f"checkpoint step {s} in {workdir} does not restore: {attempt.why}")
             if warn is not None:
-                warn(f"checkpoint step {s} is unreadable ({why}); trying the previous one")
+                warn(f"checkpoint step {s} is unreadable ({attempt.why}); trying the previous one")
         raise LoadError(f"no checkpoint in {workdir / 'checkpoints'} restores")
     finally:
         store.close()

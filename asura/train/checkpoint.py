@@ -129,6 +129,11 @@ class SaveError(RuntimeError):
 CORRUPT = (OSError, ValueError, RuntimeError, KeyError)  # what orbax/tensorstore raise for bad files
 
 
+class Attempt(NamedTuple):
+    value: Any  # what the restore returned; None when it did not restore
+    why: str | None  # None when it restored
+
+
 class Restored(NamedTuple):
     step: int
     state: Any
@@ -233,6 +238,19 @@ class CheckpointStore:
     def read_meta(self, step: int) -> dict:
         return dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
+    def attempt(self, step: int, restore) -> Attempt:
+        """`restore(step)` once the step's checksums verify. An unreadable step (checksum, orbax or
+        tensorstore error) gives its reason in one line; a mismatch with this code or config raises."""
+        why = verify(self.directory / str(step))
+        if why is not None:
+            return Attempt(None, why)
+        try:
+            return Attempt(restore(step), None)
+        except (CheckpointMismatchError, ConfigMismatchError):
+            raise
+        except CORRUPT as e:
+            return Attempt(None, f"{type(e).__name__}: {first_line(e)}")
+
     def restore_latest_valid(self, abstract_state, *, check_meta=None, apply_data=None, warn=None) -> Restored | None:
         """The newest step that is intact and restores; None when there are no steps at all.
 
@@ -245,23 +263,21 @@ class CheckpointStore:
         """
         warn = warn or (lambda m: warnings.warn(m, stacklevel=2))
         steps = self.steps()
+
+        def restore(step):
+            if check_meta is not None:
+                check_meta(self.read_meta(step))
+            self.check_tree(step, abstract_state)
+            return self.restore(step, abstract_state)
+
         for step in reversed(steps):
-            why = verify(self.directory / str(step))
-            if why is None:
-                try:
-                    if check_meta is not None:
-                        check_meta(self.read_meta(step))
-                    self.check_tree(step, abstract_state)
-                    state, data_state, meta = self.restore(step, abstract_state)
-                except (CheckpointMismatchError, ConfigMismatchError):
-                    raise
-                except CORRUPT as e:
-                    why = f"{type(e).__name__}: {first_line(e)}"
-                else:
-                    if apply_data is not None:
-                        apply_data(data_state)
-                    return Restored(step, state, data_state, meta)
-            warn(f"checkpoint step {step} is unreadable ({why}); falling back")
+            attempt = self.attempt(step, restore)
+            if attempt.why is None:
+                state, data_state, meta = attempt.value
+                if apply_data is not None:
+                    apply_data(data_state)
+                return Restored(step, state, data_state, meta)
+            warn(f"checkpoint step {step} is unreadable ({attempt.why}); falling back")
             self._quarantine(step, warn)
         if steps:
             raise CheckpointError(
