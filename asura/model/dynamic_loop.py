@@ -140,7 +140,8 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
     if store == "residuals":
         pull_tree = _avals(pullback, carry, t0, fl)
         res_plan = residual_plan.plan(residuals, carry, t0, fl)
-        row_avals = [jax.tree.leaves(pull_tree)[i] for i in res_plan.indices("row")]
+        all_avals = jax.tree.leaves(pull_tree)
+        row_avals = [all_avals[i] for i in res_plan.indices("row")]
 
     def forward(c0, fl_, sfl_, keep: str | None):
         """While-loop over t < n; keep: None (no backward coming) or the store."""
@@ -171,6 +172,8 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
         _, c, ys, kept = jax.lax.while_loop(lambda s: s[0] < n, body, (t0, c0, ys0, kept0))
         if keep == "residuals":  # the step-invariant residuals, once (XLA drops the rest of this step)
             once = residuals(c0, t0, fl_) if res_plan.indices("const") else []
+            if once and [(x.shape, x.dtype) for x in once] != [(a.shape, a.dtype) for a in all_avals]:
+                raise AssertionError("step residuals traced at t = 0 differ from the planned ones")
             kept = (kept, [once[i] for i in res_plan.indices("const")])
         return c, _fill_skipped(ys, g(c, sfl_), n, S), kept
 

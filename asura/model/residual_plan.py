@@ -4,8 +4,8 @@
 buffer, but many are the same at every step or are free to recompute:
 
 const  does not depend on the carry or the step index: the shared weights (block weights are the
-       inputs of each checkpointed block under remat=block, 38% of a step's residual bytes in the
-       demo model), their dtype casts, attention masks. Computed once, outside the loop.
+       inputs of each checkpointed block under remat=block: 38% of a step's residual bytes in
+       bench/skip_cost.py's d-256 model), their dtype casts, attention masks. Computed once, outside the loop.
 view   a reshape/squeeze/broadcast of another residual that is stored (x and its 2-D form for a
        matmul, asura.model.layers.dense), or the same value listed twice. Rebuilt from it.
 row    everything else: one buffer row per executed step.
