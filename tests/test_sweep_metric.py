@@ -168,3 +168,31 @@ def test_objective_refused_when_trials_differ_in_what_it_weighs(tmp_path, fields
 def test_objective_allowed_when_trials_agree(tmp_path):
     spec = load_spec(write_spec(tmp_path, metric="objective", axes={"model.injection": ["projconcat", "add"]}))
     assert spec.metric.name == "objective" and len(spec.grid.cells) == 2
+
+
+def test_trial_child_gets_huge_pages_unless_the_user_set_tunables(tmp_path, monkeypatch):
+    """subprocess_trial starts train.py with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (a CPU step was
+    mostly page faults without it); a value the user exported is kept."""
+    import subprocess
+
+    from asura.config.schema import Config
+    from asura.sweep import trainer
+
+    seen = []
+
+    class Child:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            seen.append(env)
+            (tmp_path / "w" / "metrics.jsonl").write_text('{"step": 1, "eval/d1/ce": 1.0}\n')
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    trainer.subprocess_trial(Config(), tmp_path / "w", lambda step, depths: None)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    trainer.subprocess_trial(Config(), tmp_path / "w", lambda step, depths: None)
+    assert [e["GLIBC_TUNABLES"] for e in seen] == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2"]

@@ -33,6 +33,12 @@ TRAIN_PY = REPO_ROOT / "train.py"
 OnEval = Callable[[int, dict[int, dict[str, float]]], None]
 TrialFn = Callable[[Config, Path, OnEval], dict]
 
+# Transparent huge pages for the trial's allocations (glibc >= 2.35; ignored elsewhere). XLA:CPU
+# allocates every call's buffers afresh and faulting them in 4 KiB pages cost 20% of the demo's
+# run time (bench/RESULTS.md, "CPU step"); the Makefile exports the same. A value already in the
+# environment wins.
+TRIAL_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
 # asura.train writes eval/d{n}/{name} per evaluated depth, and eval/{name} repeating the trained
 # depth; only the depth-keyed form is read, so a metric is always taken at a named depth.
 _EVAL_KEY = re.compile(r"^eval/d(?P<depth>\d+)/(?P<name>[\w.]+)$")
@@ -84,7 +90,12 @@ def subprocess_trial(cfg: Config, workdir: Path, on_eval: OnEval, poll_s: float 
     log = (workdir / "train.log").open("w")
     cmd = [sys.executable, str(TRAIN_PY), "--config", str(cfg_path), "--workdir", str(workdir)]
     # W&B (train.wandb=true) groups a sweep's trials under the sweep dir's name (DIR/trials/<id>).
-    env = {"ASURA_WANDB_GROUP": workdir.resolve().parent.parent.name, **os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {
+        "ASURA_WANDB_GROUP": workdir.resolve().parent.parent.name,
+        **TRIAL_ENV,
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+    }
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
     offset, last = 0, None
     try:
