@@ -41,14 +41,20 @@ def random_batch(batch: int, seq: int, vocab: int) -> dict:
     }
 
 
-def step_fn(cfg: ModelConfig, batch, n: int):
-    """A compiled, warmed value_and_grad of the objective at depth n; calling it runs one step."""
+def objective_grad(cfg: ModelConfig, batch, n: int):
+    """(the jitted value_and_grad of the objective at depth n, the model state it takes)."""
     graphdef, state = nnx.split(build(cfg))
 
     @jax.jit
     def step(s):
         return jax.value_and_grad(lambda s: nnx.merge(graphdef, s).loss(batch, n=jnp.int32(n))[0])(s)
 
+    return step, state
+
+
+def step_fn(cfg: ModelConfig, batch, n: int):
+    """A compiled, warmed value_and_grad of the objective at depth n; calling it runs one step."""
+    step, state = objective_grad(cfg, batch, n)
     jax.block_until_ready(step(state))  # compile + warm
     return lambda: jax.block_until_ready(step(state))
 
