@@ -76,9 +76,9 @@ def test_model_step_stores_no_weight_and_no_mask_per_step(remat, monkeypatch):
     seen = {}
     real = residual_plan.plan
 
-    def spy(leaves_fn, carry, t, consts):
-        p = real(leaves_fn, carry, t, consts)
-        seen["avals"] = jax.eval_shape(leaves_fn, carry, t, consts)
+    def spy(residuals_fn, carry, t, consts):
+        p = real(residuals_fn, carry, t, consts)
+        seen["avals"] = jax.tree.leaves(jax.eval_shape(residuals_fn, carry, t, consts))  # the pullback's leaves
         seen["plan"] = p
         return p
 

@@ -138,10 +138,8 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
     # The pullback is a pytree (jax.vjp's Partial): its leaves are the residuals, the same
     # structure at every t (traced). Only those that vary per step get S rows (residual_plan).
     if store == "residuals":
-        pull_tree = _avals(pullback, carry, t0, fl)
-        res_plan = residual_plan.plan(residuals, carry, t0, fl)
-        all_avals = jax.tree.leaves(pull_tree)
-        row_avals = [all_avals[i] for i in res_plan.indices("row")]
+        res_plan = residual_plan.plan(pullback, carry, t0, fl)
+        row_avals = [res_plan.avals[i] for i in res_plan.indices("row")]
 
     def forward(c0, fl_, sfl_, keep: str | None):
         """While-loop over t < n; keep: None (no backward coming) or the store."""
@@ -172,7 +170,7 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
         _, c, ys, kept = jax.lax.while_loop(lambda s: s[0] < n, body, (t0, c0, ys0, kept0))
         if keep == "residuals":  # the step-invariant residuals, once (XLA drops the rest of this step)
             once = residuals(c0, t0, fl_) if res_plan.indices("const") else []
-            if once and [(x.shape, x.dtype) for x in once] != [(a.shape, a.dtype) for a in all_avals]:
+            if once and [(x.shape, x.dtype) for x in once] != [(a.shape, a.dtype) for a in res_plan.avals]:
                 raise AssertionError("step residuals traced at t = 0 differ from the planned ones")
             kept = (kept, [once[i] for i in res_plan.indices("const")])
         return c, _fill_skipped(ys, g(c, sfl_), n, S), kept
@@ -209,7 +207,7 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
                 t, g_c, g_fl = state
                 if store == "residuals":
                     rows, consts = kept
-                    pull = jax.tree.unflatten(jax.tree.structure(pull_tree), res_plan.assemble(_get(rows, t), consts))
+                    pull = jax.tree.unflatten(res_plan.treedef, res_plan.assemble(_get(rows, t), consts))
                 else:
                     pull = pullback(_get(kept, t), t, fl_)
                 g_c, g_fl = step_back(pull, g_c, _get(g_ys, t), g_fl)

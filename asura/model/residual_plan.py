@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 from jax.extend.core import Literal
@@ -40,6 +41,8 @@ class Leaf:
 @dataclass(frozen=True)
 class ResidualPlan:
     leaves: tuple[Leaf, ...]
+    avals: tuple  # every residual's abstract value, shardings included, in leaf order
+    treedef: Any  # the residuals' pytree structure (jax.vjp's Partial), to rebuild the pullback
 
     def indices(self, kind: str) -> list[int]:
         return [i for i, leaf in enumerate(self.leaves) if leaf.kind == kind]
@@ -57,10 +60,10 @@ class ResidualPlan:
         return out
 
 
-def plan(leaves_fn: Callable, carry, t, consts) -> ResidualPlan:
-    """Classify the outputs of ``leaves_fn(carry, t, consts)`` (a list of arrays) by what they
-    depend on: carry and t vary per step, consts do not."""
-    closed = jax.make_jaxpr(leaves_fn)(carry, t, consts)
+def plan(residuals_fn: Callable, carry, t, consts) -> ResidualPlan:
+    """Classify the leaves of ``residuals_fn(carry, t, consts)`` (a pytree of arrays, e.g. a
+    pullback) by what they depend on: carry and t vary per step, consts do not. One trace."""
+    closed, shapes = jax.make_jaxpr(residuals_fn, return_shape=True)(carry, t, consts)
     jaxpr = closed.jaxpr
     n_varying = len(jax.tree.leaves(carry)) + 1  # flattened (carry, t, consts): carry and t come first
     flags = [i < n_varying for i in range(len(jaxpr.invars))]
@@ -90,7 +93,7 @@ def plan(leaves_fn: Callable, carry, t, consts) -> ResidualPlan:
         else:  # a view of a row, or a row listed twice
             r, rebuild = root(v)
             out.append(Leaf("view", row_of[r], rebuild))
-    return ResidualPlan(tuple(out))
+    return ResidualPlan(tuple(out), tuple(closed.out_avals), jax.tree.structure(shapes))
 
 
 def _varying_vars(jaxpr, varying_in: list[bool]) -> set:
