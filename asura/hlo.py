@@ -47,17 +47,20 @@ class Module:
         return frozenset(i.name for i in self.instructions.values() if i.moves_layout or i.called in moving)
 
 
-_ALLOC = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .* custom-call\(\).*custom_call_target="AllocateBuffer"', re.M)
+# AllocateBuffer (GPU/TPU) or asura.native.uninitialised's CPU handler
+_ALLOC = re.compile(
+    r'^\s*(?:ROOT )?%([\w.\-]+) = .* custom-call\(\).*custom_call_target="(?:AllocateBuffer|asura_uninitialised)"', re.M
+)
 
 
 @dataclass(frozen=True)
 class Buffers:
-    uninitialised: int  # AllocateBuffer calls: memory handed out without a fill (GPU/TPU)
+    uninitialised: int  # allocations handed out without a fill (AllocateBuffer; ours on the CPU)
     copied: int  # copies of one (a shared allocation XLA had to duplicate: as costly as a fill)
 
 
 def uninitialised_buffers(hlo: str) -> Buffers:
-    """How the while driver's S-row buffers (jax.lax.empty) came out of the compiler."""
+    """How the while driver's S-row buffers (asura.native.uninitialised.empty) came out of the compiler."""
     names = set(_ALLOC.findall(hlo))
     copied = sum(1 for src in _COPY_OF.findall(hlo) if src in names)
     return Buffers(len(names), copied)

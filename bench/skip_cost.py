@@ -2,12 +2,15 @@
 against a program compiled for S = n, per remat policy and loop driver (model.loop).
 
     .venv/bin/python bench/skip_cost.py [--d-model 256] [--seq 128] [--batch 8] [--reps 15]
-        [--pairs 2:16,8:16] [--policies none,block,iteration,sqrt] [--loops scan,while]
+        [--pairs 2:16,8:16] [--policies none,block,iteration,sqrt] [--loops scan,while] [--no-per-iteration]
 
 The step is value_and_grad of the training objective (the train step without the optimizer,
 whose cost does not depend on S). The two programs of a pair run interleaved, call by call,
 so a busy machine slows both alike; the ratio is median(S) / median(S = n). Goal (issue #18):
-<= 1.05 for every policy.
+<= 1.05 for every policy. `--no-per-iteration` drops the tricks that give the model per-iteration
+parameters (ProjConcat's W_proj[t], per-iteration norms): with them, the S-program has S/n times as
+many, and its gradient has S rows whatever n is. ASURA_UNINITIALISED=0 times the CPU zero fill of the
+loop buffers (asura.native.uninitialised) for comparison.
 """
 
 from __future__ import annotations
@@ -80,14 +83,18 @@ def main() -> None:
     p.add_argument("--pairs", default="2:16,8:16", help="n:S pairs")
     p.add_argument("--policies", default=",".join(POLICIES.names))
     p.add_argument("--loops", default="scan,while")
+    p.add_argument("--no-per-iteration", action="store_true", help="injection add, no per-iteration norms")
     args = p.parse_args()
     V = 256
     batch = random_batch(args.batch, args.seq, V)
     base = ModelConfig(vocab_size=V, d_model=args.d_model, n_heads=4, n_layers=args.layers, guidance="linear",
                        extrapolation="none")  # fmt: skip
+    if args.no_per_iteration:
+        base = dataclasses.replace(base, injection="add", iter_norm=False, post_norm=False)
     where = f"jax {jax.__version__} on {jax.devices()[0].platform}"
     print(f"{where}; d_model {args.d_model}, layers {args.layers}, T {args.seq}, B {args.batch}, fp32, "
-          f"every trick on (demo flags), guidance linear; {args.reps} reps")  # fmt: skip
+          f"{'no per-iteration parameters' if args.no_per_iteration else 'every trick on (demo flags)'}, "
+          f"guidance linear; {args.reps} reps")  # fmt: skip
     print("| loop | remat | n | S | step ms (S) | step ms (S = n) | ratio |")
     print("|---|---|---|---|---|---|---|")
     for loop in args.loops.split(","):

@@ -34,8 +34,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from asura.compat import empty
 from asura.model import residual_plan
+from asura.native.uninitialised import empty
 
 STORES = ("residuals", "carries", "sqrt")
 
@@ -69,8 +69,9 @@ def _get(buf, t):
 
 
 def _stack_like(tree, rows: int):
-    """S-row buffers. Uninitialised where the backend allows (GPU/TPU): the rows of steps that never
-    run are never read, and filling S rows of residuals would cost in proportion to S, not n."""
+    """S-row buffers, uninitialised (GPU/TPU AllocateBuffer; on the CPU asura.native's handler where it
+    builds): the rows of steps that never run are never read, and filling S rows of residuals would
+    cost in proportion to S, not n."""
 
     def buf(s):
         sharding = None

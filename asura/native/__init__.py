@@ -1,0 +1,1 @@
+"""Native pieces compiled on first use against the installed jaxlib (asura.native.uninitialised)."""
