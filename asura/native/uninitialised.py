@@ -15,6 +15,7 @@ why once in the log: slower when iterations are skipped, never wrong.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -44,8 +45,12 @@ class Native:
     library: Path | None = None
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asura" / "native"
+def cache_dirs() -> list[Path]:
+    """Where the library is built and looked for: the user cache, then the temp dir."""
+    dirs = []
+    with contextlib.suppress(RuntimeError):  # no home directory to be found
+        dirs.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asura" / "native")
+    return [*dirs, Path(tempfile.gettempdir()) / "asura-native"]
 
 
 def _header() -> Path:
@@ -98,7 +103,7 @@ def native() -> Native:
     if os.environ.get(ENV, "1") == "0":
         return Native(False, f"{ENV}=0")
     with _lock:
-        found = locate((cache_dir(), Path(tempfile.gettempdir()) / "asura-native"))
+        found = locate(cache_dirs())
         if not found.available:
             return _fallback(found.reason)
         try:
