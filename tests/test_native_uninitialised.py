@@ -3,8 +3,13 @@ GPU/TPU lowering untouched."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +26,8 @@ from asura.native import uninitialised
 def native():
     """The registered CPU handler. Skipped only without a C compiler: with one, a handler that does
     not build or register is a failure, not a skip."""
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler (cc) on PATH: the CPU buffers fall back to a zero fill")
+    if shutil.which(uninitialised._compiler()[0]) is None:
+        pytest.skip(f"no C compiler ({uninitialised._compiler()[0]}) on PATH: the CPU buffers are zero-filled")
     got = uninitialised.native()
     assert got.available, got.reason
     return got
@@ -47,7 +52,7 @@ def test_rows_written_read_back_exactly(native):
     np.testing.assert_array_equal(np.asarray(f(jnp.int32(3))), want)
 
 
-def test_lowered_for_tpu_and_gpu_is_allocate_buffer():
+def test_lowered_for_tpu_and_gpu_is_allocate_buffer(native):
     for platform in ("tpu", "cuda"):
         text = jax.jit(_rows_written).trace(jnp.int32(3)).lower(lowering_platforms=(platform,)).as_text()
         assert "AllocateBuffer" in text, platform
@@ -94,13 +99,13 @@ def test_model_loop_buffers_are_not_zero_filled(native, monkeypatch):
     assert _fills(hlo, S) - params
 
 
-def test_build_is_cached_and_a_failing_compiler_falls_back(tmp_path, monkeypatch):
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler (cc) on PATH")
+def test_build_is_cached_and_a_failing_compiler_falls_back(native, tmp_path, monkeypatch):
     built = uninitialised.locate([tmp_path])
     assert built.available and built.library.parent == tmp_path, built
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    assert uninitialised.locate([tmp_path]) == built  # cached: the compiler is not run again
+    mtime = built.library.stat().st_mtime_ns
+    assert uninitialised.locate([tmp_path]) == built and built.library.stat().st_mtime_ns == mtime  # not rebuilt
+    # The compiler is part of the cache key: a failing one is not hidden by the cached library.
+    monkeypatch.setenv("CC", "false")
     failed = uninitialised.locate([tmp_path / "fresh"])
     assert not failed.available and "false exited 1" in failed.reason, failed
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -113,3 +118,90 @@ def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv(uninitialised.ENV, "0")
     got = uninitialised.native.__wrapped__()
     assert not got.available and got.reason == f"{uninitialised.ENV}=0"
+
+
+def test_a_directory_others_can_write_is_refused(native, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # mkdir's mode is masked by the umask
+    refused = uninitialised.locate([shared])
+    assert not refused.available and "not private" in refused.reason, refused
+    assert not list(shared.iterdir())  # nothing was built there
+    private = tmp_path / "private"
+    got = uninitialised.locate([shared, private])
+    assert got.available and got.library.parent == private, got
+
+
+def test_a_broken_cached_library_is_rebuilt(native, tmp_path):
+    cache = tmp_path / "asura" / "native"
+    cache.mkdir(parents=True, mode=0o700)
+    junk = uninitialised.library(cache)
+    junk.write_bytes(b"not a shared library")
+    code = "from asura.native import uninitialised as u; n = u.native(); print(n.available, n.library)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", str(junk)], out.stdout + out.stderr[-2000:]
+    assert junk.read_bytes()[:4] == b"\x7fELF" or sys.platform == "darwin"
+
+
+def test_several_cpu_devices_get_the_zero_fill(native):
+    """With several CPU devices the partitioner would give the custom call its global shape on every
+    device and slice it afterwards (more memory than the fill it saves): jax.lax.empty there."""
+    code = (
+        "import jax, jax.numpy as jnp; from asura.native import uninitialised as u; "
+        "f = jax.jit(lambda: u.empty((4, 3), jnp.float32)); print(len(jax.devices()), u.TARGET in f.lower().as_text())"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr[-2000:]
+
+
+def test_debug_nans_gets_the_zero_fill(native):
+    with jax.debug_nans(True):  # a fresh function: jit's trace cache would return an earlier lowering
+        text = jax.jit(lambda n: _rows_written(n)).lower(jnp.int32(3)).as_text()
+    assert uninitialised.TARGET not in text  # uninitialised memory may hold NaN bit patterns
+
+
+@pytest.mark.parametrize("policy", ["none", "block", "iteration", "sqrt"])
+def test_rows_of_skipped_steps_are_never_read(policy, monkeypatch):
+    """With every loop buffer poisoned (NaN, or -1 for integers) the loss, per-iteration CE, latents
+    and gradients are bit-identical to zero-filled buffers: rows t >= n (and, truncated, t < lo) are
+    never read, only written or selected away. Fresh memory is often zeros, so this poison is what
+    would show a read of an unwritten row."""
+    from test_model_parity import ALL_ON, build, make_batch
+
+    dl = importlib.import_module("asura.model.dynamic_loop")  # the module, not the function of that name
+    cfg = dataclasses.replace(ALL_ON, iterations=3, max_iterations=5, remat=policy, loop="while")
+    model = build(cfg, 3)
+    batch = make_batch(2, packed=True)
+    graphdef, state = nnx.split(model)
+
+    def fill(value):
+        def empty(shape, dtype, sharding=None):
+            v = value if jnp.issubdtype(dtype, jnp.floating) else -1
+            return jnp.full(shape, v, dtype)
+
+        return empty
+
+    def program():
+        """value_and_grad and the latents, compiled once for every (n, k): the depth is traced."""
+
+        def go(s, n, k):
+            (obj, aux), g = jax.value_and_grad(
+                lambda s_: nnx.merge(graphdef, s_).loss(batch, n=n, bptt_k=k), has_aux=True
+            )(s)
+            return obj, aux["ce_per_iter"], nnx.merge(graphdef, s).latents(batch["inputs"], n=n, max_depth=5), g
+
+        # compiled now, while this fill is patched in (jax.jit alone would trace at the first call)
+        return jax.jit(go).lower(state, jnp.int32(1), jnp.int32(0)).compile()
+
+    monkeypatch.setattr(dl, "empty", fill(0.0))
+    zeros = program()
+    monkeypatch.setattr(dl, "empty", fill(jnp.nan))
+    poisoned = program()
+    for n, k in ((1, 0), (3, 0), (4, 2)):
+        want = zeros(state, jnp.int32(n), jnp.int32(k))
+        got = poisoned(state, jnp.int32(n), jnp.int32(k))
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{policy} n={n} k={k}")
+        assert np.isfinite(np.asarray(got[0]))

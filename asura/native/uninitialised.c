@@ -19,6 +19,7 @@ XLA_FFI_Error* asura_uninitialised(XLA_FFI_CallFrame* frame) {
       XLA_FFI_Metadata* metadata = ((XLA_FFI_Metadata_Extension*)e)->metadata;
       metadata->api_version.major_version = XLA_FFI_API_MAJOR;
       metadata->api_version.minor_version = XLA_FFI_API_MINOR;
+      metadata->traits = 0; /* stateless, no command-buffer claims */
     }
   }
   return NULL;

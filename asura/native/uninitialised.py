@@ -3,14 +3,18 @@
 ``jax.lax.empty`` is AllocateBuffer on GPU/TPU and a zero fill on the CPU. The while driver's
 buffers have S = max_iterations rows however many steps run, so on the CPU a program compiled for
 S = 16 and run at depth 2 spent most of its extra time writing zeros into rows nobody reads
-(issue #18: remat none 1.37x the S = 2 step, block 1.13x). Here the CPU gets its own allocation: a
-15-line FFI handler (``uninitialised.c``) that leaves the output as XLA allocated it.
+(issue #18: remat none 1.62x the S = 2 step, block 1.16x). Here the CPU gets its own allocation: a
+small FFI handler (``uninitialised.c``) that leaves the output as XLA allocated it.
 
-The handler is compiled on first use with the system C compiler against the installed jaxlib's FFI
-header and cached per (source, header) under ``$XDG_CACHE_HOME/asura`` (``~/.cache/asura``). Where
-that fails (no compiler, a read-only cache and tmp, an FFI version mismatch), or with
-``ASURA_UNINITIALISED=0``, ``empty`` falls back to ``jax.lax.empty`` (zeros on the CPU) and says
-why once in the log: slower when iterations are skipped, never wrong.
+The handler is compiled on first use with the system C compiler (``$CC``, else ``cc``) against the
+installed jaxlib's FFI header, and cached per (source, header, machine, compiler) under
+``$XDG_CACHE_HOME/asura/native`` (``~/.cache/asura/native``), else a private per-user temp dir.
+``empty`` falls back to ``jax.lax.empty`` (zeros on the CPU: slower when iterations are skipped,
+never wrong) where the handler cannot be built or registered (logged once, with the reason), with
+``ASURA_UNINITIALISED=0``, in a process with several CPU devices (the partitioner would allocate
+the custom call at its global shape on each device, then slice it), and under ``jax_debug_nans`` /
+``jax_debug_infs`` (uninitialised memory may hold NaN bit patterns, which those checks would
+report). A program lowered with it cannot be serialised by ``jax.export`` for the CPU.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shlex
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -45,32 +52,60 @@ class Native:
     library: Path | None = None
 
 
+class UnsafeDirectory(OSError):
+    """A cache directory or library this user does not own, or that others may write."""
+
+
 def cache_dirs() -> list[Path]:
-    """Where the library is built and looked for: the user cache, then the temp dir."""
+    """Where the library is built and looked for: the user cache, then a per-user temp dir."""
     dirs = []
     with contextlib.suppress(RuntimeError):  # no home directory to be found
         dirs.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asura" / "native")
-    return [*dirs, Path(tempfile.gettempdir()) / "asura-native"]
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return [*dirs, Path(tempfile.gettempdir()) / f"asura-native-{uid}"]
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC", "cc"))
 
 
 def _header() -> Path:
     return Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
 
 
-def build(directory: Path) -> Path:
-    """Compile the handler into `directory` (once per source and FFI header) and return the library.
-    Raises OSError or subprocess.CalledProcessError / TimeoutExpired with the compiler's message."""
-    key = hashlib.sha256(SOURCE.read_bytes() + _header().read_bytes()).hexdigest()[:16]
-    lib = directory / f"uninitialised-{key}.so"
-    if lib.exists():
+def _check_private(path: Path) -> None:
+    """Load code only from what this user owns and nobody else can write: the temp dir is shared,
+    and a library planted there would run in this process."""
+    if not hasattr(os, "getuid"):
+        return
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeDirectory(f"{path} is not private to this user (owner {st.st_uid}, mode {oct(st.st_mode)})")
+
+
+def library(directory: Path) -> Path:
+    """The library's path in `directory`: one per source, FFI header, machine and compiler."""
+    facts = [SOURCE.read_bytes(), _header().read_bytes(), platform.machine().encode(), sys.platform.encode(),
+             " ".join(_compiler()).encode()]  # fmt: skip
+    return directory / f"uninitialised-{hashlib.sha256(b'\0'.join(facts)).hexdigest()[:16]}.so"
+
+
+def build(directory: Path, rebuild: bool = False) -> Path:
+    """Compile the handler into `directory` unless it is there, and return the library. Raises
+    OSError (UnsafeDirectory for a directory or file others could write), or
+    subprocess.CalledProcessError / TimeoutExpired with the compiler's message."""
+    lib = library(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(directory)
+    if lib.exists() and not rebuild:
+        _check_private(lib)
         return lib
-    directory.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: parallel test workers may build at the same time.
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [*shlex.split(os.environ.get("CC", "cc")), "-O2", "-shared", "-fPIC", "-std=c11",
-               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]  # fmt: skip
+        cmd = [*_compiler(), "-O2", "-shared", "-fPIC", "-std=c11", f"-I{jax.ffi.include_dir()}", str(SOURCE),
+               "-o", tmp]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, lib)
     finally:
@@ -78,19 +113,35 @@ def build(directory: Path) -> Path:
     return lib
 
 
-def locate(directories) -> Native:
-    """The compiled handler from the first directory that has or can build it."""
+def locate(directories, rebuild: bool = False) -> Native:
+    """The compiled handler from the first usable directory. Only directory problems move on to the
+    next one; a compiler that fails or hangs fails once."""
     errors = []
     for directory in directories:
         try:
-            lib = build(Path(directory))
+            lib = build(Path(directory), rebuild)
             return Native(True, str(lib), lib)
         except subprocess.CalledProcessError as e:
             last = (e.stderr or "").strip().splitlines()
             errors.append(f"{e.cmd[0]} exited {e.returncode}: {last[-1] if last else ''}")
-        except (OSError, subprocess.TimeoutExpired) as e:
+            break
+        except subprocess.TimeoutExpired as e:
+            errors.append(f"{e.cmd[0]} timed out after {e.timeout:.0f} s")
+            break
+        except OSError as e:
             errors.append(f"{directory}: {e}")
     return Native(False, "could not compile uninitialised.c: " + "; ".join(errors))
+
+
+def _open(lib: Path) -> ctypes.CDLL:
+    """Load the library; one that does not load (truncated, another machine's build) is rebuilt once."""
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError:
+        rebuilt = locate([lib.parent], rebuild=True)
+        if not rebuilt.available:
+            raise OSError(rebuilt.reason) from None
+        return ctypes.CDLL(str(rebuilt.library))
 
 
 _lock = threading.Lock()
@@ -104,23 +155,28 @@ def native() -> Native:
         return Native(False, f"{ENV}=0")
     with _lock:
         found = locate(cache_dirs())
-        if not found.available:
-            return _fallback(found.reason)
-        try:
-            # Registered before the CPU backend starts, a bad handler (an FFI version mismatch)
-            # would fail the backend's start instead of this call: start it first.
-            jax.devices("cpu")
-            handle = ctypes.CDLL(str(found.library))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(handle, TARGET)), platform="cpu")
-        except Exception as e:  # any failure here means: use the zero fill
-            return _fallback(f"could not register {found.library}: {e}")
-        _loaded.append(handle)
+        if found.available:
+            try:
+                handle = _open(found.library)
+                # Registered before the CPU backend starts, a bad handler (an FFI version mismatch)
+                # would fail the backend's start instead of this call: start it first.
+                jax.devices("cpu")
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(handle, TARGET)), platform="cpu")
+            except Exception as e:  # any failure here means: use the zero fill
+                found = Native(False, f"could not load or register {found.library}: {e}")
+            else:
+                _loaded.append(handle)
+                return found
+        log.warning("CPU loop buffers are zero-filled (skipped iterations cost a fill): %s", found.reason)
         return found
 
 
-def _fallback(reason: str) -> Native:
-    log.warning("CPU loop buffers are zero-filled (skipped iterations cost a fill): %s", reason)
-    return Native(False, reason)
+def _use_native() -> bool:
+    if jax.default_backend() != "cpu" or len(jax.devices("cpu")) > 1:
+        return False  # nothing to build on a GPU/TPU host; see the module docstring for several devices
+    if jax.config.jax_debug_nans or jax.config.jax_debug_infs:
+        return False
+    return native().available
 
 
 def empty(shape, dtype, sharding=None):
@@ -130,8 +186,8 @@ def empty(shape, dtype, sharding=None):
     shape = tuple(shape)
     default = functools.partial(compat.empty, shape, dtype, sharding)
     # A sharded buffer only arises under an explicit mesh (the TPU kernels' lowering); keep that to
-    # jax.lax.empty, whose sharding rule the partitioner knows. On a GPU/TPU host nothing is built.
-    if sharding is not None or jax.default_backend() != "cpu" or not native().available:
+    # jax.lax.empty, whose sharding rule the partitioner knows.
+    if sharding is not None or not _use_native():
         return default()
     cpu = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, dtype))
     return jax.lax.platform_dependent(cpu=cpu, default=default)
