@@ -119,3 +119,30 @@ def test_dynamic_loop_on_a_plain_recurrence(store):
             np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5, err_msg=f"{store} n={n} lo={lo}")
         if lo:
             assert np.all(np.asarray(g[2]) == 0)  # frozen first steps: no gradient to c0
+
+
+@pytest.mark.parametrize("policy", ["none", "iteration", "sqrt"])
+def test_while_driver_under_an_enclosing_checkpoint_and_vmap(policy):
+    """The model's loss inside the user's own jax.checkpoint, or vmapped over a batch of depths,
+    equals the plain one. The driver's custom_vjp used to close over traced values (the depth,
+    token ids): under jax.checkpoint they escaped their trace (UnexpectedTracerError)."""
+    cfg = dataclasses.replace(CFG, remat=policy, loop="while")
+    graphdef, state = nnx.split(build(cfg, 3))
+    batch = make_batch(2, packed=True)
+
+    def loss(s, n, k):
+        return nnx.merge(graphdef, s).loss(batch, n=n, bptt_k=k)[0]
+
+    plain = jax.jit(jax.value_and_grad(loss))  # one program for every (n, k)
+    n, k = jnp.int32(4), jnp.int32(2)
+    want = plain(state, n, k)
+    got = jax.jit(jax.value_and_grad(jax.checkpoint(loss)))(state, n, k)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, **TOL, err_msg=policy)
+    ns = jnp.array([1, 3, 5], jnp.int32)
+    per_depth = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, None)))(state, ns, jnp.int32(0))
+    for i, d in enumerate(ns):
+        v, g = plain(state, d, jnp.int32(0))
+        np.testing.assert_allclose(per_depth[0][i], v, **TOL, err_msg=f"{policy} vmap n={int(d)}")
+        for a, b in zip(jax.tree.leaves(per_depth[1]), jax.tree.leaves(g), strict=True):
+            np.testing.assert_allclose(a[i], b, **TOL, err_msg=f"{policy} vmap n={int(d)}")

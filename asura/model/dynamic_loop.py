@@ -28,10 +28,12 @@ batch); ``jax.closure_convert`` hoists them into explicit arguments so their gra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
 from asura.model import residual_plan
@@ -99,6 +101,35 @@ def _avals(fun, *args):
     return jax.tree.unflatten(jax.tree.structure(shapes), closed.out_avals)
 
 
+@dataclasses.dataclass(frozen=True)
+class Hoisted:
+    """A function with the traced values it closes over made arguments (jax.closure_convert, but
+    hoisting integer values too): ``fn(*args, consts=(floats, others))``."""
+
+    fn: Callable
+    floats: list  # inexact: they take cotangents
+    others: list  # integer/bool (token ids, positions): no cotangent
+
+
+def _hoist(fun: Callable, *args) -> Hoisted:
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    out_tree = jax.tree.structure(out_shape)
+    # Concrete constants (numpy tables) stay in the jaxpr; tracers of the enclosing trace are hoisted.
+    hoist = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+    is_float = [h and jnp.issubdtype(c.dtype, jnp.inexact) for c, h in zip(closed.consts, hoist, strict=True)]
+
+    def fn(*a, consts):
+        floats, others = iter(consts[0]), iter(consts[1])
+        cs = [(next(floats) if fl else next(others)) if h else c
+              for c, h, fl in zip(closed.consts, hoist, is_float, strict=True)]  # fmt: skip
+        flat = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, cs))(*jax.tree.leaves(a))
+        return jax.tree.unflatten(out_tree, flat)
+
+    floats = [c for c, fl in zip(closed.consts, is_float, strict=True) if fl]
+    others = [c for c, h, fl in zip(closed.consts, hoist, is_float, strict=True) if h and not fl]
+    return Hoisted(fn, floats, others)
+
+
 def sqrt_chunk(S: int) -> int:
     return max(1, math.ceil(math.sqrt(S)))
 
@@ -112,22 +143,22 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
     t0 = jnp.int32(0)
-    # closure_convert hoists only the closed-over values that can carry a tangent (floats); integer
-    # ones (tokens, positions, n) stay closed over, so every hoisted value takes a float cotangent.
-    step_c, fl = jax.closure_convert(step, carry, t0)
-    skip_c, sfl = jax.closure_convert(skip_y, carry)
-    n = jnp.asarray(n, jnp.int32)
-    lo = jnp.asarray(lo, jnp.int32)
+    # Every traced value the step closes over becomes an argument of the custom_vjp: floats take
+    # cotangents, integers (tokens, positions) take none. A custom_vjp that closes over a tracer
+    # breaks under an enclosing jax.checkpoint (the tracer escapes its trace).
+    hs = _hoist(step, carry, t0)
+    hk = _hoist(skip_y, carry)
+    fl, sfl = (hs.floats, hs.others), (hk.floats, hk.others)
 
     def f(c, t, fl_):
-        return step_c(c, t, *fl_)
+        return hs.fn(c, t, consts=fl_)
 
     def g(c, sfl_):
-        return skip_c(c, *sfl_)
+        return hk.fn(c, consts=sfl_)
 
     def vjp_at(c, t, fl_):
-        """((carry, y), pullback) of step t."""
-        return jax.vjp(lambda c_, p: f(c_, t, p), c, fl_)
+        """((carry, y), pullback) of step t; the pullback's second output: the float consts'."""
+        return jax.vjp(lambda c_, p: f(c_, t, (p, fl_[1])), c, fl_[0])
 
     def pullback(c, t, fl_):
         return vjp_at(c, t, fl_)[1]
@@ -142,7 +173,7 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
         res_plan = residual_plan.plan(pullback, carry, t0, fl)
         row_avals = [res_plan.avals[i] for i in res_plan.indices("row")]
 
-    def forward(c0, fl_, sfl_, keep: str | None):
+    def forward(c0, fl_, sfl_, n, keep: str | None):
         """While-loop over t < n; keep: None (no backward coming) or the store."""
         ys0 = _stack_like(y_aval, S)
         kept0 = None
@@ -177,30 +208,30 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
         return c, _fill_skipped(ys, g(c, sfl_), n, S), kept
 
     @jax.custom_vjp
-    def loop(c0, fl_, sfl_):
-        c, ys, _ = forward(c0, fl_, sfl_, None)
+    def loop(c0, fl_, sfl_, n, lo):
+        c, ys, _ = forward(c0, fl_, sfl_, n, None)
         return c, ys
 
-    def loop_fwd(c0, fl_, sfl_):
-        c, ys, kept = forward(c0, fl_, sfl_, store)
-        return (c, ys), (kept, c, fl_, sfl_)
+    def loop_fwd(c0, fl_, sfl_, n, lo):
+        c, ys, kept = forward(c0, fl_, sfl_, n, store)
+        return (c, ys), (kept, c, fl_, sfl_, n, lo)
 
     def step_back(pull, g_c, g_y, g_fl):
         d_c, d_fl = pull((g_c, g_y))
         return d_c, jax.tree.map(jnp.add, g_fl, d_fl)
 
     def loop_bwd(res, cts):
-        kept, c_n, fl_, sfl_ = res
+        kept, c_n, fl_, sfl_, n, lo = res
         g_c, g_ys = cts
         # Rows t >= n came from skip_y(carry_n): their cotangent flows into carry_n.
         skipped = jnp.arange(S) >= n
         g_skip = jax.tree.map(
             lambda gy: jnp.sum(jnp.where(skipped.reshape((S,) + (1,) * (gy.ndim - 1)), gy, 0), axis=0), g_ys
         )
-        _, skip_pull = jax.vjp(g, c_n, sfl_)
+        _, skip_pull = jax.vjp(lambda c_, p: g(c_, (p, sfl_[1])), c_n, sfl_[0])
         d_c, g_sfl = skip_pull(g_skip)
         g_c = jax.tree.map(jnp.add, g_c, d_c)
-        g_fl = jax.tree.map(jnp.zeros_like, fl_)
+        g_fl = jax.tree.map(jnp.zeros_like, fl_[0])
 
         if store in ("residuals", "carries"):
 
@@ -245,7 +276,8 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
             _, g_c, g_fl = jax.lax.while_loop(lambda s: s[0] * C + C > lo, chunk_body, ((n - 1) // C, g_c, g_fl))
         # Frozen steps (t < lo) pass no gradient back to the initial carry.
         g_c = jax.tree.map(lambda x: jnp.where(lo > 0, jnp.zeros_like(x), x), g_c)
-        return g_c, g_fl, g_sfl
+        no_ct = [None] * len(fl_[1]), [None] * len(sfl_[1])  # integer consts, n and lo: no cotangent
+        return g_c, (g_fl, no_ct[0]), (g_sfl, no_ct[1]), None, None
 
     loop.defvjp(loop_fwd, loop_bwd)
-    return loop(carry, fl, sfl)
+    return loop(carry, fl, sfl, jnp.asarray(n, jnp.int32), jnp.asarray(lo, jnp.int32))
