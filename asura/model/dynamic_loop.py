@@ -23,7 +23,9 @@ backward loop stops at lo. Per-step outputs ys have S rows; rows t >= n hold ``s
 what a skipped step emits in the scanned loop.
 
 ``step`` and ``skip_y`` may close over traced values (module parameters, the embedding, the
-batch); ``jax.closure_convert`` hoists them into explicit arguments so their gradients flow.
+batch); ``_hoist`` makes every one an explicit argument of the custom_vjp (floats so their
+gradients flow; integers too, so that nothing traced is closed over when an enclosing
+``jax.checkpoint`` retraces the backward).
 """
 
 from __future__ import annotations
