@@ -146,3 +146,56 @@ def test_while_driver_under_an_enclosing_checkpoint_and_vmap(policy):
         np.testing.assert_allclose(per_depth[0][i], v, **TOL, err_msg=f"{policy} vmap n={int(d)}")
         for a, b in zip(jax.tree.leaves(per_depth[1]), jax.tree.leaves(g), strict=True):
             np.testing.assert_allclose(a[i], b, **TOL, err_msg=f"{policy} vmap n={int(d)}")
+
+
+@pytest.mark.parametrize("store", ["residuals", "carries", "sqrt"])
+def test_dynamic_loop_closing_over_integer_and_bool_values(store):
+    """The step closes over traced int token ids and a bool mask as well as a float weight: under
+    jax.checkpoint, in an eager grad of a vmap over the tokens, and vmapped over (n, lo), the
+    gradient equals a Python loop's. (The old driver left the integer values closed over in its
+    custom_vjp: UnexpectedTracerError under checkpoint and under the eager vmap.)"""
+    rng = np.random.default_rng(1)
+    W = jnp.asarray(rng.normal(size=(4, 4)) / 2, jnp.float32)
+    c0 = jnp.asarray(rng.normal(size=4), jnp.float32)
+    toks = jnp.asarray(rng.integers(0, 9, size=(3, 4)), jnp.int32)
+    mask = jnp.asarray([True, False, True, True])
+    Smax = 6
+
+    def update(W, c, tk, t):
+        scale = jnp.where(mask, 1.0, 0.5) * (t + 1.0)
+        return jnp.tanh(W @ c + 0.1 * tk.astype(jnp.float32)) * scale
+
+    def via_driver(W, tk, n, lo):
+        def step(c, t):
+            c = update(W, c, tk, t)
+            return c, jnp.sum(c)
+
+        c, ys = dynamic_loop(step, lambda c: jnp.sum(c), c0, n, Smax, store, lo)
+        return jnp.sum(c**2) + jnp.sum(ys * jnp.arange(1.0, Smax + 1))
+
+    def reference(W, tk, n, lo):
+        c, ys = c0, []
+        for t in range(n):
+            c = update(W, c, tk, t)
+            if t < lo:
+                c = jax.lax.stop_gradient(c)
+            ys.append(jax.lax.stop_gradient(jnp.sum(c)) if t < lo else jnp.sum(c))
+        ys += [jnp.sum(c)] * (Smax - n)
+        return jnp.sum(c**2) + jnp.sum(jnp.stack(ys) * jnp.arange(1.0, Smax + 1))
+
+    # float32, ~6 tanh/matmul steps of O(1) values scaled by up to 6: relative 1e-5
+    tol = dict(rtol=1e-5, atol=1e-5)
+    n, lo = 5, 2
+    got = jax.jit(jax.grad(jax.checkpoint(via_driver)))(W, toks[0], jnp.int32(n), jnp.int32(lo))
+    np.testing.assert_allclose(got, jax.grad(reference)(W, toks[0], n, lo), **tol, err_msg="checkpoint")
+
+    got = jax.grad(lambda W: jax.vmap(lambda tk: via_driver(W, tk, jnp.int32(n), jnp.int32(0)))(toks).sum())(W)
+    want = sum(jax.grad(reference)(W, tk, n, 0) for tk in toks)
+    np.testing.assert_allclose(got, want, **tol, err_msg="eager grad of vmap over tokens")
+
+    pairs = [(1, 0), (4, 3), (6, 1)]
+    ns, los = (jnp.asarray(p, jnp.int32) for p in zip(*pairs, strict=True))
+    got = jax.jit(jax.vmap(jax.grad(via_driver), in_axes=(None, None, 0, 0)))(W, toks[1], ns, los)
+    for i, (n_i, lo_i) in enumerate(pairs):
+        want = jax.grad(reference)(W, toks[1], n_i, lo_i)
+        np.testing.assert_allclose(got[i], want, **tol, err_msg=f"vmap n={n_i} lo={lo_i}")

@@ -22,6 +22,9 @@ Truncated backprop: steps t < lo are frozen (no gradient into them or through th
 backward loop stops at lo. Per-step outputs ys have S rows; rows t >= n hold ``skip_y(carry_n)``,
 what a skipped step emits in the scanned loop.
 
+Reverse mode only: a custom_vjp rules out ``jax.jvp``/``linearize`` and grad-of-grad through the
+loop (``model.loop=scan``, or ``unroll=True`` in the model's loss, allows them).
+
 ``step`` and ``skip_y`` may close over traced values (module parameters, the embedding, the
 batch); ``_hoist`` makes every one an explicit argument of the custom_vjp (floats so their
 gradients flow; integers too, so that nothing traced is closed over when an enclosing
@@ -35,7 +38,6 @@ import math
 from collections.abc import Callable
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 
 from asura.model import residual_plan
@@ -124,7 +126,8 @@ def _hoist(fun: Callable, *args) -> Hoisted:
         floats, others = iter(consts[0]), iter(consts[1])
         cs = [(next(floats) if fl else next(others)) if h else c
               for c, h, fl in zip(closed.consts, hoist, is_float, strict=True)]  # fmt: skip
-        flat = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, cs))(*jax.tree.leaves(a))
+        # eval_jaxpr, not jaxpr_as_fun: the latter switches debug_nans off inside
+        flat = jax.core.eval_jaxpr(closed.jaxpr, cs, *jax.tree.leaves(a))
         return jax.tree.unflatten(out_tree, flat)
 
     floats = [c for c, fl in zip(closed.consts, is_float, strict=True) if fl]
