@@ -98,13 +98,6 @@ def _fill_skipped(ys, y_skip, n, S: int):
     return jax.tree.map(pick, ys, y_skip)
 
 
-def _avals(fun, *args):
-    """Output avals of fun(*args) *with* their shardings (jax.eval_shape drops them under an
-    explicit mesh, and a buffer must match its rows' sharding)."""
-    closed, shapes = jax.make_jaxpr(fun, return_shape=True)(*args)
-    return jax.tree.unflatten(jax.tree.structure(shapes), closed.out_avals)
-
-
 @dataclasses.dataclass(frozen=True)
 class Hoisted:
     """A function with the traced values it closes over made arguments (jax.closure_convert, but
@@ -113,6 +106,9 @@ class Hoisted:
     fn: Callable
     floats: list  # inexact: they take cotangents
     others: list  # integer/bool (token ids, positions): no cotangent
+    # fn's outputs as abstract values *with* their shardings (jax.eval_shape drops them under an
+    # explicit mesh, and a buffer must match its rows' sharding)
+    out_avals: object
 
 
 def _hoist(fun: Callable, *args) -> Hoisted:
@@ -132,7 +128,7 @@ def _hoist(fun: Callable, *args) -> Hoisted:
 
     floats = [c for c, fl in zip(closed.consts, is_float, strict=True) if fl]
     others = [c for c, h, fl in zip(closed.consts, hoist, is_float, strict=True) if h and not fl]
-    return Hoisted(fn, floats, others)
+    return Hoisted(fn, floats, others, jax.tree.unflatten(out_tree, closed.out_avals))
 
 
 def sqrt_chunk(S: int) -> int:
@@ -171,7 +167,7 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
     def residuals(c, t, fl_):
         return jax.tree.leaves(pullback(c, t, fl_))
 
-    y_aval = _avals(lambda c, t: f(c, t, fl)[1], carry, t0)
+    y_aval = hs.out_avals[1]  # the step returns (carry, y)
     # The pullback is a pytree (jax.vjp's Partial): its leaves are the residuals, the same
     # structure at every t (traced). Only those that vary per step get S rows (residual_plan).
     if store == "residuals":
@@ -281,8 +277,8 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
             _, g_c, g_fl = jax.lax.while_loop(lambda s: s[0] * C + C > lo, chunk_body, ((n - 1) // C, g_c, g_fl))
         # Frozen steps (t < lo) pass no gradient back to the initial carry.
         g_c = jax.tree.map(lambda x: jnp.where(lo > 0, jnp.zeros_like(x), x), g_c)
-        no_ct = [None] * len(fl_[1]), [None] * len(sfl_[1])  # integer consts, n and lo: no cotangent
-        return g_c, (g_fl, no_ct[0]), (g_sfl, no_ct[1]), None, None
+        # integer consts, n and lo take no cotangent
+        return g_c, (g_fl, [None] * len(fl_[1])), (g_sfl, [None] * len(sfl_[1])), None, None
 
     loop.defvjp(loop_fwd, loop_bwd)
     return loop(carry, fl, sfl, jnp.asarray(n, jnp.int32), jnp.asarray(lo, jnp.int32))
