@@ -53,7 +53,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     base = step_fn(vanilla, batch, 1)
     for name, m in (("tricks off", looped_off), ("tricks on", looped_on)):
-        ml, mv = timed_pair(step_fn(m, batch, args.n), base, args.reps)
+        looped_t, vanilla_t = timed_pair(step_fn(m, batch, args.n), base, args.reps)
+        ml, mv = looped_t.wall_s, vanilla_t.wall_s
         fl, fv = flops(m), flops(vanilla)
         print(f"| {name} | {1e3 * ml:.1f} | {1e3 * mv:.1f} | {fl / 1e9:.3f} | {fv / 1e9:.3f} | "
               f"{(fl / ml) / (fv / mv):.3f} |", flush=True)  # fmt: skip

@@ -4,9 +4,11 @@ against a program compiled for S = n, per remat policy and loop driver (model.lo
     .venv/bin/python bench/skip_cost.py [--d-model 256] [--seq 128] [--batch 8] [--reps 15]
         [--pairs 2:16,8:16] [--policies none,block,iteration,sqrt] [--loops scan,while] [--no-per-iteration]
 
-The step is value_and_grad of the training objective (the train step without the optimizer,
-whose cost does not depend on S). The two programs of a pair run interleaved, call by call,
-so a busy machine slows both alike; the ratio is median(S) / median(S = n). Goal (issue #18):
+The step is value_and_grad of the training objective (the train step without the optimizer
+update). The two programs of a pair run interleaved, call by call,
+so a busy machine slows both alike; the ratio is median(S) / median(S = n). `sys ms` is the kernel CPU
+time per call (all threads): on the CPU mostly page faults, since XLA:CPU maps a call's buffers afresh
+(bench/RESULTS.md, "Skipped iterations"). Goal (issue #18):
 <= 1.05 for every policy. `--no-per-iteration` drops the tricks that give the model per-iteration
 parameters (ProjConcat's W_proj[t], per-iteration norms): with them, the S-program has S/n times as
 many, and its gradient has S rows whatever n is. ASURA_UNINITIALISED=0 times the CPU zero fill of the
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import statistics
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,15 +66,22 @@ def step_fn(cfg: ModelConfig, batch, n: int):
     return lambda: jax.block_until_ready(step(state))
 
 
-def timed_pair(a, b, reps: int) -> tuple[float, float]:
+class Timing(NamedTuple):
+    wall_s: float  # median wall time per call
+    sys_s: float  # median kernel CPU time per call, all threads (page faults: XLA:CPU maps a call's buffers afresh)
+
+
+def timed_pair(a, b, reps: int) -> tuple[Timing, Timing]:
     """Medians of a() and b() called alternately, so a busy machine slows both alike."""
-    ta, tb = [], []
+    walls: tuple[list, list] = ([], [])
+    syss: tuple[list, list] = ([], [])
     for _ in range(reps):
-        for f, ts in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
+        for f, wall, sys in ((a, walls[0], syss[0]), (b, walls[1], syss[1])):
+            s0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
             f()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+            wall.append(time.perf_counter() - t0)
+            sys.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0)
+    return tuple(Timing(statistics.median(w), statistics.median(k)) for w, k in zip(walls, syss))
 
 
 def main() -> None:
@@ -95,8 +106,8 @@ def main() -> None:
     print(f"{where}; d_model {args.d_model}, layers {args.layers}, T {args.seq}, B {args.batch}, fp32, "
           f"{'no per-iteration parameters' if args.no_per_iteration else 'every trick on (demo flags)'}, "
           f"guidance linear; {args.reps} reps")  # fmt: skip
-    print("| loop | remat | n | S | step ms (S) | step ms (S = n) | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| loop | remat | n | S | step ms (S) | step ms (S = n) | ratio | sys ms (S) | sys ms (S = n) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for loop in args.loops.split(","):
         for policy in args.policies.split(","):
             for pair in args.pairs.split(","):
@@ -104,8 +115,9 @@ def main() -> None:
                 big = dataclasses.replace(base, iterations=n, max_iterations=S, remat=policy, loop=loop)
                 small = dataclasses.replace(big, max_iterations=n)
                 t_big, t_small = timed_pair(step_fn(big, batch, n), step_fn(small, batch, n), args.reps)
-                print(f"| {loop} | {policy} | {n} | {S} | {1e3 * t_big:.1f} | {1e3 * t_small:.1f} "
-                      f"| {t_big / t_small:.2f} |", flush=True)  # fmt: skip
+                print(f"| {loop} | {policy} | {n} | {S} | {1e3 * t_big.wall_s:.1f} | {1e3 * t_small.wall_s:.1f} "
+                      f"| {t_big.wall_s / t_small.wall_s:.2f} | {1e3 * t_big.sys_s:.1f} | {1e3 * t_small.sys_s:.1f} |",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
