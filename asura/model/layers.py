@@ -18,6 +18,7 @@ from flax import nnx
 from asura.compat import no_eager_sharding
 from asura.config.schema import ModelConfig
 from asura.kernels.lowering import target_platform
+from asura.model.activations import gelu_tanh, swiglu
 from asura.model.attention import attention
 from asura.parallel.logical import constrain
 
@@ -205,9 +206,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, t=None) -> jax.Array:
         up_BTF = self.up(x_BTD, t)
-        if self.swiglu:
-            h_BTF = jax.nn.silu(self.gate(x_BTD, t)) * up_BTF
-        else:
-            h_BTF = jax.nn.gelu(up_BTF, approximate=True)
+        # asura.model.activations: same values as jax.nn, fewer [B, T, F] residuals for the backward
+        h_BTF = swiglu(self.gate(x_BTD, t), up_BTF) if self.swiglu else gelu_tanh(up_BTF)
         h_BTF = constrain(h_BTF, ("batch", "seq", "mlp"))
         return self.down(h_BTF, t)
