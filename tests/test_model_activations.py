@@ -1,5 +1,6 @@
-"""asura.model.activations: jax.nn's forward values, derivatives as accurate as jax.nn's autodiff,
-forward mode and second derivatives intact, and fewer [.., F] residuals kept by the MLP."""
+"""asura.model.activations: the forward values of the expressions they replace, derivatives as
+accurate as those expressions' autodiff, forward mode and second derivatives intact, and fewer
+residuals kept by the MLP, the attention softmax and the norms."""
 
 import dataclasses
 
@@ -10,8 +11,9 @@ import pytest
 from flax import nnx
 
 from asura.config.schema import ModelConfig
-from asura.model.activations import gelu_tanh, swiglu
-from asura.model.layers import MLP
+from asura.model.activations import gelu_tanh, masked_softmax, normalize, swiglu
+from asura.model.attention import xla_attention
+from asura.model.layers import MLP, Norm
 
 C, A = np.sqrt(2 / np.pi), 0.044715  # jax.nn.gelu's tanh approximation
 
@@ -97,3 +99,98 @@ def test_mlp_keeps_fewer_hidden_residuals(mlp, kept):
     _, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p)(x_BTD), params)
     hidden = [leaf for leaf in jax.tree.leaves(pullback) if leaf.size == B * T * F]
     assert len(hidden) == kept, [leaf.shape for leaf in hidden]
+
+
+def old_masked_softmax(s, mask):
+    """xla_attention's masked softmax before asura.model.activations."""
+    return jnp.where(mask, jax.nn.softmax(jnp.where(mask, s, -1e30), axis=-1), 0.0)
+
+
+def old_normalize(x, centre, eps):
+    """Norm's normalisation before asura.model.activations."""
+    if centre:
+        x = x - x.mean(-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
+
+
+def _softmax_inputs(dtype):
+    """Scores with a causal mask, one segment boundary and one fully masked row."""
+    rng = np.random.default_rng(3)
+    T = 12
+    s = jnp.asarray(rng.standard_normal((2, 3, T, T)) * 3, dtype)
+    seg = np.repeat([0, 1], T // 2)
+    mask = np.tril(np.ones((T, T), bool)) & (seg[:, None] == seg[None, :])
+    mask[5] = False  # a row with no visible key
+    g = jnp.asarray(rng.standard_normal(s.shape), dtype)
+    return s, jnp.asarray(mask)[None, None], g
+
+
+def _vjp(f, x, g):
+    return jax.vjp(f, x)[1](g)[0]
+
+
+def test_masked_softmax_and_normalize_forward_bit_for_bit():
+    s, mask, _ = _softmax_inputs(jnp.float32)
+    assert jnp.array_equal(masked_softmax(s, mask), old_masked_softmax(s, mask))
+    assert not jnp.any(masked_softmax(s, mask)[:, :, 5])  # the fully masked row is zeros, not NaN
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 16)) * 2 + 1, jnp.float32)
+    for centre in (True, False):
+        assert jnp.array_equal(normalize(x, centre, 1e-5), old_normalize(x, centre, 1e-5))
+
+
+def test_masked_softmax_gradient_as_accurate_as_autodiff():
+    """fp32 gradient against the float64 autodiff of the old expression: no worse than twice the
+    fp32 autodiff's error (the same softmax algebra in another order); in float64 the two agree
+    to fp64 rounding on O(1) values."""
+    s, mask, g = _softmax_inputs(jnp.float32)
+    ours = _vjp(lambda s: masked_softmax(s, mask), s, g)
+    theirs = _vjp(lambda s: old_masked_softmax(s, mask), s, g)
+    assert not jnp.any(ours[:, :, 5]) and not jnp.any(jnp.where(mask, 0, ours))  # nothing flows to masked scores
+    with jax.enable_x64(True):
+        s64, g64 = jnp.asarray(s, jnp.float64), jnp.asarray(g, jnp.float64)
+        ref = np.asarray(_vjp(lambda s: old_masked_softmax(s, mask), s64, g64))
+        ours64 = _vjp(lambda s: masked_softmax(s, mask), s64, g64)
+        np.testing.assert_allclose(ours64, ref, rtol=1e-12, atol=1e-12)
+    assert max_err(ours, ref) <= 2 * max_err(theirs, ref)
+
+
+@pytest.mark.parametrize("centre", [True, False], ids=["layernorm", "rmsnorm"])
+def test_normalize_derivatives_as_accurate_as_autodiff(centre):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((4, 7, 32)) * 3 + 2, jnp.float32)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ours = _vjp(lambda x: normalize(x, centre, 1e-5), x, g)
+    theirs = _vjp(lambda x: old_normalize(x, centre, 1e-5), x, g)
+    _, tangent = jax.jvp(lambda x: normalize(x, centre, 1e-5), (x,), (g,))  # forward mode
+    with jax.enable_x64(True):
+        x64, g64 = jnp.asarray(x, jnp.float64), jnp.asarray(g, jnp.float64)
+        ref = np.asarray(_vjp(lambda x: old_normalize(x, centre, 1e-5), x64, g64))
+        ref_t = np.asarray(jax.jvp(lambda x: old_normalize(x, centre, 1e-5), (x64,), (g64,))[1])
+        # second order: the gradient of <g, d normalize(x)> in x, through the rule
+        hvp = lambda f: jax.grad(lambda x: jnp.vdot(g64, _vjp(lambda x: f(x, centre, 1e-5), x, g64)))(x64)
+        np.testing.assert_allclose(hvp(normalize), hvp(old_normalize), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(_vjp(lambda x: normalize(x, centre, 1e-5), x64, g64), ref, rtol=1e-12, atol=1e-12)
+    assert max_err(ours, ref) <= 2 * max_err(theirs, ref)
+    assert max_err(tangent, ref_t) <= 2 * max_err(
+        jax.jvp(lambda x: old_normalize(x, centre, 1e-5), (x,), (g,))[1], ref_t
+    )
+
+
+def test_attention_and_norm_keep_fewer_residuals():
+    """xla_attention's pullback keeps one f32 [.., T, S] array (p; the [B, K, G·T, S] form the PV
+    matmul reads is its reshape) and no boolean mask; the old softmax kept the masked scores, their
+    exponentials and two masks besides. A Norm keeps one [.., D] array (x̂), not x - mean as well."""
+    B, T, N, H = 2, 16, 4, 8
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) for _ in range(3))
+    seg = jnp.asarray(np.repeat([[1, 2]], T // 2, axis=1).reshape(1, T).repeat(B, 0))
+    _, pullback = jax.vjp(lambda q, k, v: xla_attention(q, k, v, segment_ids_BT=seg), q, k, v)
+    leaves = jax.tree.leaves(pullback)
+    assert not [x.shape for x in leaves if x.dtype == jnp.bool_ and x.size >= T * T]
+    scores = [x.shape for x in leaves if x.size == B * N * T * T]
+    assert len(scores) == 2, scores
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1)
+    graphdef, params = nnx.split(Norm(cfg, 32, rngs=nnx.Rngs(0)))
+    x = jnp.asarray(rng.standard_normal((B, T, 32)), jnp.float32)
+    _, pullback = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)  # x varies, as in a block
+    assert len([leaf for leaf in jax.tree.leaves(pullback) if leaf.size == B * T * 32]) == 1

@@ -1,17 +1,27 @@
-"""MLP activations whose linearisation keeps the derivative, not every intermediate.
+"""Nonlinearities whose linearisation keeps what the tangent map needs, not every intermediate.
 
 Differentiated by autodiff, ``jax.nn.gelu(u, approximate=True)`` keeps four [B, T, F] intermediates
-of its formula (u, 1 - tanh², u·cdf, ...) for the backward, and ``silu(g) · up`` keeps five. Under
-remat ``none`` each one is a residual the while driver stores per executed step (an S-row buffer,
-written in the forward and read back in the backward; asura.model.dynamic_loop), and any remat
-policy holds them while a block's backward runs. Written as ``custom_jvp`` rules, the linearisation
-keeps what the tangent map multiplies by: gelu'(u) (one array), and silu'(g)·up and silu(g) (two).
+of its formula (u, 1 - tanh², u·cdf, ...) for the backward, ``silu(g) · up`` keeps five, a masked
+``jax.nn.softmax`` keeps the masked scores, their exponentials and the masks besides the
+probabilities (jax's own softmax rule is off by default: ``jax_softmax_custom_jvp``), and a
+LayerNorm keeps x - mean besides the normalised x. Under remat ``none`` each one is a residual the
+while driver stores per executed step (an S-row buffer, written in the forward and read back in the
+backward; asura.model.dynamic_loop), and any remat policy holds them while a block's backward runs.
+Written as ``custom_jvp`` rules, the linearisation keeps only what the tangent map multiplies by:
 
-Forward values are jax.nn's own (the primal is the same expression). ``custom_jvp``, unlike
-``custom_vjp``, keeps forward mode and higher derivatives working: the rules are plain jnp.
+gelu_tanh       gelu'(u)                              (1 array; was 4)
+swiglu          silu'(g)·up, silu(g)                  (2; was 5)
+masked_softmax  the probabilities p                   (1 [.., T, S] array; was 3 and 2 boolean masks)
+normalize       x̂ and 1/σ ([.., 1])                   (was x - mean, x̂ and two [.., 1])
+
+Forward values are the same expressions as before (tests/test_model_activations.py checks them bit
+for bit). ``custom_jvp``, unlike ``custom_vjp``, keeps forward mode and higher derivatives working:
+the rules are plain jnp.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -52,3 +62,39 @@ def _swiglu_jvp(primals, tangents):
     silu = gate * s
     # grouped so the linearisation keeps two arrays: (silu'·up) and silu
     return silu * up, (s * (1 + gate * (1 - s)) * up) * d_gate + silu * d_up
+
+
+@jax.custom_jvp
+def masked_softmax(s: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis where ``mask`` (broadcast against s), 0 elsewhere; a row with no
+    visible entry gives zeros, not NaN."""
+    p = jax.nn.softmax(jnp.where(mask, s, -1e30), axis=-1)
+    return jnp.where(mask, p, 0.0)
+
+
+@masked_softmax.defjvp
+def _masked_softmax_jvp(primals, tangents):
+    (s, mask), (ds, _) = primals, tangents  # the mask is boolean: no tangent
+    p = masked_softmax(s, mask)
+    # p is 0 where masked, so masked entries of ds neither move p nor get a gradient
+    return p, p * (ds - (p * ds).sum(-1, keepdims=True))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def normalize(x: jax.Array, centre: bool, eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) over the last axis (LayerNorm; RMSNorm without ``centre``)."""
+    if centre:
+        x = x - x.mean(-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
+
+
+@normalize.defjvp
+def _normalize_jvp(centre, eps, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    c = x - x.mean(-1, keepdims=True) if centre else x
+    r = jax.lax.rsqrt(jnp.mean(c * c, -1, keepdims=True) + eps)
+    x_hat = c * r
+    if centre:
+        dx = dx - dx.mean(-1, keepdims=True)
+    # d x̂ = r·(dc - x̂·mean(x̂·dc)); x̂ and r are all it keeps
+    return x_hat, r * (dx - x_hat * (x_hat * dx).mean(-1, keepdims=True))

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from asura.kernels.lowering import target_platform
+from asura.model.activations import masked_softmax
 from asura.parallel.logical import active_mesh, logical_to_spec
 from asura.registry import Registry
 
@@ -69,10 +70,9 @@ def xla_attention(
         mask_BTS = mask_BTS & (jnp.arange(T)[:, None] >= jnp.arange(S)[None, :])[None]
     if segment_ids_BT is not None:
         mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, -1e30)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    # Rows with no visible key (impossible with causal self-attention) give zeros, not NaN.
-    p_BKRS = jnp.where(mask_BTS[:, None, None], p_BKGTS, 0.0).reshape(B, K, G * T, S)
+    # Rows with no visible key (impossible with causal self-attention) give zeros, not NaN. The
+    # backward keeps only p (asura.model.activations).
+    p_BKRS = masked_softmax(s_BKGTS, mask_BTS[:, None, None]).reshape(B, K, G * T, S)
     o_BKRH = jnp.einsum("bkrs,bksh->bkrh", p_BKRS.astype(v_BSKH.dtype), v_BKSH, preferred_element_type=jnp.float32)
     o_BTNH = o_BKRH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
     return o_BTNH.astype(q_BTNH.dtype)

@@ -18,7 +18,7 @@ from flax import nnx
 from asura.compat import no_eager_sharding
 from asura.config.schema import ModelConfig
 from asura.kernels.lowering import target_platform
-from asura.model.activations import gelu_tanh, swiglu
+from asura.model.activations import gelu_tanh, normalize, swiglu
 from asura.model.attention import attention
 from asura.parallel.logical import constrain
 
@@ -78,10 +78,7 @@ class Norm(nnx.Module):
         self.bias = None if self.rms else param(rngs, nnx.initializers.zeros, shape, names, cfg)
 
     def __call__(self, x: jax.Array, t=None) -> jax.Array:
-        x32 = x.astype(f32(x.dtype))
-        if not self.rms:
-            x32 = x32 - x32.mean(-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        y = normalize(x.astype(f32(x.dtype)), not self.rms, self.eps)  # keeps x̂, 1/σ for the backward
         y = y * take(self.scale, t).astype(y.dtype)
         if self.bias is not None:
             y = y + take(self.bias, t).astype(y.dtype)
