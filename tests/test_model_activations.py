@@ -72,6 +72,44 @@ def test_gelu_derivatives_as_accurate_as_autodiff():
     assert max_err(tangent, ref1) <= 2 * max_err(first(jax_gelu), ref1)
 
 
+def test_rules_equal_autodiff_in_float64_and_take_python_scalars():
+    """In float64 the rules are the plain expressions' derivatives to fp64 rounding (a wrong
+    constant shows far above 1e-12); forward mode takes a Python scalar as jax.nn.gelu does."""
+    with jax.enable_x64(True):
+        u = jnp.asarray(U, jnp.float64)
+        for order in (jax.grad, lambda f: jax.grad(jax.grad(f))):
+            np.testing.assert_allclose(jax.vmap(order(gelu_tanh))(u), jax.vmap(order(jax_gelu))(u), rtol=1e-12,
+                                       atol=1e-12)  # fmt: skip
+        g, up = u[::7], u[::-7]
+        ours = jax.vmap(jax.grad(swiglu, argnums=(0, 1)))(g, up)
+        theirs = jax.vmap(jax.grad(jax_swiglu, argnums=(0, 1)))(g, up)
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for f in (jax.grad, jax.jacfwd, jax.hessian):
+        np.testing.assert_allclose(f(gelu_tanh)(1.0), f(jax_gelu)(1.0), rtol=1e-6)  # fp32, one value
+    assert jax.jvp(swiglu, (1.0, 2.0), (1.0, 1.0))[1] == pytest.approx(jax.jvp(jax_swiglu, (1.0, 2.0), (1.0, 1.0))[1])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_derivatives_as_accurate_as_autodiff(dtype):
+    """In bf16/f16 the rules compute in the input's dtype as autodiff does: same gradient dtype,
+    and an error against float64 no worse than twice the plain autodiff's."""
+    u = jnp.asarray(U[np.abs(U) < 8], dtype)  # f16 overflows u³ beyond ~40
+    ref = gelu_prime_64(np.asarray(u, np.float64))
+    ours, theirs = jax.vmap(jax.grad(gelu_tanh))(u), jax.vmap(jax.grad(jax_gelu))(u)
+    assert ours.dtype == theirs.dtype == dtype
+    assert max_err(ours, ref) <= 2 * max_err(theirs, ref)
+    g, up = u[::3], u[::-3]
+    g64, up64 = np.asarray(g, np.float64), np.asarray(up, np.float64)
+    s = 1 / (1 + np.exp(-g64))
+    refs = (s * (1 + g64 * (1 - s)) * up64, g64 * s)
+    ours = jax.vmap(jax.grad(swiglu, argnums=(0, 1)))(g, up)
+    theirs = jax.vmap(jax.grad(jax_swiglu, argnums=(0, 1)))(g, up)
+    for a, b, ref in zip(ours, theirs, refs, strict=True):
+        assert a.dtype == b.dtype == dtype
+        assert max_err(a, ref) <= 2 * max_err(b, ref)
+
+
 def test_swiglu_derivatives_as_accurate_as_autodiff():
     rng = np.random.default_rng(1)
     g, up = (jnp.asarray(rng.standard_normal(20000) * 4, jnp.float32) for _ in range(2))

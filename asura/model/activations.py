@@ -38,6 +38,7 @@ def gelu_tanh(u: jax.Array) -> jax.Array:
 
 def gelu_tanh_grad(u: jax.Array) -> jax.Array:
     """d gelu_tanh / du, in u's dtype, in the order of jax.nn.gelu's own autodiff."""
+    u = jnp.asarray(u)  # forward mode hands a Python scalar through unchanged
     c = np.sqrt(2 / np.pi).astype(u.dtype)
     t = jnp.tanh(c * (u + _GELU_CUBIC * u**3))
     return 0.5 * (1 + t) + u * (0.5 * (1 - t * t) * c * (1 + 3 * _GELU_CUBIC * u**2))
@@ -76,7 +77,8 @@ def masked_softmax(s: jax.Array, mask: jax.Array) -> jax.Array:
 def _masked_softmax_jvp(primals, tangents):
     (s, mask), (ds, _) = primals, tangents  # the mask is boolean: no tangent
     p = masked_softmax(s, mask)
-    # p is 0 where masked, so masked entries of ds neither move p nor get a gradient
+    # p is 0 where masked, so finite masked entries of ds neither move p nor get a gradient (a NaN
+    # there reaches the row, which the old `where` blocked; the forward p @ v is NaN then anyway)
     return p, p * (ds - (p * ds).sum(-1, keepdims=True))
 
 
