@@ -7,8 +7,8 @@ in one process, the two programs interleaved call by call.
         [--layers 2] [--n 4] [--d-model 256] [--seq 128] [--batch 8] [--reps 15]
 
 Each step is value_and_grad of the training objective of the looped model with every trick on
-(L blocks x n iterations) and of the depth-matched vanilla model (L·n layers), as in
-bench/loop_overhead.py, with the xla attention. The autodiff variant is the same model traced with
+(L blocks x n iterations) and of its depth-matched vanilla baseline (asura.baselines.iso_flop_depth:
+L·n layers), with the xla attention. The autodiff variant is the same model traced with
 the plain expressions swapped in; forward values are identical (tests/test_model_activations.py).
 """
 
@@ -16,28 +16,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 
 import jax
-import jax.numpy as jnp
 from skip_cost import random_batch, step_fn, timed_pair  # bench/ is on sys.path when run as a script
 
-from asura.config.schema import ModelConfig
-from asura.model import attention, layers
+from asura.baselines import iso_flop_depth
+from asura.config.schema import Config, DataConfig, ModelConfig
+from asura.model import activations, attention, layers
 
-
-def _plain_normalize(x, centre: bool, eps: float):
-    if centre:
-        x = x - x.mean(-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
-
-
-PLAIN = {  # (module, name) -> the expression asura.model.activations replaced
-    (layers, "gelu_tanh"): lambda u: jax.nn.gelu(u, approximate=True),
-    (layers, "swiglu"): lambda g, up: jax.nn.silu(g) * up,
-    (layers, "normalize"): _plain_normalize,
-    (attention, "masked_softmax"): lambda s, m: jnp.where(m, jax.nn.softmax(jnp.where(m, s, -1e30), axis=-1), 0.0),
-}
+# (module that calls it, name): each rule's primal, `custom_jvp.fun`, is the plain expression it
+# replaced; differentiated by autodiff it keeps every intermediate.
+PLAIN = {(mod, name): getattr(activations, name).fun
+         for mod, names in ((layers, ("gelu_tanh", "swiglu", "normalize")), (attention, ("masked_softmax",)))
+         for name in names}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -76,9 +67,7 @@ def main() -> None:
             common = dict(vocab_size=V, d_model=args.d_model, n_heads=4, remat=remat, mlp=mlp, guidance="linear",
                           extrapolation="none", attention="xla")  # fmt: skip
             looped = ModelConfig(**common, n_layers=args.layers, iterations=args.n, max_iterations=args.n)
-            vanilla = dataclasses.replace(looped, n_layers=args.layers * args.n, iterations=1, max_iterations=1,
-                                          injection="none", iter_norm=False, post_norm=False,
-                                          guidance="none")  # fmt: skip
+            vanilla = iso_flop_depth(Config(model=looped, data=DataConfig(seq_len=args.seq))).model  # L·n layers
             for name, cfg, n in (("looped", looped, args.n), ("vanilla", vanilla, 1)):
                 with plain_autodiff():
                     old = step_fn(cfg, batch, n)  # traced and compiled here, with the plain expressions

@@ -73,15 +73,13 @@ class Timing(NamedTuple):
 
 def timed_pair(a, b, reps: int) -> tuple[Timing, Timing]:
     """Medians of a() and b() called alternately, so a busy machine slows both alike."""
-    walls: tuple[list, list] = ([], [])
-    syss: tuple[list, list] = ([], [])
+    samples: tuple[list, list] = ([], [])  # (wall, sys) per call, for a and for b
     for _ in range(reps):
-        for f, wall, sys in ((a, walls[0], syss[0]), (b, walls[1], syss[1])):
+        for f, out in zip((a, b), samples):
             s0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
             f()
-            wall.append(time.perf_counter() - t0)
-            sys.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0)
-    return tuple(Timing(statistics.median(w), statistics.median(k)) for w, k in zip(walls, syss))
+            out.append((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0))
+    return tuple(Timing(*(statistics.median(col) for col in zip(*calls))) for calls in samples)
 
 
 def main() -> None:

@@ -82,19 +82,24 @@ def _masked_softmax_jvp(primals, tangents):
     return p, p * (ds - (p * ds).sum(-1, keepdims=True))
 
 
+def _centred_and_inv_std(x: jax.Array, centre: bool, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(x - mean if centre else x, 1/sqrt(mean square of that + eps)) over the last axis."""
+    if centre:
+        x = x - x.mean(-1, keepdims=True)
+    return x, jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def normalize(x: jax.Array, centre: bool, eps: float) -> jax.Array:
     """(x - mean) / sqrt(var + eps) over the last axis (LayerNorm; RMSNorm without ``centre``)."""
-    if centre:
-        x = x - x.mean(-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
+    c, r = _centred_and_inv_std(x, centre, eps)
+    return c * r
 
 
 @normalize.defjvp
 def _normalize_jvp(centre, eps, primals, tangents):
     (x,), (dx,) = primals, tangents
-    c = x - x.mean(-1, keepdims=True) if centre else x
-    r = jax.lax.rsqrt(jnp.mean(c * c, -1, keepdims=True) + eps)
+    c, r = _centred_and_inv_std(x, centre, eps)
     x_hat = c * r
     if centre:
         dx = dx - dx.mean(-1, keepdims=True)
