@@ -85,8 +85,8 @@ def test_rules_equal_autodiff_in_float64_and_take_python_scalars():
         theirs = jax.vmap(jax.grad(jax_swiglu, argnums=(0, 1)))(g, up)
         for a, b in zip(ours, theirs, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    for f in (jax.grad, jax.jacfwd, jax.hessian):
-        np.testing.assert_allclose(f(gelu_tanh)(1.0), f(jax_gelu)(1.0), rtol=1e-6)  # fp32, one value
+    for f in (jax.grad, jax.jacfwd, jax.hessian):  # fp32: the same derivative in another op order, ~10 ulp
+        np.testing.assert_allclose(f(gelu_tanh)(1.0), f(jax_gelu)(1.0), rtol=1e-6)
     assert jax.jvp(swiglu, (1.0, 2.0), (1.0, 1.0))[1] == pytest.approx(jax.jvp(jax_swiglu, (1.0, 2.0), (1.0, 1.0))[1])
 
 
@@ -206,6 +206,7 @@ def test_normalize_derivatives_as_accurate_as_autodiff(centre):
         ref_t = np.asarray(jax.jvp(lambda x: old_normalize(x, centre, 1e-5), (x64,), (g64,))[1])
         # second order: the gradient of <g, d normalize(x)> in x, through the rule
         hvp = lambda f: jax.grad(lambda x: jnp.vdot(g64, _vjp(lambda x: f(x, centre, 1e-5), x, g64)))(x64)
+        # fp64 through two differentiations of x / sigma with |x| ~ 5: ~1e4 ulp, far below a wrong term
         np.testing.assert_allclose(hvp(normalize), hvp(old_normalize), rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(_vjp(lambda x: normalize(x, centre, 1e-5), x64, g64), ref, rtol=1e-12, atol=1e-12)
     assert max_err(ours, ref) <= 2 * max_err(theirs, ref)
