@@ -24,14 +24,58 @@ from asura.config.schema import Config, ConfigError
 # ---------------------------------------------------------------- YAML files
 
 
-def _read_yaml(path: Path) -> dict:
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)  # resolve `<<` merges first: a merged key may be overridden
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first on line {seen[key]}); keep one", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def yaml_first_line(e: yaml.YAMLError) -> str:
+    """PyYAML's problem in one line, with its line number (its messages span several lines)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def strict_yaml(text: str):
+    """yaml.safe_load that refuses duplicate keys; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def read_yaml_file(path: Path, what: str = "config file") -> object:
+    """A YAML file's data; ConfigError (one line) when it is missing, not text or not valid YAML."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    try:
+        return strict_yaml(text)
     except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {yaml_first_line(e)}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    data = read_yaml_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -81,9 +125,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            value = strict_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            if raw.lstrip()[:1] in "[{\"'":  # meant as a list, mapping or quoted string: say why it is not one
+                raise ConfigError(f"override {item!r}: the value is not valid YAML: {yaml_first_line(e)}") from None
+            value = raw  # a plain word YAML cannot read (e.g. `a: b`) stays the string the user typed
         node = data
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -137,7 +183,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         (elem, _ellipsis) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+            try:
+                value = [strict_yaml(v) for v in value.split(",") if v.strip()]
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: {value!r} is not a comma-separated list: {yaml_first_line(e)}") from None
         elif not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
@@ -205,7 +254,10 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def config_from_yaml(text: str) -> Config:
-    data = yaml.safe_load(text) or {}
+    try:
+        data = strict_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"saved config is not valid YAML: {yaml_first_line(e)}") from None
     return config_from_dict(data)
 
 

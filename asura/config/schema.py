@@ -108,6 +108,12 @@ class TrainConfig:
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    # Extending a finished run (train.py --extend): optimiser steps where the schedule changes.
+    # hold_at: from this step the lr holds at the value the schedule reached there (the old cosine's
+    # floor); rewarm_at: from this step warm up again to lr over warmup_steps, then cosine to the next
+    # event or train.steps. Appended by --extend, inherited on resume, never rewritten (asura.train.optim).
+    hold_at: tuple[int, ...] = ()
+    rewarm_at: tuple[int, ...] = ()
     weight_decay: float = 0.1  # not applied to norms, biases or embeddings
     b1: float = 0.9
     b2: float = 0.95

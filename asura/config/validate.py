@@ -45,6 +45,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(reg.invalid(_get(cfg, key)))
 
     m, d, t = cfg.model, cfg.depth, cfg.train
+    if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        # the default workdir is runs/<name>: a name must be one path component
+        raise ConfigError(f"name={cfg.name!r} must be a non-empty name without path separators (it names runs/<name>)")
     _positive(cfg, "model.vocab_size", "model.d_model", "model.n_heads", "model.n_layers")
     _positive(cfg, "model.iterations", "model.max_iterations", "model.norm_eps", "model.init_std")
     _positive(cfg, "model.rope_theta")
@@ -117,8 +120,14 @@ def validate(cfg: Config) -> None:
     _positive(cfg, "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nan_steps")
     _positive(cfg, "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.eval_batches", allow_zero=True)
     _positive(cfg, "train.timing_skip_steps", "train.seed", allow_zero=True)
+    _positive(cfg, "train.eps")  # Adam divides by sqrt(nu) + eps: 0 gives 0/0 for a parameter with no gradient yet
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
+    events = [*t.hold_at, *t.rewarm_at]
+    if any(e < 1 for e in events) or len(set(events)) != len(events):
+        raise ConfigError(
+            f"train.hold_at={list(t.hold_at)} and train.rewarm_at={list(t.rewarm_at)} must be distinct steps >= 1"
+        )
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):

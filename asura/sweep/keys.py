@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from asura.config.load import ConfigError, with_overrides
+from asura.config.load import ConfigError, apply_overrides, read_yaml_file, with_overrides
 from asura.config.schema import Config
 
 
@@ -34,12 +33,10 @@ def read_yaml(path: str | Path, what: str, valid: Iterable[str]) -> tuple[Path, 
     (one line, naming ``what``: "sweep spec", "study plan") when it is missing, not YAML or has an
     unknown key."""
     path = Path(path).resolve()
-    if not path.is_file():
-        raise SpecError(f"{what} not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"{what} {path.name} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:  # the config loader's reader: not found, not UTF-8 text, not YAML, a key given twice
+        raw = read_yaml_file(path, what) or {}
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
     check_keys(f"{what} {path.name}", raw, valid)
     return path, raw
 
@@ -79,6 +76,34 @@ def apply(base: Config, overrides: dict, where: str) -> Config:
         return with_overrides(base, overrides)
     except ConfigError as e:
         raise SpecError(f"{where}: {e}") from None
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` strings (train.py's syntax: values read as YAML) -> {dotted key: value}; SpecError
+    (one line) for an item without ``=`` or an unknown key. A key given twice keeps the last value."""
+    out: dict[str, Any] = {}
+    for item in items:
+        try:  # the parser train.py uses, so a value means the same on both command lines
+            nested = apply_overrides({}, [item])
+        except ConfigError as e:
+            raise SpecError(str(e)) from None
+        key = item.split("=", 1)[0].strip()
+        field_type(key)
+        value: Any = nested
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """{dotted key: value} as ``key=value`` arguments that ``parse_overrides`` reads back to the same values."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+
+
+def format_overrides(overrides: dict[str, Any]) -> str:
+    """``train.steps=50 model.adapter=abba``, or "none"."""
+    return " ".join(override_args(overrides)) or "none"
 
 
 def get(cfg: Config, dotted: str) -> Any:
