@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from asura.model.loss import Score
 
@@ -29,7 +30,7 @@ class LoopResult(NamedTuple):
     acc_S: jax.Array | None
     h_SBTD: jax.Array | None  # per-step latents with keep_latents (h_{n-1} repeated for t >= n)
     S: int  # static loop length
-    n: jax.Array  # depth as a traced int32, clipped to [1, S]
+    n: jax.Array  # depth as a traced int32, clipped to [1, S] (outputs are NaN when n was outside)
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,29 @@ def default_positions(segment_ids_BT: jax.Array | None, B: int, T: int) -> jax.A
 def frozen(t, n, bptt_k):
     """True where step t runs under stop_gradient: t < n − k (k > 0). Traceable."""
     return (bptt_k > 0) & (t < n - bptt_k)
+
+
+def concrete_depth(n) -> int | None:
+    """n as a Python int when it is known now (int, numpy or concrete jax scalar); None when traced."""
+    if isinstance(n, int | np.integer):
+        return int(n)
+    if isinstance(n, jax.core.Tracer):
+        return None
+    if isinstance(n, jax.Array | np.ndarray) and np.ndim(n) == 0:
+        return int(n)
+    raise TypeError(f"depth n must be an integer scalar, got {type(n).__name__} {getattr(n, 'shape', '')}")
+
+
+def depth_index(n, S: int) -> tuple[jax.Array, jax.Array | None]:
+    """(n clipped to 1..S as int32, validity) for indexing; validity is None when n is concrete
+    (scan_len has already checked it), else a traced bool that is False outside 1..S."""
+    n_arr = jnp.asarray(n, jnp.int32)
+    valid = None if concrete_depth(n) is not None else (n_arr >= 1) & (n_arr <= S)
+    return jnp.clip(n_arr, 1, S), valid
+
+
+def poison(x, valid):
+    """x where valid, else NaN (floating arrays); None and non-float arrays pass through."""
+    if x is None or not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return jnp.where(valid, x, jnp.asarray(jnp.nan, x.dtype))

@@ -14,6 +14,11 @@ Data flow of one forward pass (tokens_BT, depth n):
         objective += w_t · (CE(head(h), y) + z·lse²)   (latent guidance, streamed in the carry)
     logits = head(h_{n-1}) = FinalNorm(h) @ Wᵤ   (fp32)
 
+Depth range: a concrete n (a Python int or a concrete array) outside 1..S raises, or extends S
+when model.extrapolation allows. A traced n cannot be checked while tracing, and indexing needs it
+in range, so the loop runs min(max(n, 1), S) steps but every output of an out-of-range n is NaN
+(never the silently clamped depth's values): pass max_depth to run traced depths past max_iterations.
+
 Invariant a contributor must keep: ONE COMPILED PROGRAM SERVES EVERY DEPTH n <= S. n is a
 traced int32, so nothing about n may become a static shape or a Python branch. Two drivers run
 the loop (model.loop): ``while`` (default, asura.model.dynamic_loop) runs t < n in a
@@ -57,8 +62,11 @@ from asura.model.carry import (
     LoopResult,
     Scoring,
     StepOut,
+    concrete_depth,
     default_positions,
+    depth_index,
     frozen,
+    poison,
     projconcat_init,
 )
 from asura.model.dynamic_loop import dynamic_loop
@@ -108,8 +116,8 @@ class LoopedLM(nnx.Module):
         return t  # "none": scan_length guarantees t < M
 
     def scan_len(self, n, max_depth: int | None = None) -> int:
-        """Static loop length S for depth n (checked when static) and an optional max_depth."""
-        static_n = int(n) if isinstance(n, int | np.integer) else None
+        """Static loop length S for depth n (checked when concrete) and an optional max_depth."""
+        static_n = concrete_depth(n)
         if static_n is not None and static_n < 1:
             raise ValueError(f"depth n must be >= 1, got {n}")
         requested = [d for d in (static_n, max_depth) if d is not None]
@@ -199,7 +207,7 @@ class LoopedLM(nnx.Module):
         if positions_BT is None:
             positions_BT = default_positions(segment_ids_BT, B, T)
         e_BTD = constrain(self.embed[...][tokens_BT].astype(self.dtype), ("batch", "seq", "embed"))
-        n_arr = jnp.clip(jnp.asarray(n, jnp.int32), 1, S)  # a traced n cannot be range-checked
+        n_arr, valid = depth_index(n, S)
         if scoring is not None and not unroll:  # never keep B×T×V logits for the backward pass
             scoring = Scoring(jax.checkpoint(scoring.score, prevent_cse=False), scoring.w_S, scoring.z_loss)
         ctx = {
@@ -234,7 +242,12 @@ class LoopedLM(nnx.Module):
                 return jax.lax.switch(idx, branches, c, t)
 
             carry, ys = remat.scan_iterations(body, carry, S, ctx["policy"])
-        return LoopResult(carry.h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr)
+        res = LoopResult(carry.h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr)
+        if valid is None:
+            return res
+        # a traced depth outside 1..S: NaN everywhere rather than the clamped depth's values
+        outputs = ("h_BTD", "objective", "z_term", "ce_S", "acc_S", "h_SBTD")
+        return res._replace(**{k: poison(getattr(res, k), valid) for k in outputs})
 
     def _unrolled(self, carry: LoopCarry, S: int, n: int, bptt_k, no_bptt: bool, ctx: dict):
         """Reference driver: a Python loop over the same `_step` (static n)."""
@@ -294,7 +307,7 @@ class LoopedLM(nnx.Module):
             bptt_k=bptt_k,
         )
         S = self.scan_len(n, max_depth)
-        n_arr = jnp.clip(jnp.asarray(n, jnp.int32), 1, S)
+        n_arr, _ = depth_index(n, S)  # run_loop's outputs are already NaN for a traced n out of range
         t_S = jnp.arange(S)
         if cfg.guidance == "none":
             res = self.run_loop(batch["inputs"], n, **kw)
