@@ -1,17 +1,22 @@
 """Train a looped transformer: `python train.py [--config FILE] [--workdir DIR] [key=value ...]`.
 
 No arguments trains configs/demo.yaml in runs/demo. Resumes automatically from the newest
-valid checkpoint in the workdir; rerunning a finished run prints its final metrics.
+valid checkpoint in the workdir; rerunning a finished run prints its final metrics. To train a
+finished run further, raise train.steps and say what the learning rate does from the old end:
+`--extend continue` (the old schedule ends there and the lr holds at its floor) or
+`--extend rewarm` (warm up again, then cosine to the new train.steps); see asura/train/resume.py.
 
 Exit codes: 0 done, or stopped cleanly by SIGTERM/SIGINT (a checkpoint is saved first when
 training had started); 2 bad input: config, CLI, data, workdir (busy, not writable), or a
 checkpoint this code cannot use (nothing is moved); 3 too many consecutive non-finite steps;
-4 a checkpoint save failed (disk full, unwritable); the previous checkpoint is kept.
+4 a write to the workdir failed (checkpoint, config or metrics: disk full, unwritable); the
+previous checkpoint is kept.
 Every error is one line on stderr. See asura/train/loop.py for the workdir layout.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +29,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def extra(parser):
         parser.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+        parser.add_argument(
+            "--extend",
+            default=None,
+            choices=("continue", "rewarm"),
+            help="with a raised train.steps on a trained workdir: continue (the old schedule ends, then the lr "
+            "holds at its floor) or rewarm (warm up again, then cosine to the new train.steps)",
+        )
 
     cfg, args = parse_config_args(argv, "train.py", "Train a looped-depth transformer.", extra)
-    workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
+    if args.workdir is not None and not args.workdir.strip():
+        fail("--workdir is empty; pass a directory, or leave --workdir out for runs/<config name>", "train.py")
+    workdir = Path(args.workdir) if args.workdir is not None else Path("runs") / cfg.name
 
     from asura.parallel.mesh import MeshError
     from asura.train.checkpoint import CheckpointError, CheckpointMismatchError, ConfigMismatchError, SaveError
@@ -36,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     refused = (ConfigMismatchError, CheckpointMismatchError, CheckpointError, WorkdirError, MeshError, PreflightError)
     try:
-        summary = run(cfg, workdir)
+        summary = run(cfg, workdir, extend=args.extend)
     except refused as e:  # bad data/workdir/devices (preflight, before compiling) or unusable checkpoints
         fail(str(e).splitlines()[0], "train.py")
     except NonFiniteError as e:
@@ -44,16 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except SaveError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 4
-    ev, nan = summary["eval"], float("nan")
-    if not ev:  # stopped before anything was trained or evaluated
-        print(f"{summary['status']} at step {summary['step']} in {summary['wall_s']:.1f}s")
-        return 0
-    print(
-        f"{summary['status']} at step {summary['step']} in {summary['wall_s']:.1f}s: "
-        f"eval ce {ev.get('eval/ce', nan):.4f}, accuracy {ev.get('eval/accuracy', nan):.3f}, "
-        f"answer exact-match {ev.get('eval/exact_match', nan):.3f} (depth {cfg.model.iterations})"
-    )
+        # The run is over and its last good checkpoint committed; a failed save leaves orbax's writer
+        # tasks half-done, and tearing the interpreter down makes them report again (never-retrieved
+        # futures, never-awaited coroutines). Nothing is left to flush but our own streams.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(4)
+    from asura.train.metrics import final_line
+
+    print(final_line(summary["cfg"], summary["status"], summary["step"], summary["wall_s"], summary["eval"]))
     return 0
 
 

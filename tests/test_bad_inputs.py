@@ -44,7 +44,7 @@ from conftest import DEMO, ROOT, TINY, quiet, tiny_config
 SUBPROCESS_LIMIT_S = 20.0  # a compile of even the tiny model plus imports takes longer on 2 busy cores
 COMPILE_MARK = "compil"  # matches /jax/core/compile/* and /jax/compilation_cache/*
 NOT_COMPILE = ("jaxpr_trace_duration",)  # tracing (eval_shape) builds no program
-IGNORED = (".lock",)  # rewritten (host, pid, time) by every trainer that takes the lock; holds no run data
+IGNORED = ()  # a refusal leaves every file as it was, the lock file included
 
 
 # ------------------------------------------------------------------ fixtures
@@ -397,6 +397,10 @@ CASES = [
     train("sigma-zero", "depth.schedule=poisson_lognormal", "depth.sigma=0", needle="depth.sigma must be > 0"),
     train("min-lr-ratio", "train.min_lr_ratio=1.5", needle="train.min_lr_ratio must be in [0, 1]"),
     train("b2-one", "train.b2=1.0", needle="train.b1 and train.b2 must be in [0, 1)"),
+    train("eps-negative", "train.eps=-1e-8", needle="train.eps must be > 0"),
+    train("eps-zero", "train.eps=0", needle="train.eps must be > 0"),
+    train("name-with-slash", "name=a/b", needle="name='a/b' must be a non-empty name without path separators"),
+    train("name-empty", "name=''", needle="name='' must be a non-empty name"),
     # ---- config: every enum / registry key with a bad value
     train("attention", "model.attention=bogus", needle="model.attention='bogus' is not valid; choose one of"),
     train("remat", "model.remat=bogus", needle="model.remat='bogus' is not valid; choose one of"),
@@ -482,6 +486,27 @@ CASES = [
         setup=_write("c.yaml", "extends: nowhere.yaml\n"),
     ),
     train(
+        "yaml-binary",
+        "--config",
+        "{tmp}/b.yaml",
+        needle="is not UTF-8 text",
+        setup=_write_bytes("b.yaml", bytes(range(256)) * 4),
+    ),
+    train(
+        "yaml-duplicate-key",
+        "--config",
+        "{tmp}/d.yaml",
+        needle="key 'steps' is given twice (first on line 3)",
+        setup=_write("d.yaml", "extends: {demo}\ntrain:\n  steps: 3\n  lr: 1.0e-3\n  steps: 4\n"),
+    ),
+    train(
+        "yaml-duplicate-section",
+        "--config",
+        "{tmp}/d.yaml",
+        needle="key 'train' is given twice",
+        setup=_write("d.yaml", "extends: {demo}\ntrain: {steps: 3}\nmodel: {n_layers: 1}\ntrain: {lr: 1.0e-3}\n"),
+    ),
+    train(
         "yaml-unknown-key",
         "--config",
         "{tmp}/u.yaml",
@@ -496,6 +521,12 @@ CASES = [
     train("override-without-equals", "model.d_model", needle="must look like section.key=value"),
     train("override-empty-part", "model..d_model=3", needle="has an empty key part"),
     train("override-into-scalar", "model.d_model.x=3", needle="'d_model' is not a section"),
+    train("override-unclosed-list", "model.adapter_targets=[q,v", needle="the value is not valid YAML"),
+    train("override-unclosed-mapping", "mesh.rules={batch: [data]", needle="the value is not valid YAML"),
+    train("override-bad-list-item", "model.adapter_targets=q,[v", needle="is not a comma-separated list"),
+    train("override-duplicate-key", "mesh.rules={seq: [], seq: [data]}", needle="key 'seq' is given twice"),
+    train("workdir-empty", workdir="", needle="--workdir is empty"),
+    train("workdir-blank", workdir="  ", needle="--workdir is empty"),
     # ---- devices / mesh (one CPU device in-process) and memory
     train("mesh-too-big", "mesh.data=4", needle="needs 4 devices but", setup=_fewer_devices_than(4)),
     train(
@@ -574,8 +605,20 @@ CASES = [
         "data.tokenizer=tiktoken:cl100k_base",
         needle="were tokenised with 'byte'",
     ),
-    # ---- checkpoints: a workdir trained with another config
+    # ---- checkpoints: a workdir trained with another config (refused before the lock, log, TensorBoard or bar)
     train("resume-other-shape", "model.d_model=64", workdir="{tmp}/run", needle="model.d_model", setup=_copy_finished),
+    train(
+        "resume-other-shape-sinks-on",
+        "model.d_model=64",
+        "train.progress=true",
+        "train.tensorboard=true",
+        workdir="{tmp}/run",
+        needle="model.d_model",
+        setup=_copy_finished,
+    ),
+    train("extend-unasked", "train.steps=4", workdir="{tmp}/run", needle="--extend continue", setup=_copy_finished),
+    train("extend-fresh", "--extend", "continue", workdir="{tmp}/new", needle="has no checkpoint to extend"),
+    train("extend-bogus", "--extend", "forever", needle="invalid choice: 'forever'"),
     train("resume-other-lr", "train.lr=1e-2", workdir="{tmp}/run", needle="train.lr", setup=_copy_finished),
     # ---- python -m asura.data.prepare
     prepare("no-args", needle="no source"),
@@ -651,6 +694,18 @@ CASES = [
         "{tmp}/s.yaml",
         needle="unknown key 'seed'; did you mean 'seeds'",
         setup=_write("s.yaml", SPEC + "seed: [0]\n"),
+    ),
+    sweep(
+        "spec-duplicate-key",
+        "{tmp}/s.yaml",
+        needle="key 'seeds' is given twice",
+        setup=_write("s.yaml", SPEC + "seeds: [0]\nseeds: [1]\n"),
+    ),
+    sweep(
+        "spec-binary",
+        "{tmp}/s.yaml",
+        needle="is not UTF-8 text",
+        setup=_write_bytes("s.yaml", bytes(range(256)) * 4),
     ),
     sweep("spec-no-base", "{tmp}/s.yaml", needle="missing `base:`", setup=_write("s.yaml", "seeds: [0]\n")),
     sweep(
@@ -728,6 +783,8 @@ SUBPROCESS_CASES = [
     sub("unknown-flag", train("x", "--bogus", needle="--bogus")),
     sub("bad-registry-value", train("x", "model.attention=bogus", needle="model.attention='bogus' is not valid")),
     sub("lr-nan", train("x", "train.lr=.nan", needle="train.lr must be a finite number")),
+    sub("override-unclosed-list", train("x", "model.adapter_targets=[q,v", needle="the value is not valid YAML")),
+    sub("workdir-empty", train("x", workdir="", needle="--workdir is empty")),
     sub("mesh-too-big", train("x", "mesh.data=4", needle="needs 4 devices but 1 are available"), **ONE_CPU),
     sub(
         "batch-not-dividing-data-axis",

@@ -69,7 +69,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
         if f.is_file():
             f.write_bytes(b"garbage")
     messages: list[str] = []
-    out = run(tiny("train.steps=6", "train.eval_every=2", "train.checkpoint_every=2"), tmp_path, say=messages.append)
+    cfg6 = tiny("train.steps=6", "train.eval_every=2", "train.checkpoint_every=2")
+    out = run(cfg6, tmp_path, say=messages.append, extend="continue")
     assert out["resumed_from"] == 2 and out["step"] == 6
     assert any("checkpoint step 4 is unreadable" in m for m in messages)
     assert list((tmp_path / "checkpoints_bad").iterdir())

@@ -112,17 +112,25 @@ def test_one_compile_for_all_depths_and_nan_skip():
 
 
 def test_resume_config_check():
-    old = tiny()
-    assert check_resume_config(old, tiny("train.steps=99", "train.log_every=3")) == ["train.log_every", "train.steps"]
+    old = tiny("train.steps=20")
+    assert check_resume_config(old, tiny("train.steps=20", "train.log_every=3"), 10) == ["train.log_every"]
     with pytest.raises(ConfigMismatchError, match=r"train\.lr"):
-        check_resume_config(old, tiny("train.lr=0.5"))
+        check_resume_config(old, tiny("train.steps=20", "train.lr=0.5"), 10)
     with pytest.raises(ConfigMismatchError, match=r"model\.d_model"):
-        check_resume_config(old, tiny("model.d_model=64"))
+        check_resume_config(old, tiny("train.steps=20", "model.d_model=64"), 10)
+    # train.steps reshapes the cosine: refused once a trained step would get another lr, with both ways out
+    with pytest.raises(ConfigMismatchError, match=r"train\.steps 20 -> 30 would change the lr .*--extend continue"):
+        check_resume_config(old, tiny("train.steps=30"), 10)
+    # ... but allowed as an extension that keeps every trained step's lr
+    for key in ("train.hold_at", "train.rewarm_at"):
+        assert check_resume_config(old, tiny("train.steps=30", f"{key}=[20]"), 20) == [key, "train.steps"]
+    # and before any step past the warmup (where only warmup_steps matter) nothing changes
+    assert check_resume_config(old, tiny("train.steps=30"), 1) == ["train.steps"]
 
 
 def test_depths_past_max_iterations_run_at_their_depth_not_clipped():
     """With an extrapolation mode, train and eval depths above max_iterations must really run
-    that deep (the model clips a traced n to its loop length, so the step must pass max_depth)."""
+    that deep (a traced n past the loop length gives NaN outputs, so the step must pass max_depth)."""
     from asura.depth import depth_distribution, sample_depth
     from asura.train.state import merge_model
     from asura.train.step import make_eval_step

@@ -135,15 +135,26 @@ def test_disk_full_is_one_line_and_keeps_the_last_good_step(tmp_path, monkeypatc
 # ------------------------------------------------------------- loop level
 
 
+def _reseal(step_dir: Path, data: object) -> None:
+    """Give a step another data state *as if it had been saved that way*: data file, meta seal and file
+    checksums all consistent (what another data pipeline's code would have written)."""
+    data_file = next(p for p in (step_dir / "data").rglob("*") if p.is_file() and p.name != "commit_success.txt")
+    data_file.write_text(json.dumps(data))
+    meta_file = next(p for p in (step_dir / "meta").rglob("*") if p.is_file() and p.name != "commit_success.txt")
+    meta = json.loads(meta_file.read_text())
+    sealed = meta[integrity.SEAL]
+    sealed["data_sha256"] = integrity._sha256(data)
+    sealed["meta_sha256"] = integrity._meta_digest(meta, sealed)
+    meta_file.write_text(json.dumps(meta))
+    integrity.write_checksums(step_dir)
+
+
 def test_wrong_data_state_refuses_and_moves_nothing(tmp_path):
     run(tiny("train.steps=2"), tmp_path)
-    data_dir = tmp_path / "checkpoints" / "2" / "data"
-    f = next(p for p in data_dir.rglob("*") if p.is_file() and p.name != "commit_success.txt")
-    f.write_text(json.dumps({"not": "a grain state"}))
-    integrity.write_checksums(tmp_path / "checkpoints" / "2")  # intact files, foreign content
+    _reseal(tmp_path / "checkpoints" / "2", {"not": "a grain state"})  # intact files, foreign content
     before = snapshot(tmp_path / "checkpoints")
     with pytest.raises(CheckpointMismatchError, match="data-iterator state"):
-        run(tiny("train.steps=4"), tmp_path)
+        run(tiny("train.steps=4"), tmp_path, extend="continue")
     assert snapshot(tmp_path / "checkpoints") == before
 
 
@@ -162,7 +173,7 @@ def test_torn_config_yaml_does_not_brick_the_workdir(tmp_path):
     cfg = tiny("train.steps=2")
     run(cfg, tmp_path)
     (tmp_path / "config.yaml").write_text("")  # what a kill during the old in-place rewrite left
-    out = run(tiny("train.steps=4"), tmp_path)
+    out = run(tiny("train.steps=4"), tmp_path, extend="continue")
     assert out["resumed_from"] == 2 and out["step"] == 4
     assert "d_model: 32" in (tmp_path / "config.yaml").read_text()
 

@@ -5,6 +5,9 @@
     Source.train_iterator(cfg, pi, pc)         this process's batches: next(), get_state() (JSON), set_state(), close()
     Source.eval_batches(cfg, n, difficulty, pi, pc)
                                                a fixed list of this process's numpy batches, disjoint from training
+    Source.shown(cfg)                          the eval metrics that mean something for this data, in the order
+                                               train.py, the progress bar and `asura.evaluate` show them
+                                               (names from asura.train.evaluate.SHOWN)
 
 task and text share the grain graph in asura.data.host; synthetic draws batches with jax.random.
 Callers go through asura.data.pipeline (check_compatible, build_train_iterator, ...), which adds
@@ -33,6 +36,9 @@ class Source:
     check: Callable[..., None]  # (cfg, process_count)
     train_iterator: Callable[..., Iterator]  # (cfg, process_index, process_count)
     eval_batches: Callable[..., list]  # (cfg, n_batches, difficulty, process_index, process_count)
+    # Exact match means "the whole answer is right" only where a task scores an answer; on text a
+    # row is a window of running text, so its exact match is ~0 and says nothing.
+    shown: Callable[..., tuple[str, ...]]  # (cfg)
 
 
 SOURCES: Registry[Source] = Registry("data.source", "where training and eval batches come from")
@@ -82,6 +88,7 @@ SOURCES.add(
         check=_task_check,
         train_iterator=_task_train_iterator,
         eval_batches=_task_eval_batches,
+        shown=lambda cfg: ("ce", "exact_match"),
     ),
 )
 
@@ -144,6 +151,8 @@ SOURCES.add(
         check=_text_check,
         train_iterator=_text_train_iterator,
         eval_batches=_text_eval_batches,
+        # bits/byte needs one token per byte; other tokenizers get perplexity per token
+        shown=lambda cfg: ("ce", "accuracy", "bits_per_byte" if cfg.data.tokenizer == "byte" else "perplexity"),
     ),
 )
 
@@ -180,5 +189,6 @@ SOURCES.add(
         check=_synthetic_check,
         train_iterator=_synthetic_train_iterator,
         eval_batches=_synthetic_eval_batches,
+        shown=lambda cfg: ("ce",),  # uniform random tokens: nothing to learn but the loss itself
     ),
 )

@@ -5,17 +5,27 @@ Each step directory holds three items:
     data   JsonSave of the data iterator's state (so a resume never replays data)
     meta   JsonSave of {step, config (resolved YAML), eval metrics}
 
-A corrupt step (checksum or read failure, see asura.train.integrity) is moved to
-``checkpoints_bad/`` with a warning and the previous step is tried; a step written by other
-code (tree, shape, dtype) stops the resume with one line and moves nothing. Orbax writes
-into a temporary directory and renames on commit, so a save killed half-way never shows up
-as a step.
+A corrupt step (checksum, seal or read failure, see asura.train.integrity) is skipped with a
+warning and the previous step is tried; once an older step restores, the corrupt newer ones are
+moved to ``checkpoints_bad/``. When no step restores nothing is moved and the resume is refused,
+so a rerun meets the same refusal instead of training from step 0 over the run's history. A step
+written by other code (tree, shape, dtype) stops the resume with one line and moves nothing.
+Orbax writes into a temporary directory and renames on commit, so a save killed half-way never
+shows up as a step; a save that fails (disk full) has its temporary directory removed.
+
+Once a store is opened, orbax's own error logs and the leftovers of its failed writer tasks are
+silenced (`OrbaxNoise`): a failed save surfaces as one SaveError line.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
+import re
 import shutil
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -26,17 +36,25 @@ import orbax.checkpoint as ocp
 
 from asura.compat import orbax_preservation
 from asura.config import Config, config_to_dict, config_to_yaml
-from asura.train.integrity import first_tree_difference, verify, write_checksums
+from asura.train.integrity import (
+    CHECKSUMS,
+    CorruptStep,
+    check_restored,
+    check_seal,
+    first_tree_difference,
+    seal,
+    verify,
+    write_checksums,
+)
+from asura.train.optim import schedule_change
 
 BEST_METRIC = "eval_ce"  # the final iteration's eval CE at the trained depth (asura.train.evaluate)
 
 # Keys that may differ between the saved config and a resumed run's config. They change
-# bookkeeping, not the maths of the run so far. Note: train.steps reshapes the cosine tail
-# from the resume point onwards (extending a run is the common reason to change it).
+# bookkeeping, not the maths of the run so far.
 HARMLESS_KEYS = frozenset(
     {
         "name",
-        "train.steps",
         "train.log_every",
         "train.eval_every",
         "train.eval_batches",
@@ -60,6 +78,9 @@ HARMLESS_KEYS = frozenset(
     }
 )
 HARMLESS_PREFIXES = ("mesh.",)  # resharding on restore is allowed
+# Keys that shape the lr schedule's length: a change is allowed when no step already trained gets
+# another lr (asura.train.optim.schedule_change); that is how a run is extended (train.py --extend).
+SCHEDULE_KEYS = frozenset({"train.steps", "train.hold_at", "train.rewarm_at"})
 
 
 class ConfigMismatchError(ValueError):
@@ -82,14 +103,27 @@ def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_resume_config(old: Config, new: Config) -> list[str]:
-    """Raise ConfigMismatchError on a harmful difference; return the harmless changed keys."""
+def check_resume_config(old: Config, new: Config, trained: int) -> list[str]:
+    """Raise ConfigMismatchError on a harmful difference; return the harmless changed keys.
+
+    `trained`: the checkpoint's step. A schedule key (SCHEDULE_KEYS) may change only when every
+    step before it keeps its lr; otherwise the message offers the two ways to extend a run."""
     diff = config_diff(old, new)
-    bad = {k: v for k, v in diff.items() if k not in HARMLESS_KEYS and not k.startswith(HARMLESS_PREFIXES)}
+    allowed = HARMLESS_KEYS | SCHEDULE_KEYS
+    bad = {k: v for k, v in diff.items() if k not in allowed and not k.startswith(HARMLESS_PREFIXES)}
     if bad:
         desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in bad.items())
         raise ConfigMismatchError(
             f"workdir was trained with a different config ({desc}); use a new --workdir or the saved config.yaml"
+        )
+    if SCHEDULE_KEYS & set(diff) and (change := schedule_change(old.train, new.train, trained)) is not None:
+        desc = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items() if k in SCHEDULE_KEYS)
+        o = old.train
+        raise ConfigMismatchError(
+            f"{desc} would change the lr of steps already trained ({change}); to go on from step {trained}, pass "
+            f"--extend continue (keep the old schedule: its cosine ends at step {o.steps}, then the lr holds there) "
+            f"or --extend rewarm (at step {o.steps} warm up again to {o.lr:g} over {o.warmup_steps} steps, then "
+            "cosine to train.steps)"
         )
     return sorted(diff)
 
@@ -112,6 +146,31 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+# tensorstore reports a failed write as '... Failed to write 10488 bytes to file 22: File too large
+# [os_error_code='27']' after two long paths; the OS's reason is what the user needs.
+_OS_REASON = re.compile(r":\s*([^:\[\]]+?)\s*\[os_error_code='(\d+)'\]")
+
+
+_OS_ERRORS = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+              "Permission denied", "Input/output error")  # fmt: skip
+
+
+def save_failure(e: BaseException) -> str:
+    """Why a write failed, in a few words: the OS error when there is one (disk full, file too large),
+    looked for in the exception and the ones it was raised from."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        text = str(seen)
+        if m := _OS_REASON.search(text):
+            return m.group(1)
+        if known := next((k for k in _OS_ERRORS if k in text), None):
+            return known
+        seen = seen.__cause__ or seen.__context__
+    return first_line(e)
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint this code cannot use as it is (another tree, shape, dtype or data pipeline).
     Nothing is moved: the checkpoint is fine, the code or config changed. One line."""
@@ -126,7 +185,47 @@ class SaveError(RuntimeError):
     The previous committed step is untouched."""
 
 
-CORRUPT = (OSError, ValueError, RuntimeError, KeyError)  # what orbax/tensorstore raise for bad files
+CORRUPT = (OSError, ValueError, RuntimeError, KeyError)  # what orbax/tensorstore raise for bad files (+ CorruptStep)
+
+
+class OrbaxNoise:
+    """Once a store has been opened, for the rest of the process: drop orbax's ERROR logs (their
+    tracebacks repeat the exception that reaches us, which we report in one line), asyncio's
+    "... exception was never retrieved" for orbax's writer tasks and futures (the same exception
+    again, logged when a failed save's leftover tasks are garbage-collected, possibly after the
+    store is closed),
+    and the "Event loop is closed" reports that tensorstore's callbacks raise once a failed save has
+    closed orbax's event loop. Nothing else is filtered."""
+
+    _lock = threading.Lock()
+    _installed = False
+    _previous_hook = None
+
+    @staticmethod
+    def _filter(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in (record.pathname or ""))
+
+    @staticmethod
+    def _asyncio_filter(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("exception was never retrieved" in text.split("\n", 1)[0] and "orbax" in text)
+
+    @classmethod
+    def _unraisable(cls, unraisable) -> None:
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        (cls._previous_hook or sys.__unraisablehook__)(unraisable)
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if cls._installed:
+                return
+            logging.getLogger("absl").addFilter(cls._filter)
+            logging.getLogger("asyncio").addFilter(cls._asyncio_filter)
+            cls._previous_hook, sys.unraisablehook = sys.unraisablehook, cls._unraisable
+            cls._installed = True
 
 
 class Attempt(NamedTuple):
@@ -159,6 +258,9 @@ class CheckpointStore:
             "data": ocp.JsonCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
+        self.read_only = read_only
+        OrbaxNoise.install()
+        self._open = True
         self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._unsummed: int | None = None  # the last saved step, until its checksums are written
         self._skipped: set[int] = set()  # unusable steps that could not be moved aside
@@ -170,18 +272,30 @@ class CheckpointStore:
         need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
         free = shutil.disk_usage(self.directory).free
         if free < need:
-            raise SaveError(f"checkpoint {self.directory}/{step}: {free:,} bytes free, the state needs {need:,}")
+            kept = self.steps()
+            last = f"step {kept[-1]} is kept" if kept else "no earlier checkpoint exists"
+            raise SaveError(
+                f"checkpoint {self.directory}/{step}: {free:,} bytes free, the state needs {need:,} (disk full); {last}"
+            )
         metrics = {BEST_METRIC: float(eval_ce)} if eval_ce is not None else None
+        data_json = encode_data_state(data_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(encode_data_state(data_state)),
-            meta=ocp.args.JsonSave(meta),
+            data=ocp.args.JsonSave(data_json),
+            meta=ocp.args.JsonSave(seal(meta, state, data_json)),  # committed with the step it describes
         )
         try:
             self.mngr.save(step, args=args, metrics=metrics, force=True)
         except CORRUPT as e:
-            raise SaveError(f"saving checkpoint {self.directory}/{step} failed: {first_line(e)}") from None
+            self._discard_partial(step)
+            raise SaveError(self._failed(step, e)) from None
         self._unsummed = step
+
+    def poll(self) -> None:
+        """Write the last save's file checksums as soon as it has committed (cheap when it has not):
+        the window in which a kill leaves a step without them is one step, not a checkpoint interval."""
+        if self._unsummed is not None and not self.mngr.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
         """Block until the last save is committed, then write its checksums; raises SaveError."""
@@ -190,16 +304,36 @@ class CheckpointStore:
         except CORRUPT as e:
             step = self._unsummed
             self._unsummed = None
-            raise SaveError(f"saving checkpoint {self.directory}/{step} failed: {first_line(e)}") from None
+            if step is not None:
+                self._discard_partial(step)
+            raise SaveError(self._failed(step, e)) from None
         step, self._unsummed = self._unsummed, None
         if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
-            write_checksums(self.directory / str(step))
+            try:
+                write_checksums(self.directory / str(step))
+            except OSError as e:  # the step itself is committed and sealed; only its file checksums are missing
+                raise SaveError(f"writing the checksums of {self.directory}/{step} failed: {first_line(e)}") from None
+
+    def _failed(self, step: int | None, e: BaseException) -> str:
+        kept = [s for s in self.steps() if s != step]
+        last = f"step {kept[-1]} is kept" if kept else "no earlier checkpoint exists"
+        return f"saving checkpoint {self.directory}/{step} failed: {save_failure(e)}; {last}"
+
+    def _discard_partial(self, step: int) -> None:
+        """Remove what a failed save left (orbax's temporary directory for the step)."""
+        if jax.process_index() != 0:
+            return
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def close(self) -> None:
+        if not self._open:
+            return
         try:
             self.wait()
         finally:
             self.mngr.close()
+            self._open = False
 
     # ---------------------------------------------------------------- restore
     def steps(self) -> list[int]:
@@ -211,7 +345,8 @@ class CheckpointStore:
         return self.mngr.best_step()
 
     def restore(self, step: int, abstract_state) -> tuple[Any, Any, dict]:
-        """(state, data_state, meta) of one step; orbax's own errors for a bad step."""
+        """(state, data_state, meta) of one step, checked against the seal saved with it; orbax's own
+        errors, or CorruptStep, for a bad step."""
         out = self.mngr.restore(
             step,
             args=ocp.args.Composite(
@@ -220,8 +355,10 @@ class CheckpointStore:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        state = jax.block_until_ready(out["state"])
-        return state, decode_data_state(out["data"]), dict(out["meta"])
+        state, meta = jax.block_until_ready(out["state"]), dict(out["meta"])
+        check_seal(meta)
+        check_restored(meta, state, out["data"])
+        return state, decode_data_state(out["data"]), meta
 
     def check_tree(self, step: int, abstract_state) -> None:
         """CheckpointMismatchError naming the first leaf whose tree position, shape or dtype differs."""
@@ -236,7 +373,9 @@ class CheckpointStore:
             )
 
     def read_meta(self, step: int) -> dict:
-        return dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta = dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        check_seal(meta)
+        return meta
 
     def attempt(self, step: int, restore) -> Attempt:
         """`restore(step)` once the step's checksums verify. An unreadable step (checksum, orbax or
@@ -248,43 +387,60 @@ class CheckpointStore:
             return Attempt(restore(step), None)
         except (CheckpointMismatchError, ConfigMismatchError):
             raise
+        except CorruptStep as e:
+            return Attempt(None, str(e))
         except CORRUPT as e:
             return Attempt(None, f"{type(e).__name__}: {first_line(e)}")
 
     def restore_latest_valid(self, abstract_state, *, check_meta=None, apply_data=None, warn=None) -> Restored | None:
         """The newest step that is intact and restores; None when there are no steps at all.
 
-        Corrupt steps (checksum, unreadable) are moved to checkpoints_bad/ and the previous is
-        tried; a step from other code raises CheckpointMismatchError (nothing moved); when
-        steps exist but none restores, CheckpointError refuses to retrain over them from 0.
-        `check_meta(meta)` runs first on an intact step (it raises ConfigMismatchError for a config
-        that changes the run's maths); `apply_data(data_state)` runs inside the fallback (it raises
-        CheckpointMismatchError when the data pipeline cannot take the state).
+        Corrupt steps (checksum, seal, unreadable) are skipped and the previous is tried; once one
+        restores, the skipped ones are moved to checkpoints_bad/. A step from other code raises
+        CheckpointMismatchError (nothing moved); when steps exist but none restores, CheckpointError
+        refuses to retrain from 0 over them and moves nothing, so a rerun is refused the same way.
+        `check_meta(meta, step)` runs first on an intact step (it raises ConfigMismatchError for a
+        config that changes the run's maths); `apply_data(data_state)` runs inside the fallback (it
+        raises CheckpointMismatchError when the data pipeline cannot take the state).
         """
         warn = warn or (lambda m: warnings.warn(m, stacklevel=2))
         steps = self.steps()
 
         def restore(step):
             if check_meta is not None:
-                check_meta(self.read_meta(step))
+                check_meta(self.read_meta(step), step)
             self.check_tree(step, abstract_state)
             return self.restore(step, abstract_state)
 
+        bad: list[tuple[int, str]] = []
         for step in reversed(steps):
             attempt = self.attempt(step, restore)
             if attempt.why is None:
                 state, data_state, meta = attempt.value
                 if apply_data is not None:
                     apply_data(data_state)
+                for b, _ in bad:
+                    self._quarantine(b, warn)
+                self._fill_checksums(step)
                 return Restored(step, state, data_state, meta)
-            warn(f"checkpoint step {step} is unreadable ({attempt.why}); falling back")
-            self._quarantine(step, warn)
+            warn(f"checkpoint step {step} is unreadable ({attempt.why}); trying the one before")
+            bad.append((step, attempt.why))
         if steps:
+            why = "; ".join(f"step {s}: {w}" for s, w in bad[:3])
             raise CheckpointError(
-                f"no checkpoint in {self.directory} restores ({len(steps)} tried, see checkpoints_bad/); "
-                "refusing to retrain from step 0 over them: move the directory aside to start afresh"
+                f"no checkpoint in {self.directory} restores ({len(steps)} tried; {why}); refusing to retrain "
+                "from step 0 over them: nothing was moved; move the workdir aside to start afresh"
             )
         return None
+
+    def _fill_checksums(self, step: int) -> None:
+        """A step restored and verified against its seal but without file checksums (a kill came
+        between its commit and their write): write them now, so later checks have them."""
+        step_dir = self.directory / str(step)
+        if self.read_only or jax.process_index() != 0 or (step_dir / CHECKSUMS).exists():
+            return
+        with contextlib.suppress(OSError):  # still verified by its seal on every restore
+            write_checksums(step_dir)
 
     def _quarantine(self, step: int, warn) -> None:
         """Move a corrupt step aside so orbax never lists it again (a later save may reuse the number)."""

@@ -9,21 +9,66 @@ Metric names (one meaning everywhere: metrics.jsonl, TensorBoard, sweeps, report
                  comparable only between runs with the same guidance and z_loss
     z_loss       the objective's z-loss term
 
+Shown to a user (train.py's summary, the progress bar, eval lines, `asura.evaluate`): only the
+metrics that fit the data source (`asura.data.sources.Source.shown`), read through `SHOWN`, which
+adds two derived from ce:
+
+    bits_per_byte  ce / ln 2, for byte-level text (one token per byte)
+    perplexity     exp(ce) per scored token
+
 Every depth runs through ONE compiled program: n is traced and the loop length is
 asura.depth.scan_length(max(depths)), so a sweep over depths compiles once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from asura.config import Config
+from asura.data.sources import SOURCES
 
 TOKEN_METRICS = ("ce", "accuracy", "objective", "z_loss")  # token-weighted means over batches
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A metric as a user sees it: its short label, format, and how to read it from one depth's metrics."""
+
+    label: str
+    fmt: str
+    value: Callable[[dict], float]
+
+
+SHOWN = {
+    "ce": Shown("ce", ".4f", lambda m: m["ce"]),
+    "accuracy": Shown("acc", ".3f", lambda m: m["accuracy"]),
+    "exact_match": Shown("em", ".3f", lambda m: m["exact_match"]),
+    "bits_per_byte": Shown("bpb", ".4f", lambda m: m["ce"] / math.log(2)),
+    "perplexity": Shown("ppl", ".4g", lambda m: math.exp(min(m["ce"], 700.0))),  # exp overflows past ~709
+}
+
+
+def shown_metrics(cfg: Config) -> tuple[str, ...]:
+    """The metrics that mean something for cfg's data (asura.data.sources.Source.shown)."""
+    return SOURCES[cfg.data.source].shown(cfg)
+
+
+def shown_values(cfg: Config, metrics: dict) -> dict[str, float]:
+    """{name: value} of the shown metrics, from one depth's {ce, accuracy, exact_match, ...}."""
+    nan = float("nan")
+    out = {}
+    for name in shown_metrics(cfg):
+        try:
+            out[name] = SHOWN[name].value(metrics)
+        except KeyError:
+            out[name] = nan
+    return out
 
 
 def eval_step(model, batch: dict, n, max_depth: int):

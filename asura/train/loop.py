@@ -15,7 +15,9 @@ Workdir layout::
       tb/                TensorBoard event files (train.tensorboard)
 
 Resume is automatic from the newest intact checkpoint; metrics.jsonl records past it are
-dropped. The config may differ from the checkpoint's only in `checkpoint.HARMLESS_KEYS`.
+dropped. The config may differ from the checkpoint's only in `checkpoint.HARMLESS_KEYS`, and in
+train.steps when no trained step's lr changes (`extend`, asura.train.resume). The checkpoint's
+config is checked before the workdir is locked or any log is opened.
 
 Statuses: "done"; "preempted" after SIGTERM/SIGINT (a checkpoint is saved first); "stopped"
 when an injected `Hooks.after_step` asks to stop. `train.max_nan_steps` consecutive
@@ -35,6 +37,7 @@ import jax
 from asura.config import Config
 from asura.train.metrics import to_python
 from asura.train.preflight import preflight
+from asura.train.resume import plan_resume
 from asura.train.state import count_params
 from asura.train.trainer import Hooks, NonFiniteError, Trainer
 from asura.train.workdir import Signals, WorkdirLock, make_workdir
@@ -52,11 +55,13 @@ def run(
     install_signal_handlers: bool = True,
     say: Callable[[str], None] | None = None,
     compiler_options: dict | None = None,
+    extend: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) `cfg` in `workdir`. Returns a summary dict (see the end of this function).
 
     compiler_options: XLA options for the jitted steps, e.g. FAST_COMPILE for tests.
     say: where one-line messages go (default: stderr above the progress bar).
+    extend: "continue" | "rewarm" when train.steps differs from the checkpoint's (asura.train.resume).
     """
     t_start = time.time()
     # Multi-process: only orbax's coordinated preemption sync may trigger a save (a local
@@ -65,13 +70,18 @@ def run(
     workdir = Path(workdir)
     try:
         preflight(cfg, workdir)  # data, workdir, devices, memory: before any compilation
+        WorkdirLock(workdir).check_free()  # a busy workdir is refused first, and without touching it
+        plan = plan_resume(cfg, workdir, extend)  # the checkpoint's config decides: before anything is opened
+        cfg = plan.cfg
         make_workdir(workdir)
         with WorkdirLock(workdir):
+            tell = say or (lambda m: print(m, file=sys.stderr))
             if Signals.received is not None:  # signalled during imports: nothing started, nothing to save
-                say = say or (lambda m: print(m, file=sys.stderr))
-                say(f"signal {Signals.received} before the first step: exiting")
+                tell(f"signal {Signals.received} before the first step: exiting")
                 return {"status": "preempted", "step": 0, "resumed_from": None, "eval": {}, "train": {},
-                        "wall_s": time.time() - t_start, "params": None, "nan_total": 0}  # fmt: skip
+                        "wall_s": time.time() - t_start, "params": None, "nan_total": 0, "cfg": cfg}  # fmt: skip
+            for note in plan.notes:
+                tell(note)
             trainer = Trainer(cfg, workdir, say=say, compiler_options=compiler_options, hooks=hooks or Hooks())
             try:
                 status, start, step_done = _run(trainer)
@@ -82,6 +92,7 @@ def run(
             Signals.restore()
     state = trainer.state
     return {
+        "cfg": cfg,  # the config trained with (an extended run's schedule events included)
         "status": status,
         "step": step_done,
         "resumed_from": start,
@@ -104,6 +115,7 @@ def _run(trainer: Trainer) -> tuple[str, int | None, int]:
     if Signals.received is not None:  # signalled while compiling/restoring: the workdir is as it was
         trainer.say(f"signal {Signals.received} before the first step: exiting")
         return "preempted", start, start or 0
+    trainer.open_sinks(start or 0)
     n_params = count_params(trainer.state["params"])
     trainer.say(f"{cfg.name}: {n_params:,} params, steps {start or 0}->{cfg.train.steps}, workdir {trainer.workdir}")
     trainer.writer.progress(start or 0)

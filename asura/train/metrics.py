@@ -6,6 +6,7 @@ Only process 0 writes. Records are flat dicts of floats keyed like
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -15,6 +16,10 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from asura.train.checkpoint import SaveError, first_line
+from asura.train.evaluate import SHOWN, shown_metrics, shown_values
+from asura.train.tensorboard import TensorBoard
 
 
 def to_python(x: Any) -> Any:
@@ -51,6 +56,33 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
         except json.JSONDecodeError:  # torn last line from a kill
             continue
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def encode_pending(pending: list[dict]) -> list[dict]:
+    """Per-step metrics not yet logged, as JSON for the checkpoint (NaN as null; float32 values are
+    exact as JSON numbers, so a resumed window averages exactly what a straight run would)."""
+    out = []
+    for m in jax.device_get(pending):
+        rec = {}
+        for k, v in m.items():
+            v = to_python(v)
+            if isinstance(v, list):
+                rec[k] = [None if isinstance(x, float) and math.isnan(x) else x for x in v]
+            else:
+                rec[k] = None if isinstance(v, float) and math.isnan(v) else v
+        out.append(rec)
+    return out
+
+
+def decode_pending(records: list[dict]) -> list[dict]:
+    """`encode_pending`'s inverse: float32 arrays again (what the train step returned)."""
+
+    def arr(v):
+        if isinstance(v, list):
+            return np.asarray([np.nan if x is None else x for x in v], np.float32)
+        return np.float32(np.nan) if v is None else np.asarray(v, np.float32 if isinstance(v, float) else None)
+
+    return [{k: arr(v) for k, v in rec.items()} for rec in records]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -92,9 +124,7 @@ class MetricsWriter:
             return
         self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         if cfg.train.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.tb = TensorBoard(workdir / "tb", resumed_from=initial_step)
         if cfg.train.wandb:
             self.wandb = _wandb_run(workdir, cfg)
         if cfg.train.progress:
@@ -106,12 +136,18 @@ class MetricsWriter:
         if not self.enabled:
             return
         rec = {"step": int(step), "time": time.time(), **record}
-        self.jsonl.write(json.dumps(rec, allow_nan=True) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps(rec, allow_nan=True) + "\n")
+            self.jsonl.flush()
+        except OSError as e:  # disk full: the checkpoints are intact; the log is truncated on resume
+            raise SaveError(f"writing {self.jsonl.name} failed: {first_line(e)}") from None
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+            try:
+                self.tb.write(step, record)
+            except OSError as e:
+                raise SaveError(
+                    f"writing TensorBoard events to {self.tb.writer._file_name} failed: {first_line(e)}"
+                ) from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
 
@@ -122,6 +158,11 @@ class MetricsWriter:
         if postfix:
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
         self.bar.refresh()
+
+    def status(self, text: str | None) -> None:
+        """Show what the run is doing between steps (compiling, evaluating) as the bar's prefix."""
+        if self.bar is not None:
+            self.bar.set_description_str(text or "", refresh=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -134,10 +175,10 @@ class MetricsWriter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        for sink in (self.tb, self.jsonl):
+            if sink is not None:
+                with contextlib.suppress(OSError):  # a full disk was reported when the write failed
+                    sink.close()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -156,19 +197,38 @@ def window_means(pending: list[dict]) -> dict[str, Any]:
     return out
 
 
-def bar_fields(train: dict, ev: dict) -> dict[str, float]:
-    nan = float("nan")
-    return {
-        "ce": train.get("train/ce", nan),
-        "acc": train.get("train/accuracy", nan),
-        "lr": train.get("train/lr", nan),
-        "em": ev.get("eval/exact_match", nan),
-    }
+def _eval_at(ev: dict, prefix: str) -> dict[str, float]:
+    """{ce, accuracy, exact_match, ...} of one depth from flat eval records (prefix 'eval/' or 'eval/d3/')."""
+    return {k[len(prefix) :]: v for k, v in ev.items() if k.startswith(prefix) and "/" not in k[len(prefix) :]}
 
 
-def eval_line(step: int, ev: dict[str, float], depths: list[int]) -> str:
+def bar_fields(cfg, train: dict, ev: dict) -> dict[str, float]:
+    """The progress bar: train ce, accuracy and lr, then the eval metrics that fit the data (no em on text)."""
     nan = float("nan")
-    per = " ".join(
-        f"d{n}:{ev.get(f'eval/d{n}/ce', nan):.3f}/{ev.get(f'eval/d{n}/exact_match', nan):.2f}" for n in depths
-    )
-    return f"eval step {step}: ce {ev.get('eval/ce', nan):.4f} em {ev.get('eval/exact_match', nan):.3f} | ce/em {per}"
+    out = {"ce": train.get("train/ce", nan), "acc": train.get("train/accuracy", nan), "lr": train.get("train/lr", nan)}
+    if ev:
+        shown = shown_values(cfg, _eval_at(ev, "eval/"))
+        out.update({SHOWN[k].label: v for k, v in shown.items() if k not in ("ce", "accuracy")})
+    return out
+
+
+def final_line(cfg, status: str, step: int, wall_s: float, ev: dict[str, float]) -> str:
+    """train.py's last stdout line: how the run ended and the shown eval metrics at the trained depth."""
+    head = f"{status} at step {step} in {wall_s:.1f}s"
+    if not ev:  # stopped before anything was trained or evaluated
+        return head
+    shown = ", ".join(f"{k} {v:{SHOWN[k].fmt}}" for k, v in shown_values(cfg, _eval_at(ev, "eval/")).items())
+    return f"{head}: eval {shown} (depth {cfg.model.iterations}, {cfg.data.source} data)"
+
+
+def eval_line(cfg, step: int, ev: dict[str, float], depths: list[int]) -> str:
+    """One line per eval: the shown metrics at the trained depth, then per depth."""
+    names = shown_metrics(cfg)
+
+    def fmt(values: dict[str, float], spec: str | None = None) -> list[str]:
+        return [f"{values[k]:{spec or SHOWN[k].fmt}}" for k in names]
+
+    top = shown_values(cfg, _eval_at(ev, "eval/"))
+    head = " ".join(f"{SHOWN[k].label} {v}" for k, v in zip(names, fmt(top), strict=True))
+    per = " ".join(f"d{n}:" + "/".join(fmt(shown_values(cfg, _eval_at(ev, f"eval/d{n}/")), ".3f")) for n in depths)
+    return f"eval step {step}: {head} | {'/'.join(SHOWN[k].label for k in names)} by depth {per}"

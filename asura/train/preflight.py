@@ -70,6 +70,32 @@ def check_memory(cfg: Config) -> None:
         )
 
 
+def checkpoint_bytes(cfg: Config) -> int:
+    """Bytes of one checkpoint's arrays: params plus Adam's mu and nu, in the parameter dtype."""
+    import numpy as np
+
+    from asura.flops import param_count
+
+    return 3 * np.dtype(cfg.model.param_dtype).itemsize * param_count(cfg).unique
+
+
+LOG_MARGIN = 64 << 10  # config.yaml and the first metrics records and TensorBoard events (~1 KiB each)
+
+
+def check_disk(cfg: Config, workdir: Path) -> None:
+    """Refuse a workdir whose filesystem cannot hold even one checkpoint, before any file is written."""
+    import shutil
+
+    probe = workdir if workdir.exists() else next((p for p in workdir.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    need = checkpoint_bytes(cfg) + LOG_MARGIN
+    if free < need:
+        raise PreflightError(
+            f"workdir {workdir}: {free:,} bytes free on its filesystem, one checkpoint and the logs need about "
+            f"{need:,}; free some space or use another --workdir"
+        )
+
+
 def check_packages(cfg: Config) -> None:
     if cfg.data.source in ("task", "text") and importlib.util.find_spec("grain") is None:
         raise PreflightError(
@@ -92,6 +118,7 @@ def preflight(cfg: Config, workdir: Path) -> None:
     except ValueError as e:  # the data checks' contract: one-line ValueErrors
         raise PreflightError(str(e)) from None
     check_writable(Path(workdir))
+    check_disk(cfg, Path(workdir))
     check_packages(cfg)
     check_devices(cfg, jax.device_count(), jax.process_count())
     check_memory(cfg)

@@ -6,6 +6,7 @@ throughput window, the last save) so that `loop.run` reads as a plain sequence o
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +21,25 @@ from asura import data as data_lib
 from asura.config import Config, config_from_yaml, config_to_yaml
 from asura.depth import eval_depths, sample_depth
 from asura.train import throughput
-from asura.train.checkpoint import CheckpointMismatchError, CheckpointStore, check_resume_config, config_meta
+from asura.train.checkpoint import (
+    CheckpointMismatchError,
+    CheckpointStore,
+    SaveError,
+    check_resume_config,
+    config_meta,
+    first_line,
+)
 from asura.train.evaluate import evaluate_depths, flat_metrics
-from asura.train.metrics import MetricsWriter, bar_fields, eval_line, flatten, truncate_jsonl, window_means
+from asura.train.metrics import (
+    MetricsWriter,
+    bar_fields,
+    decode_pending,
+    encode_pending,
+    eval_line,
+    flatten,
+    truncate_jsonl,
+    window_means,
+)
 from asura.train.state import abstract_state, init_state
 from asura.train.step import make_eval_step, make_train_step
 from asura.train.workdir import Signals, write_config
@@ -46,22 +63,49 @@ class Hooks:
 
 
 class Trainer:
-    """One training run in one workdir; each sub-action below is one named step of `run`."""
+    """One training run in one workdir; each sub-action below is one named step of `run`.
+
+    Nothing user-visible is opened before `restore` has accepted the workdir: the metrics log,
+    TensorBoard and the progress bar start in `open_sinks`, so a refused resume leaves no trace."""
 
     def __init__(self, cfg: Config, workdir: Path, *, say, compiler_options, hooks: Hooks):
         self.cfg, self.workdir, self.hooks = cfg, workdir, hooks
         self.is_main = jax.process_index() == 0
         t = cfg.train
         self.store = CheckpointStore(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-        self.writer = MetricsWriter(workdir, cfg, enabled=self.is_main, total_steps=t.steps)
-        self.say = say or self.writer.message
+        self.writer: MetricsWriter | None = None
+        self._say = say
         self.compiler_options = compiler_options
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, Any] = {}
         self.pending: list[dict] = []
         self.window: tuple[float, int] | None = None  # (t0, steps) of the throughput window
+        self.compiled = self.eval_compiled = False  # each step compiles in its first call
         self.last_saved: int | None = None
         self.state: dict | None = None
+
+    def say(self, text: str) -> None:
+        """A one-line message: the caller's `say`, else above the progress bar (stderr before it exists)."""
+        if self._say is not None:
+            self._say(text)
+        elif self.writer is not None:
+            self.writer.message(text)
+        elif self.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    def status(self, text: str | None) -> None:
+        """What the run is doing between steps (e.g. compiling), shown in the progress bar."""
+        if self.writer is not None:
+            self.writer.status(text)
+
+    def open_sinks(self, step: int) -> None:
+        """metrics.jsonl, TensorBoard and the progress bar, once the workdir has been accepted."""
+        try:
+            self.writer = MetricsWriter(
+                self.workdir, self.cfg, enabled=self.is_main, total_steps=self.cfg.train.steps, initial_step=step
+            )
+        except OSError as e:
+            raise SaveError(f"cannot write the metrics log or TensorBoard in {self.workdir}: {first_line(e)}") from None
 
     # ------------------------------------------------------------ build / restore
     def build_state(self) -> None:
@@ -88,10 +132,10 @@ class Trainer:
         """Resume from the newest valid checkpoint (returns its step) or initialise (None)."""
         changed: list[str] = []
 
-        def check_meta(meta: dict) -> None:
+        def check_meta(meta: dict, step: int) -> None:
             # The checkpoint's own config is the authority (config.yaml may be newer or torn);
             # checked before the tree, so a changed config is named as such.
-            changed[:] = check_resume_config(config_from_yaml(meta["config_yaml"]), self.cfg)
+            changed[:] = check_resume_config(config_from_yaml(meta["config_yaml"]), self.cfg, step)
 
         restored = self.store.restore_latest_valid(
             self.abstract, check_meta=check_meta, apply_data=self._apply_data, warn=self.say
@@ -101,13 +145,20 @@ class Trainer:
             start = None
         else:
             start, self.state = restored.step, restored.state
+            # steps trained since the last log record: the next record averages them too, as in a straight run
+            self.pending = decode_pending(restored.meta.get("pending", []))
             if changed:
-                self.say(f"resuming with changed harmless keys: {', '.join(changed)}")
+                self.say(f"resuming with changed keys: {', '.join(changed)}")
             self.last_saved = start
             self.say(f"resumed from {self.store.directory}/{start}")
         if self.is_main:  # work a killed run logged past its last checkpoint is redone, not repeated
-            truncate_jsonl(self.workdir / "metrics.jsonl", start or 0)
-            write_config(self.workdir, config_to_yaml(self.cfg))
+            try:
+                truncate_jsonl(self.workdir / "metrics.jsonl", start or 0)
+                write_config(self.workdir, config_to_yaml(self.cfg))
+            except OSError as e:
+                raise SaveError(
+                    f"cannot write config.yaml or metrics.jsonl in {self.workdir}: {first_line(e)}"
+                ) from None
         self.state = self.placement.state(self.state)
         return start
 
@@ -126,7 +177,12 @@ class Trainer:
         if self.hooks.before_step is not None:
             batch = self.hooks.before_step(step, batch)
         n = jnp.asarray(sample_depth(self.cfg, step), jnp.int32)
+        if not self.compiled:  # the call compiles before it dispatches: say so instead of sitting at 0%
+            self.status("compiling the train step")
         self.state, m = self.train_fn(self.state, self.placement.batch(batch), n)
+        if not self.compiled:
+            self.compiled = True
+            self.status(None)
         self.pending.append(m)
         return m
 
@@ -158,10 +214,11 @@ class Trainer:
             self.window = (time.perf_counter(), 0)
         self.last_train = record
         self.writer.write(step_done, record)
-        self.writer.progress(step_done, bar_fields(record, self.last_eval))
+        self.writer.progress(step_done, bar_fields(self.cfg, record, self.last_eval))
 
     def evaluate(self, step_done: int | None) -> dict[str, float]:
         """Depth sweep on the fixed eval batches; written to the log when step_done is given."""
+        self.status("compiling the eval step" if not self.eval_compiled else "evaluating")
         by_depth = evaluate_depths(
             lambda batch, n: self.eval_fn(self.state["params"], batch, n),
             self.eval_host,
@@ -170,12 +227,14 @@ class Trainer:
             placed=self.eval_dev,
             to_local=self.placement.to_local,
         )
+        self.eval_compiled = True
+        self.status(None)
         self.last_eval = flat_metrics(self.cfg, by_depth)
         if step_done is not None:
             self.writer.write(step_done, self.last_eval)
-            self.say(eval_line(step_done, self.last_eval, self.depths))
-            if self.last_train:  # refresh the bar's exact match, which would otherwise lag one eval
-                self.writer.progress(step_done, bar_fields(self.last_train, self.last_eval))
+            self.say(eval_line(self.cfg, step_done, self.last_eval, self.depths))
+            if self.last_train:  # refresh the bar's eval field, which would otherwise lag one eval
+                self.writer.progress(step_done, bar_fields(self.cfg, self.last_train, self.last_eval))
         return self.last_eval
 
     def checkpoint(self, step_done: int, fresh_eval: bool) -> None:
@@ -184,6 +243,7 @@ class Trainer:
             return
         best = self.last_eval.get("eval/ce") if fresh_eval else None
         meta = config_meta(self.cfg, step_done, self.last_eval)
+        meta["pending"] = encode_pending(self.pending)  # not yet logged: a resume must average them in
         self.store.save(step_done, self.state, self.train_iter.get_state(), meta, eval_ce=best)
         self.last_saved = step_done
 
@@ -215,6 +275,8 @@ class Trainer:
                 self.evaluate(step_done)
             if do_ckpt:
                 self.checkpoint(step_done, fresh_eval=do_eval)
+            else:
+                self.store.poll()  # the last async save's file checksums, as soon as it commits
             if self.hooks.after_step is not None and self.hooks.after_step(step_done):
                 return "stopped", step_done
             if Signals.received is not None or self.store.reached_preemption(step_done):
@@ -225,5 +287,8 @@ class Trainer:
         return status, step_done
 
     def close(self) -> None:
-        self.store.close()
-        self.writer.close()
+        try:
+            self.store.close()
+        finally:
+            if self.writer is not None:
+                self.writer.close()

@@ -74,8 +74,33 @@ class WorkdirLock:
         except OSError:
             return "unknown"
 
+    def check_free(self) -> None:
+        """Refuse now (WorkdirError) if another trainer holds the lock, touching nothing: the checks
+        that come before `acquire` must not rewrite the lock file of a workdir they then refuse."""
+        if not self.path.exists():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # unreadable: `acquire` reports it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise WorkdirError(
+                f"workdir {self.path.parent} is in use by another trainer ({self._holder()}); "
+                "wait for it, stop it, or use another --workdir"
+            ) from None
+        except OSError:
+            pass  # no flock here: `acquire` falls back to the holder's pid
+        finally:
+            os.close(fd)
+
     def acquire(self) -> WorkdirLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WorkdirError(f"workdir {self.path.parent}: cannot create its lock file ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,8 +117,12 @@ class WorkdirLock:
             if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
                 os.close(fd)
                 raise WorkdirError(f"workdir {self.path.parent} is in use by pid {pid} on {host}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        except OSError as e:  # the holder line is informational; a full disk is still worth one clear line
+            os.close(fd)
+            raise WorkdirError(f"workdir {self.path.parent}: cannot write its lock file ({e.strerror or e})") from None
         self.fd = fd
         return self
 
