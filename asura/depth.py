@@ -43,6 +43,12 @@ class DepthError(ValueError):
     """A depth the model cannot run; one line naming the depth and the fix."""
 
 
+# The deepest loop any entry point will run. Each iteration runs the whole shared stack, so cost is
+# linear in depth and a typo (--depth 100000000) would otherwise run silently for hours. 1024 is
+# hundreds of times any trained depth here; raise it in code if a study really needs more.
+DEPTH_LIMIT = 1024
+
+
 # ------------------------------------------------------------------ the depth rule
 
 
@@ -56,6 +62,11 @@ def scan_length(model_cfg: ModelConfig, depths: Iterable[int] = ()) -> int:
     depths = [int(d) for d in depths]
     if any(d < 1 for d in depths):
         raise DepthError(f"depths must be >= 1, got {depths}")
+    if any(d > DEPTH_LIMIT for d in depths):
+        raise DepthError(
+            f"depth {max(depths)} is past the limit of {DEPTH_LIMIT} iterations (asura.depth.DEPTH_LIMIT): each "
+            "iteration runs the whole block stack, so this would run for a very long time"
+        )
     M = model_cfg.max_iterations
     beyond = sorted({d for d in depths if d > M})
     if beyond and model_cfg.extrapolation == "none":

@@ -3,28 +3,32 @@
     python -m asura.evaluate --workdir runs/demo --depths 1-8 --extrapolation last [--step S|best|latest]
         [--task-difficulty D] [--data PATH] [--batches N] [--json OUT]
 
-Prints a table and (with --json) writes one JSON object: per depth the final iteration's ce,
-accuracy, exact_match and objective (asura.train.evaluate's metric names and meanings), plus
-perplexity = exp(ce) per scored token and, for the byte tokenizer (tasks and byte-level
-text), bits_per_byte = ce / ln 2. The evaluation is asura.analysis.depth.evaluate_depths (the
-training code path; one compiled program for every depth of the sweep).
+Prints a table of the metrics that fit the data (asura.train.evaluate.shown_metrics, labels from
+its SHOWN: tasks ce and em, byte-level text ce, acc and bpb, other text ce, acc and ppl) and (with
+--json) writes one JSON object: per depth the final iteration's ce, accuracy, exact_match and
+objective (asura.train.evaluate's metric names and meanings), perplexity = exp(ce) per scored
+token, and bits_per_byte = ce / ln 2 only where it is bits per byte: byte-level text (a task
+scores only its answer tokens, so its ce is not per byte of anything). The evaluation is
+asura.analysis.depth.evaluate_depths (the training code path; one compiled program for every
+depth of the sweep).
 
 Data: the checkpoint's own eval set by default; --task-difficulty D sets data.eval_difficulty
 (tasks only: test length generalisation); --data PATH evaluates text shards from
 `python -m asura.data.prepare` (tokenised with the checkpoint's tokenizer). Depths past
 max_iterations need --extrapolation last|cycle (no retraining: it only picks which
-per-iteration parameters the extra iterations reuse). Every bad input is one line, exit 2.
+per-iteration parameters the extra iterations reuse); no depth runs past asura.depth.DEPTH_LIMIT.
+Every bad input is one line, exit 2; the flags (depths, the --json path) are checked before loading.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import sys
 from pathlib import Path
 
 from asura.config.cli import OneLineParser, fail
-from asura.infer.cli import add_model_flags, load_model, positive
+from asura.infer.cli import add_model_flags, check_depth_limit, load_model, positive
 
 PROG = "python -m asura.evaluate"
 
@@ -39,6 +43,7 @@ def parse_depths(spec: str) -> list[int]:
         a, b = int(lo), int(hi) if sep else int(lo)
         if a < 1 or b < a:
             fail(f"--depths {spec!r}: a range must be a-b with 1 <= a <= b", PROG)
+        check_depth_limit("--depths", b, PROG)  # before range(): "1-100000000" builds no list
         out.update(range(a, b + 1))
     return sorted(out)
 
@@ -71,13 +76,31 @@ def eval_config(cfg, args):
         fail(str(e), PROG)
 
 
-def table(rows: list[dict], byte: bool) -> str:
-    what = "bits/byte" if byte else "ppl"
-    lines = [f"{'depth':>5}  {'ce':>8}  {what:>9}  {'accuracy':>8}  {'exact':>6}"]
+def check_json_path(path: str) -> None:
+    """The --json file must be writable before anything is evaluated."""
+    p = Path(path).expanduser()
+    parent = p.resolve().parent
+    if p.is_dir():
+        fail(f"--json {path} is a directory; give a file path, e.g. {p / 'eval.json'}", PROG)
+    if not parent.exists():
+        fail(f"--json {path}: its directory does not exist", PROG)
+    if not parent.is_dir():
+        fail(f"--json {path}: {parent} is not a directory", PROG)
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        fail(f"--json {path} is not writable", PROG)
+
+
+def table(cfg, rows: list[dict]) -> str:
+    """depth and the shown metrics (asura.train.evaluate.SHOWN labels), one row per depth."""
+    from asura.train.evaluate import SHOWN, shown_metrics, shown_values
+
+    names = shown_metrics(cfg)
+    widths = [max(8, len(SHOWN[m].label)) for m in names]
+    lines = ["  ".join([f"{'depth':>5}", *(f"{SHOWN[m].label:>{w}}" for m, w in zip(names, widths, strict=True))])]
     for r in rows:
-        x = r["bits_per_byte"] if byte else r["perplexity"]
-        mark = "  (extrapolated)" if r["extrapolated"] else ""
-        lines.append(f"{r['depth']:>5}  {r['ce']:8.4f}  {x:9.4f}  {r['accuracy']:8.4f}  {r['exact_match']:6.3f}{mark}")
+        values = shown_values(cfg, r)
+        cells = [f"{values[m]:>{w}{SHOWN[m].fmt}}" for m, w in zip(names, widths, strict=True)]
+        lines.append("  ".join([f"{r['depth']:>5}", *cells]) + ("  (extrapolated)" if r["extrapolated"] else ""))
     return "\n".join(lines)
 
 
@@ -89,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             positive(flag, value, PROG)
     depths = parse_depths(args.depths) if args.depths is not None else None
-    if args.json is not None and not Path(args.json).expanduser().resolve().parent.is_dir():
-        fail(f"--json {args.json}: its directory does not exist", PROG)
+    if args.json is not None:
+        check_json_path(args.json)
 
     loaded = load_model(args, PROG, depths or [])
     cfg = eval_config(loaded.cfg, args)
@@ -105,15 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e).splitlines()[0], PROG)
     if not batches:
         fail(f"no eval batches: {cfg.data.path or cfg.data.source} has no eval documents", PROG)
-    byte = cfg.data.tokenizer == "byte"
+    from asura.train.evaluate import SHOWN, shown_metrics
+
     rows = evaluate_depths(loaded.model, batches, depths)
+    derived = ["perplexity", *(["bits_per_byte"] if "bits_per_byte" in shown_metrics(cfg) else [])]
     for r in rows:
-        r["perplexity"] = math.exp(min(r["ce"], 700.0))
-        if byte:
-            r["bits_per_byte"] = r["ce"] / math.log(2)
+        r.update({m: SHOWN[m].value(r) for m in derived})
     print(f"{loaded.workdir} step {loaded.step}, extrapolation {cfg.model.extrapolation}, "
           f"max_iterations {cfg.model.max_iterations}, {len(batches)} batches")  # fmt: skip
-    print(table(rows, byte))
+    print(table(cfg, rows))
     if args.json is not None:
         d = cfg.data
         data = {

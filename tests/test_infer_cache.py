@@ -8,6 +8,7 @@ changes the logits.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from flax import nnx
 
 from asura.config.schema import ModelConfig
 from asura.depth import DepthError
-from asura.infer.cache import CachedModel, _extend_jit
-from asura.infer.generate import generate, left_pad
-from asura.infer.policies import POLICIES
+from asura.infer.cache import CachedModel, _extend_jit, init_cache
+from asura.infer.generate import _generate, generate, left_pad
+from asura.infer.policies import POLICIES, generation_memory
 from asura.infer.sample import Sampling
 from asura.model import LoopedLM
 
@@ -225,6 +226,33 @@ def test_cache_memory_per_policy():
         sizes[name] = cache.nbytes()
     assert sizes["per_iteration"] == MAX_DEPTH * sizes["shared_last"]  # S·L·B·T·K·H·2·4 bytes vs L·B·T·K·H·2·4
     assert POLICIES["recompute"].cache_bytes(S=MAX_DEPTH, **facts) == 0
+
+
+@pytest.mark.parametrize(
+    "policy,prompt,new,max_depth",
+    [("per_iteration", 2048, 256, 5), ("per_iteration", 64, 2048, 32), ("shared_last", 64, 2048, 32),
+     ("recompute", 64, 2048, 5)],
+)  # fmt: skip
+def test_generation_memory_estimate_against_xla(policy, prompt, new, max_depth):
+    """asura.generate refuses a request whose generation_memory exceeds the device's. Against the
+    compiled program's own account (XLA memory_analysis: arguments + outputs + temporaries), at
+    shapes where the prompt's attention, the cache, or recompute's full forward dominates: the
+    estimate is for refusing what cannot fit (orders of magnitude), so within 2x either way."""
+    cfg = dataclasses.replace(ALL_ON, extrapolation="last", vocab_size=256)  # attention="xla" on any backend
+    graphdef, state = nnx.split(random_model(cfg))
+    tokens = jnp.zeros((1, prompt), jnp.int32)
+    kw = dict(max_new=new, sampling=Sampling(), stop=(), policy=policy, max_depth=max_depth)
+    compiled = _generate.lower(graphdef, state, tokens, None, jnp.int32(3), jnp.zeros((1,), jnp.int32), **kw).compile()
+    m = compiled.memory_analysis()
+    if m is None:
+        pytest.skip(f"no memory_analysis on {jax.default_backend()}")
+    xla = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    params = sum(x.nbytes for x in jax.tree.leaves(state))
+    est = generation_memory(cfg, policy, batch=1, prompt_len=prompt, max_new=new, scan_len=max_depth,
+                            param_bytes=params, attention="xla")  # fmt: skip
+    assert 0.5 < est.total / xla < 2, (est, xla)
+    if POLICIES[policy].cached:
+        assert est.cache == init_cache(random_model(cfg), 1, prompt + new, policy, max_depth).nbytes()
 
 
 def test_refusals():

@@ -78,11 +78,11 @@ def test_generate_refusals(demo, tmp_path, capsys):
         ([*ok, "--step", "first"], "--step must be an integer, latest or best"),
         ([*ok, "--depth", "0"], "--depth must be >= 1"),
         ([*ok, "--top-p", "0"], "--top-p must be in (0, 1]"),
-        ([*ok, "--temperature", "-1"], "--temperature must be >= 0"),
+        ([*ok, "--temperature", "-1"], "--temperature must be finite and >= 0"),
         ([*ok, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         ([*ok, "--stop", "ab"], "encodes to 2 tokens"),
         ([*ok, "--extrapolation", "wrap"], "invalid choice: 'wrap'"),
-        ([*ok[:4]], "the following arguments are required: --prompt"),
+        ([*ok[:4]], "one of the arguments --prompt --question is required"),
         ([*ok[:4], "--prompt", ""], "--prompt is empty"),
     ):
         refused(generate_cli.main, argv, capsys, match)
@@ -94,14 +94,16 @@ def test_evaluate_depths_with_extrapolation_and_json(demo, tmp_path, capsys):
             str(out_json)]  # fmt: skip
     rc, out, err = run(evaluate_cli.main, argv, capsys)
     assert rc == 0, err
-    assert "bits/byte" in out and out.count("(extrapolated)") == 2
+    assert out.splitlines()[1].split() == ["depth", "ce", "em"]  # a task: ce and exact match
+    assert out.count("(extrapolated)") == 2
     res = json.loads(out_json.read_text())
     assert res["step"] == 2 and res["extrapolation"] == "last" and res["data"]["source"] == "task"
     rows = res["depths"]
     assert [r["depth"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
-        assert {"ce", "accuracy", "exact_match", "objective", "perplexity", "bits_per_byte"} <= set(r)
-        assert r["bits_per_byte"] == pytest.approx(r["ce"] / math.log(2))
+        assert {"ce", "accuracy", "exact_match", "objective", "perplexity"} <= set(r)
+        assert "bits_per_byte" not in r  # only the answer tokens are scored: not per byte of anything
+        assert r["perplexity"] == pytest.approx(math.exp(r["ce"]))
         assert r["extrapolated"] == (r["depth"] > 4)
     # the training run's own eval at its depth 3 (metrics.jsonl) is what evaluate reports: the same code path
     train_eval = [json.loads(line) for line in (demo / "metrics.jsonl").read_text().splitlines()]

@@ -68,6 +68,8 @@ def test_sampling_refuses_bad_values():
     for kw, msg in (
         (dict(temperature=-1.0), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature must be finite"),  # every logit / inf: 0 or NaN
+        (dict(top_p=float("nan")), "top_p"),
         (dict(top_k=-2), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),

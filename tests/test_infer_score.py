@@ -17,7 +17,7 @@ from flax import nnx
 from test_infer_cache import ALL_ON, random_model
 
 from asura.infer.generate import generate
-from asura.infer.score import loglikelihoods, rolling_windows
+from asura.infer.score import loglikelihoods, rolling_loglikelihoods, rolling_windows
 
 CFG = dataclasses.replace(ALL_ON, n_layers=1, extrapolation="last", z_loss=0.0)
 RNG = np.random.default_rng(0)
@@ -66,13 +66,17 @@ def test_greedy_flag_and_truncation():
     assert long.logprob == pytest.approx(cut.logprob, rel=1e-6)
     with pytest.raises(ValueError, match="no BOS"):
         loglikelihoods(model, [([], [1, 2])], 3, max_len=12)
+    # inputs hold max_len tokens: a continuation of max_len tokens fits behind one context token (lm-eval's
+    # rolling windows ask exactly that), one more does not
+    (fits,) = loglikelihoods(model, [([1], [1, 2, 3, 4])], 3, max_len=4, max_depth=5)
+    assert fits.logprob == pytest.approx(loss_ll(model, [1], [1, 2, 3, 4], 3), rel=1e-5)
     with pytest.raises(ValueError, match="does not fit max_len=4"):
-        loglikelihoods(model, [([1], [1, 2, 3, 4])], 3, max_len=4)
+        loglikelihoods(model, [([1], [1, 2, 3, 4, 5])], 3, max_len=4)
 
 
 def test_rolling_windows_score_every_token_but_the_first_once():
     tokens = list(range(100, 123))
-    for max_len in (2, 5, 8, 64):
+    for max_len in (1, 2, 5, 8, 64):
         windows = rolling_windows(tokens, max_len)
         scored = [t for _, cont in windows for t in cont]
         assert scored == tokens[1:]
@@ -81,7 +85,54 @@ def test_rolling_windows_score_every_token_but_the_first_once():
             start = tokens.index(cont[0])
             assert ctx == tokens[start - len(ctx) : start]  # the context is what precedes the window
         last_ctx, last_cont = windows[-1]
-        assert len(last_ctx) + len(last_cont) == min(max_len, len(tokens))  # the last window keeps a full context
+        assert len(last_ctx) + len(last_cont) == min(max_len, len(tokens) - 1) + 1  # the last keeps a full context
+
+
+def test_rolling_windows_are_lm_evals_but_for_the_first_token():
+    """lm-eval's own windows (get_rolling_token_windows + make_disjoint_window, context_len=1, as
+    its HF model asks), with the one difference a model without BOS/EOT needs: lm-eval's first
+    window conditions token 0 on a prefix token; here token 0 is that window's context, unscored."""
+    utils = pytest.importorskip("lm_eval.utils", reason="the `eval` extra (lm-eval) is not installed")
+    prefix = -1  # no real token: a window that still held it after the change would show it
+    for n_tokens in (0, 1, 2, 3, 7, 8, 9, 16, 17, 23, 50):
+        tokens = list(range(100, 100 + n_tokens))
+        for max_len in (1, 2, 3, 5, 8, 16, 64):
+            ref = [
+                utils.make_disjoint_window(w)
+                for w in utils.get_rolling_token_windows(tokens, prefix, max_seq_len=max_len, context_len=1)
+            ]
+            if ref:
+                (first_ctx, first_cont), *rest = ref
+                assert first_ctx == [prefix]
+                ref = ([(first_cont[:1], first_cont[1:])] if len(first_cont) > 1 else []) + rest
+            assert rolling_windows(tokens, max_len) == ref, (n_tokens, max_len)
+
+
+def test_rolling_loglikelihood_equals_plain_forwards():
+    """The rolling total against plain full-sequence forwards of the model (no packing, no
+    padding, no loglikelihoods()): token i >= 1 is scored once, by the forward over the window
+    that predicts it. Windows predict tokens [b_j, b_j+1) with b_0 = 1, b_1 = min(L, N), then L
+    more each; a window's inputs are the (at most) L tokens before its last prediction."""
+    model = random_model(CFG, seed=3, scale=2.0)  # sharper than scale 1: context matters more
+    docs = [RNG.integers(0, 48, k).tolist() for k in (1, 2, 6, 8, 9, 17, 23, 40)]
+    for max_len in (8, 16):
+        # one compiled forward per max_len: inputs right-padded to max_len (causal, so the padding
+        # changes no logit before it)
+        forward = jax.jit(lambda x: model(x, n=3, max_depth=5))
+        got = rolling_loglikelihoods(model, docs, 3, max_len=max_len, batch_size=4, max_depth=5)
+        for doc, total in zip(docs, got, strict=True):
+            N, want = len(doc), 0.0
+            lo, hi = 1, min(max_len, N)  # this window predicts doc[lo:hi]
+            while lo < N:
+                start = max(0, hi - 1 - max_len)
+                window = doc[start : hi - 1]
+                inputs = np.asarray(window + [0] * (max_len - len(window)), np.int32)[None]
+                logp_TV = jax.nn.log_softmax(forward(jnp.asarray(inputs))[0], axis=-1)
+                want += sum(float(logp_TV[i - 1 - start, doc[i]]) for i in range(lo, hi))
+                lo, hi = hi, min(hi + max_len, N)
+            # fp32: the same ops in another batch/padding shape round differently: u·|logits| ~ 6e-8·30 = 2e-6
+            # per term, <= 40 terms: <= 8e-5 (seen: 1e-5). Other windows move the total by >= 1e-2 here.
+            assert total == pytest.approx(want, abs=1e-4), (N, max_len)
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness
@@ -175,3 +226,30 @@ def test_lm_eval_harness_on_a_tiny_lambada_task(workdir, tmp_path, monkeypatch):
     gen = generate(model, prompts, 4, max_new_tokens=6, max_depth=4).tokens  # rows are independent of the batch
     for s, ids in zip(samples, gen, strict=True):
         assert s["resps"][0][0] == tok.decode(ids).split(".")[0]
+
+
+def test_asura_lm_depth_must_be_a_positive_integer(workdir):
+    from asura.depth import DEPTH_LIMIT
+    from asura.infer.harness import AsuraLM
+
+    for bad in (0, -1, 2.5, True, "3", DEPTH_LIMIT + 1):
+        with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+            AsuraLM(workdir=str(workdir), depth=bad)
+    assert AsuraLM(workdir=str(workdir)).depth == tiny_config().model.iterations  # None: the trained depth
+    assert AsuraLM(workdir=str(workdir), depth=1).depth == 1
+
+
+def test_an_empty_context_conditions_on_the_continuations_first_token(workdir):
+    """lm-eval's HF model conditions an empty context on EOT; with no such token the closest honest
+    score is log p(continuation[1:] | continuation[0]): the first token is given, never scored."""
+    from lm_eval.api.instance import Instance
+
+    from asura.infer.harness import AsuraLM
+
+    lm = AsuraLM(workdir=str(workdir), depth=2, extrapolation="last")  # loss_ll runs max_depth 5
+    reqs = [Instance("loglikelihood", {}, args, i) for i, args in enumerate([("", " the cat"), ("", "x"), ("a", "b")])]
+    (ll, _), single, (ll_ab, _) = lm.loglikelihood(reqs)
+    ids = lm.tok.encode_batch([" the cat"])[0]
+    assert ll == pytest.approx(loss_ll(lm.model, ids[:1], ids[1:], 2), rel=1e-5)
+    assert single == (0.0, True)  # one token and nothing before it: nothing is scored
+    assert ll_ab == pytest.approx(loss_ll(lm.model, [ord("a")], [ord("b")], 2), rel=1e-5)

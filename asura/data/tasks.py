@@ -11,11 +11,16 @@ Difficulty knobs (``data.difficulty``):
   parity         n bits; answer is the XOR of all bits
   reverse        n letters; answer is the string reversed
   modular_arith  n terms of ``+``/``-`` digits mod 10 (sequential state tracking)
+
+A question in plain form (``python -m asura.generate --question``) becomes a prompt through
+``Task.format_question``, the same formatting the generator uses (e.g. addition ``5+7`` at
+difficulty 2 is ``05+07=``): one rule, so a model is asked in the format it was trained on.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import string
 import threading
 from dataclasses import dataclass
@@ -49,6 +54,21 @@ class Task:
 
     name: str = ""
     vocab_size_needed: int = 128  # ASCII
+    marker: str = "="  # closes every prompt
+    question_form: str = ""  # the plain question `format_question` reads, and an example
+
+    def format_question(self, question: str, difficulty: int) -> str:
+        """The prompt training shows for `question` in plain form (the closing marker optional);
+        a one-line ValueError naming the form when the question does not parse."""
+        body = question.strip().removesuffix(self.marker)
+        prompt = self._parse(body, difficulty)
+        if prompt is None:
+            raise ValueError(f"task {self.name}: question {question!r} is not of the form {self.question_form}")
+        return prompt
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        """The prompt for a question without its marker, or None when it does not parse."""
+        raise NotImplementedError
 
     def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
         raise NotImplementedError
@@ -66,6 +86,8 @@ class PointerChase(Task):
     """Shuffled assignments; the query's chain has k hops, a distractor chain has k too."""
 
     name = "pointer_chase"
+    marker = "?"
+    question_form = "assignments NAME=NAME|DIGIT; then the query NAME whose chain ends in a digit, e.g. a=b;b=7;a"
 
     def check_difficulty(self, difficulty: int) -> None:
         super().check_difficulty(difficulty)
@@ -80,7 +102,22 @@ class PointerChase(Task):
         for chain, val in ((names[:k], value), (names[k:], other)):
             stmts += [f"{a}={b};" for a, b in itertools.pairwise(chain)] + [f"{chain[-1]}={val};"]
         order = rng.permutation(len(stmts))
-        return Example("".join(stmts[i] for i in order) + f"{names[0]}?", str(value))
+        return Example(self._prompt([stmts[i] for i in order], names[0]), str(value))
+
+    def _prompt(self, stmts: list[str], query: str) -> str:
+        return "".join(stmts) + query + self.marker
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        *stmts, query = body.split(";")
+        if not stmts or not re.fullmatch("[a-z]", query) or not all(re.fullmatch("[a-z]=[a-z0-9]", a) for a in stmts):
+            return None
+        value = dict(a.split("=") for a in stmts)
+        at = query
+        for _ in range(len(value) + 1):  # follow the chain; a loop or a dead end has no answer
+            at = value.get(at, "")
+            if at.isdigit():
+                return self._prompt([a + ";" for a in stmts], query)
+        return None
 
     def max_len(self, difficulty: int) -> int:
         return 8 * difficulty + 4
@@ -88,11 +125,22 @@ class PointerChase(Task):
 
 class Addition(Task):
     name = "addition"
+    question_form = "A+B with non-negative integers A and B, e.g. 5+7 (zero-padded to data.difficulty digits)"
 
     def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
         n = difficulty
         a, b = (int("".join(map(str, rng.integers(0, 10, size=n)))) for _ in range(2))
-        return Example(f"{a:0{n}d}+{b:0{n}d}=", f"{a + b:0{n + 1}d}")
+        return Example(self._prompt(a, b, n), f"{a + b:0{n + 1}d}")
+
+    def _prompt(self, a: int, b: int, width: int) -> str:
+        return f"{a:0{width}d}+{b:0{width}d}{self.marker}"
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        m = re.fullmatch(r"([0-9]+)\+([0-9]+)", body)
+        if m is None:
+            return None
+        a, b = int(m[1]), int(m[2])
+        return self._prompt(a, b, max(difficulty, len(str(a)), len(str(b))))  # longer operands: a harder question
 
     def max_len(self, difficulty: int) -> int:
         return 3 * difficulty + 4
@@ -100,10 +148,17 @@ class Addition(Task):
 
 class Parity(Task):
     name = "parity"
+    question_form = "a string of bits, e.g. 1011"
 
     def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
         bits = rng.integers(0, 2, size=difficulty)
-        return Example("".join(map(str, bits)) + "=", str(int(bits.sum()) % 2))
+        return Example(self._prompt("".join(map(str, bits))), str(int(bits.sum()) % 2))
+
+    def _prompt(self, bits: str) -> str:
+        return bits + self.marker
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        return self._prompt(body) if re.fullmatch("[01]+", body) else None
 
     def max_len(self, difficulty: int) -> int:
         return difficulty + 3
@@ -111,10 +166,18 @@ class Parity(Task):
 
 class Reverse(Task):
     name = "reverse"
+    marker = ">"
+    question_form = "lowercase letters a-z, e.g. abc"
 
     def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
         s = "".join(_LETTERS[i] for i in rng.integers(0, len(_LETTERS), size=difficulty))
-        return Example(s + ">", s[::-1])
+        return Example(self._prompt(s), s[::-1])
+
+    def _prompt(self, letters: str) -> str:
+        return letters + self.marker
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        return self._prompt(body) if re.fullmatch("[a-z]+", body) else None
 
     def max_len(self, difficulty: int) -> int:
         return 2 * difficulty + 2
@@ -124,6 +187,7 @@ class ModularArith(Task):
     """``3+4-8+1=`` evaluated mod 10: n operations applied left to right to a start digit."""
 
     name = "modular_arith"
+    question_form = "a digit, then one or more +DIGIT or -DIGIT, e.g. 3+4-8"
 
     def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
         digits = rng.integers(0, 10, size=difficulty + 1)
@@ -132,7 +196,13 @@ class ModularArith(Task):
         for op, d in zip(ops, digits[1:]):
             acc = (acc + int(d)) % 10 if op == "+" else (acc - int(d)) % 10
         body = str(digits[0]) + "".join(f"{op}{d}" for op, d in zip(ops, digits[1:]))
-        return Example(body + "=", str(acc))
+        return Example(self._prompt(body), str(acc))
+
+    def _prompt(self, body: str) -> str:
+        return body + self.marker
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        return self._prompt(body) if re.fullmatch("[0-9]([+-][0-9])+", body) else None
 
     def max_len(self, difficulty: int) -> int:
         return 2 * difficulty + 4

@@ -1,10 +1,11 @@
 """Use a trained model: KV-cached generation, sampling and log-likelihood scoring (issue #17).
 
-    asura.infer.policies   POLICIES: KV cache policies by name (per_iteration, shared_last, recompute); pure python
+    asura.infer.policies   POLICIES: KV cache policies by name (per_iteration, shared_last, recompute) and
+                           generation_memory(), the estimate generate's CLI checks; pure python
     asura.infer.cache      KVCache, init_cache, prefill, extend, CachedModel (jitted): the loop with a cache
     asura.infer.sample     Sampling (greedy, temperature, top-k, top-p) and sample()
     asura.infer.generate   generate(): batched generation from ragged prompts, stop tokens, a seed
-    asura.infer.score      loglikelihoods(), rolling_windows(): teacher-forced scoring (what lm-eval asks)
+    asura.infer.score      loglikelihoods(), rolling_loglikelihoods() (lm-eval's windows): teacher-forced scoring
     asura.infer.harness    AsuraLM: an lm-evaluation-harness model (needs the `eval` extra)
     asura.infer.cli        what the two commands share: --workdir/--step/--extrapolation, one-line refusals
 

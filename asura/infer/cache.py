@@ -40,7 +40,7 @@ from flax import nnx
 
 from asura.infer.policies import POLICIES
 from asura.model.attention import attention
-from asura.model.carry import default_positions
+from asura.model.carry import concrete_depth, default_positions, depth_index, poison
 from asura.parallel.logical import constrain
 
 
@@ -136,7 +136,9 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
         seg_BC = jnp.broadcast_to(prev_seg_B[:, None], (B, C)) if segment_ids_BC is None else segment_ids_BC
         seg_BC = seg_BC.astype(jnp.int32)
     pos_BC = _positions(seg_BC, prev_seg_B, next_pos_B) if positions_BC is None else positions_BC
-    n_arr = jnp.clip(jnp.asarray(n, jnp.int32), 1, S)
+    if (d := concrete_depth(n)) is not None and not 1 <= d <= S:
+        raise ValueError(f"depth n={d} is outside the cache's 1..{S} (init it with max_depth)")
+    n_arr, valid = depth_index(n, S)  # a traced n outside 1..S gives NaN logits, never the clamped depth's
     e_BCD = constrain(model.embed[...][tokens_BC].astype(model.dtype), ("batch", "seq", "embed"))
 
     T = cache.capacity
@@ -193,7 +195,8 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
         cache.policy,
         S,
     )
-    return Step(model.head(h_BCD), new_cache)
+    logits = model.head(h_BCD)
+    return Step(logits if valid is None else poison(logits, valid), new_cache)
 
 
 def prefill(model, cache: KVCache, tokens_BT, n, *, segment_ids_BT=None, positions_BT=None) -> Step:
@@ -232,7 +235,8 @@ class CachedModel:
         start = 0 if fresh else int(cache.length)
         if start + tokens.shape[1] > cache.capacity:
             raise ValueError(f"{tokens.shape[1]} tokens at position {start} overflow a cache of {cache.capacity}")
-        if isinstance(n, int) and not 1 <= n <= cache.scan_len:
+        d = concrete_depth(n)
+        if d is not None and not 1 <= d <= cache.scan_len:
             raise ValueError(f"depth n={n} is outside the cache's 1..{cache.scan_len} (init it with max_depth)")
 
     def prefill(self, cache: KVCache, tokens_BT, n, *, segment_ids_BT=None, positions_BT=None) -> Step:

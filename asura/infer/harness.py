@@ -13,20 +13,26 @@ the import. Requests go to asura.infer: loglikelihood and loglikelihood_rolling 
 score.loglikelihoods (the training forward, teacher-forced), generate_until to
 generate.generate (KV cache policy `cache`, greedy unless the task asks to sample).
 
-The model has no BOS token: a loglikelihood request needs a non-empty context, and a rolling
-log-likelihood does not score a document's first token (lm-eval's HF models condition it on EOT).
+The model has no BOS/EOT token, which lm-eval's HF model puts where there is nothing to condition
+on. What is scored instead:
+* loglikelihood with an empty context (lm-eval's HF model: log p(continuation | EOT)):
+  log p(continuation[1:] | continuation[0]), its first token given and never scored; a one-token
+  continuation scores 0.0 and counts as greedy (nothing is predicted).
+* loglikelihood_rolling: every token of the document but the first (lm-eval's HF model scores it
+  given EOT), in lm-eval's own windows otherwise (asura.infer.score, module docstring).
 """
 
 from __future__ import annotations
 
-import itertools
+import numbers
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from asura.depth import DEPTH_LIMIT
 from asura.infer.generate import generate
 from asura.infer.sample import Sampling
-from asura.infer.score import loglikelihoods, rolling_windows
+from asura.infer.score import LogLik, loglikelihoods, rolling_loglikelihoods
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -37,6 +43,17 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
         context, continuation = context[:-n_space], context[-n_space:] + continuation
     whole, ctx = tok.encode_batch([context + continuation, context])
     return whole[: len(ctx)], whole[len(ctx) :]
+
+
+def check_depth(depth) -> None:
+    """None (the trained depth) or an integer in 1..DEPTH_LIMIT; lm-eval's model_args give ints as ints."""
+    if depth is None:
+        return
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 1 <= depth <= DEPTH_LIMIT:
+        raise ValueError(
+            f"depth must be an integer >= 1 and <= asura.depth.DEPTH_LIMIT={DEPTH_LIMIT}, or None for the "
+            f"trained depth; got {depth!r}"
+        )
 
 
 @register_model("asura")
@@ -56,13 +73,14 @@ class AsuraLM(LM):
         max_batch_size: int | None = None,
     ):
         super().__init__()
+        check_depth(depth)  # before loading: a bad argument costs nothing
         from asura.analysis.load import load
         from asura.data.tokenizer import load_tokenizer
 
         step = int(step) if isinstance(step, str) and step.isdigit() else step
         loaded = load(workdir, step, extrapolation=extrapolation or None)
         self.model, self.cfg, self.step = loaded.model, loaded.cfg, loaded.step
-        self.depth = int(depth or self.cfg.model.iterations)
+        self.depth = self.cfg.model.iterations if depth is None else int(depth)
         self.max_depth = max(self.depth, self.cfg.model.max_iterations)
         self.model.scan_len(self.depth, self.max_depth)  # DepthError past max_iterations without extrapolation
         self.tok = load_tokenizer(self.cfg.data.tokenizer)
@@ -74,21 +92,30 @@ class AsuraLM(LM):
     def tokenizer_name(self) -> str:
         return self.tok.spec
 
+    def _score_kw(self) -> dict:
+        return dict(max_len=self.max_length, batch_size=self.batch_size, max_depth=self.max_depth)
+
     def _score(self, pairs):
-        kw = dict(max_len=self.max_length, batch_size=self.batch_size, max_depth=self.max_depth)
-        return loglikelihoods(self.model, pairs, self.depth, **kw)
+        return loglikelihoods(self.model, pairs, self.depth, **self._score_kw())
+
+    def _pair(self, context: str, continuation: str):
+        """(context ids, continuation ids), or None when nothing is to be scored (module docstring)."""
+        if context:
+            return encode_pair(self.tok, context, continuation)
+        ids = self.tok.encode_batch([continuation])[0]
+        return (ids[:1], ids[1:]) if len(ids) > 1 else None
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        pairs = [encode_pair(self.tok, *r.args) for r in requests]
-        out = [(ll.logprob, ll.greedy) for ll in self._score(pairs)]
+        pairs = [self._pair(*r.args) for r in requests]
+        scored = iter(self._score([p for p in pairs if p is not None]))
+        out = [tuple(LogLik(0.0, True) if p is None else next(scored)) for p in pairs]
         for r, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood", r.args, res)
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        docs = [rolling_windows(ids, self.max_length) for ids in self.tok.encode_batch([r.args[0] for r in requests])]
-        scores = iter(self._score([w for windows in docs for w in windows]))
-        out = [sum(ll.logprob for ll in itertools.islice(scores, len(windows))) for windows in docs]
+        docs = self.tok.encode_batch([r.args[0] for r in requests])
+        out = rolling_loglikelihoods(self.model, docs, self.depth, **self._score_kw())
         for r, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, res)
         return out

@@ -26,8 +26,11 @@ the gap grows with depth. bench/generate.py --workdir measures it on a trained c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from asura.registry import Registry
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element of model.dtype (the cache's dtype)
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,44 @@ POLICIES.add(
         cached=False,
     ),
 )
+
+
+class GenerationMemory(NamedTuple):
+    """Bytes one generate() call holds at its peak (an estimate: XLA may fuse some away or add buffers)."""
+
+    params: int
+    cache: int  # the KV cache of every row over prompt + new tokens (recompute: the token buffer)
+    activations: int  # the largest forward: the prompt's prefill (cached) or the whole buffer (recompute)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.cache + self.activations
+
+
+def generation_memory(model_cfg, policy: str, *, batch: int, prompt_len: int, max_new: int, scan_len: int,
+                      param_bytes: int, attention: str) -> GenerationMemory:  # fmt: skip
+    """GenerationMemory of generating max_new tokens after prompts of prompt_len tokens under `policy`.
+
+    cache        policy.cache_bytes over T = prompt_len + max_new positions (recompute: 2 int32 per position)
+    activations  one forward over C tokens (C = prompt_len for a cached policy's prefill, T for every
+                 recompute step): one layer's fp32 attention scores B·N·C² when `attention` (the
+                 resolved impl, asura.model.attention.resolve_impl) is xla, which materialises them
+                 (the fused kernels do not), three times (the scores,
+                 their exponent and the probabilities are live at once: XLA's memory_analysis on CPU
+                 shows 3.1-3.2x one copy), fp32 hidden states B·C·(4D + F)
+                 (h, e, the injection's concat, one MLP layer), fp32 logits B·C·V (the prefill's head runs
+                 on every prompt position; recompute's on one), and for a cached policy the prefill's
+                 new keys/values before they are written into the cache (cache_bytes over C positions)
+    """
+    m, pol = model_cfg, POLICIES[policy]
+    T = prompt_len + max_new
+    kv = dict(S=scan_len, layers=m.n_layers, batch=batch, kv_heads=m.kv_heads, head_dim=m.d_head,
+              itemsize=ITEMSIZE[m.dtype])  # fmt: skip
+    C = prompt_len if pol.cached else T
+    scores = 3 * 4 * batch * m.n_heads * C * C if attention == "xla" else 0
+    hidden = 4 * batch * C * (4 * m.d_model + m.ff_dim)
+    logits = 4 * batch * (C if pol.cached else 1) * m.vocab_size
+    if pol.cached:
+        return GenerationMemory(param_bytes, pol.cache_bytes(length=T, **kv),
+                                scores + hidden + logits + pol.cache_bytes(length=C, **kv))  # fmt: skip
+    return GenerationMemory(param_bytes, 8 * batch * T, scores + hidden + logits)

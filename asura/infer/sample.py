@@ -8,6 +8,7 @@ temperature = 0 is greedy (argmax; top_k and top_p are then irrelevant).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -21,8 +22,8 @@ class Sampling:
     top_p: float = 1.0  # 1 = off
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # also refuses NaN
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # refuses NaN too; inf would divide every logit to 0 or NaN
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -8,11 +8,20 @@ The forward is the model's own (LoopedLM.__call__, the training program), so sum
 task's continuations this is the model's CE times the token count (tests/test_infer_score.py).
 The model has no BOS token: a context must hold at least one token, and a rolling
 log-likelihood leaves a document's first token unscored (as training never predicts it).
+
+Rolling log-likelihood (`rolling_windows`) is lm-eval's scheme exactly, as its HF model runs it
+(lm_eval.utils.get_rolling_token_windows with context_len=1, then make_disjoint_window), with
+one difference: lm-eval's first window is [EOT] + tokens[:L-1] predicting tokens[:L]; here it is
+tokens[:L-1] predicting tokens[1:L]. So token 0 is not scored (lm-eval scores log p(token 0 |
+EOT)), and the first window's tokens sit one position earlier and do not see an EOT token. Every
+later window is lm-eval's: it predicts the next (up to) L tokens from the L tokens before its
+last prediction, so every token after the first L is scored with lm-eval's context.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -61,7 +70,7 @@ def loglikelihoods(
     for ctx, cont in pairs:
         if len(ctx) == 0 or len(cont) == 0:
             raise ValueError("a context and a continuation need at least one token each (the model has no BOS)")
-        if len(cont) >= max_len:
+        if len(cont) > max_len:  # inputs = one context token + cont[:-1] must fit max_len
             raise ValueError(f"a continuation of {len(cont)} tokens does not fit max_len={max_len} with its context")
         seq = (list(ctx) + list(cont))[-(max_len + 1) :]
         rows.append((np.asarray(seq, np.int32), len(cont)))
@@ -88,17 +97,33 @@ def loglikelihoods(
 
 
 def rolling_windows(tokens: Sequence[int], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) windows that score every token but the first exactly once.
+    """(context, continuation) windows that score every token but the first exactly once: lm-eval's
+    rolling windows with the first token as the first window's context (see the module docstring).
 
-    Windows predict up to max_len - 1 new tokens each and see the max_len tokens ending at their
-    last prediction, so the last window keeps a full context (lm-eval's rolling scheme, minus the
-    BOS prefix token this model does not have).
+    Window j predicts tokens[b_j : b_j+1] with b_0 = 1, b_1 = min(max_len, N), then max_len more
+    per window; its inputs (context + continuation[:-1]) are the at most max_len tokens ending just
+    before its last prediction.
     """
-    if max_len < 2:
-        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     tokens = list(tokens)
+    N = len(tokens)
+    if N < 2:
+        return []
+    bounds = [1, *range(min(max_len, N), N, max_len), N]
     out = []
-    for a in range(1, len(tokens), max_len - 1):
-        b = min(a + max_len - 1, len(tokens))
-        out.append((tokens[max(0, b - max_len) : a], tokens[a:b]))
+    for lo, hi in itertools.pairwise(bounds):
+        if hi > lo:  # max_len = 1: the first window predicts nothing
+            out.append((tokens[max(0, hi - 1 - max_len) : lo], tokens[lo:hi]))
     return out
+
+
+def rolling_loglikelihoods(
+    model, docs: Sequence[Sequence[int]], n: int, *, max_len: int, batch_size: int = 16, max_depth: int | None = None
+) -> list[float]:
+    """Σ log p over every token of each document but its first, at depth n (`rolling_windows`);
+    0.0 for a document of fewer than two tokens (nothing to score)."""
+    per_doc = [rolling_windows(d, max_len) for d in docs]
+    flat = [w for windows in per_doc for w in windows]
+    scores = iter(loglikelihoods(model, flat, n, max_len=max_len, batch_size=batch_size, max_depth=max_depth))
+    return [sum((next(scores).logprob for _ in windows), 0.0) for windows in per_doc]
