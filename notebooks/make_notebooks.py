@@ -123,12 +123,16 @@ fig2 = plots.plot_convergence_heatmap(tel, "loss", example=row, mask_BT=mask_BT)
     new_markdown_cell(
         "## Early exit (Huginn-style, per token)\n\n"
         "Each criterion stops a token at the first iteration where it holds (KL, entropy, relative latent\n"
-        "change below a threshold); the oracle stops at the first iteration that is correct and stays correct\n"
-        "(`oracle_first`: first correct at all). Exits are simulated on one full-depth pass."
+        "change below a threshold); the oracle stops each token at its first correct iteration, the best any\n"
+        "rule could do. Every rule and the oracle choose among the same depths, the trained slots\n"
+        "1..`max_iterations` (extrapolated depths are the depth sweep's question, not an exit's).\n"
+        "Exits are simulated on one full-depth pass."
     ),
     new_code_cell(
         """\
-curves = exits.pareto(tel, mask_BT, batch=stacked)
+N_EXIT = cfg.model.max_iterations
+curves = exits.pareto(tel, mask_BT, batch=stacked, n=N_EXIT)
+print(f"early exit over depths 1..{N_EXIT}")
 for c in curves:
     best = int(np.argmax(c.accuracy))
     print(f"{c.name:>12}: best acc {c.accuracy[best]:.3f} at mean depth {c.mean_depth[best]:.2f}")
@@ -143,67 +147,65 @@ ABLATIONS = [
         "# Ablations: read a sweep directory\n\n"
         "Reads the tables, plots and per-trial manifests written by `python -m asura.sweep SPEC --workdir DIR`.\n"
         "Nothing is run or fabricated unless asked:\n"
-        "- `ASURA_SWEEP_DIR`: the sweep dir to read (default `runs/sweeps/tiny_cpu`);\n"
-        "- `ASURA_NB_RUN_SWEEP=1`: first run (or resume) the tiny preset `configs/sweeps/tiny_cpu.yaml` there."
+        "- `ASURA_SWEEP_DIR`: the sweep dir to read (default `runs/sweep`, where the README's sweep command\n"
+        "  `.venv/bin/python -m asura.sweep configs/sweeps/tiny_cpu.yaml --workdir runs/sweep --workers 2` writes);\n"
+        "- `ASURA_NB_RUN_SWEEP=1`: first run (or resume) that command here (about 3 minutes on 2 CPU cores).\n\n"
+        "With no results in the dir, the first cell stops with the command to run."
     ),
     new_code_cell(
         CD_ROOT
         + """
+import shlex
 import subprocess
 
 from IPython.display import Image, Markdown, display
 
 from asura.analysis import sweep_results
 
-SWEEP_DIR = Path(os.environ.get("ASURA_SWEEP_DIR", "runs/sweeps/tiny_cpu"))
+SWEEP_DIR = Path(os.environ.get("ASURA_SWEEP_DIR", "runs/sweep"))
+SWEEP = ["-m", "asura.sweep", "configs/sweeps/tiny_cpu.yaml", "--workdir", str(SWEEP_DIR), "--workers", "2"]
 if os.environ.get("ASURA_NB_RUN_SWEEP") == "1":
-    cmd = [sys.executable, "-m", "asura.sweep", "configs/sweeps/tiny_cpu.yaml", "--workdir", str(SWEEP_DIR)]
-    subprocess.run(cmd, check=True)
-    subprocess.run([sys.executable, "-m", "asura.sweep", "report", str(SWEEP_DIR)], check=True)
-try:
-    res = sweep_results.read_sweep(SWEEP_DIR)
-    print(f"{len(res.manifests)} trials, {len(res.rows)} groups in {res.directory}")
-except FileNotFoundError as e:
-    res = None
-    print(f"no sweep results: {e}")
+    subprocess.run([sys.executable, *SWEEP], check=True)  # writes the report too
+hint = (f"run `.venv/bin/python {shlex.join(SWEEP)}` from the repo root first (or set ASURA_NB_RUN_SWEEP=1, "
+        "or ASURA_SWEEP_DIR to a sweep dir)")
+res = sweep_results.read_sweep(SWEEP_DIR, missing_hint=hint)  # no results: stops here, naming the command
+print(f"{len(res.manifests)} trials, {len(res.rows)} groups in {res.directory}")
 """
     ),
     new_markdown_cell("## Summary table (mean ± std over seeds; labels say iso-param / iso-FLOP / neither)"),
     new_code_cell(
         """\
-if res is not None:
-    display(Markdown(res.summary_md or sweep_results.rows_markdown(res.rows)))
+display(Markdown(res.summary_md or sweep_results.rows_markdown(res.rows)))
 """
     ),
     new_markdown_cell("## The sweep's plots"),
     new_code_cell(
         """\
-if res is not None:
-    for p in res.plots:
-        print(p.name)
-        display(Image(filename=str(p)))
+for p in res.plots:
+    print(p.name)
+    display(Image(filename=str(p)))
 """
     ),
     new_markdown_cell("## Final metrics by evaluated depth, per group"),
     new_code_cell(
         """\
-if res is not None:
-    fig = sweep_results.plot_depth_curves(res, "ce")
-    fig2 = sweep_results.plot_depth_curves(res, "exact_match")
+fig = sweep_results.plot_depth_curves(res, "ce")
+fig2 = sweep_results.plot_depth_curves(res, "exact_match")
 """
     ),
     new_markdown_cell("## Trials"),
     new_code_cell(
         """\
-if res is not None:
-    cols = ("trial", "group", "seed", "status", "value", "wall_s", "expected_depth")
-    display(Markdown(sweep_results.rows_markdown(res.manifests, cols)))
+cols = ("trial", "group", "seed", "status", "value", "wall_s", "expected_depth")
+display(Markdown(sweep_results.rows_markdown(res.manifests, cols)))
 """
     ),
 ]
 
 
 def write(name: str, cells) -> Path:
+    for i, cell in enumerate(cells):  # stable ids: regenerating changes only the cells that were edited
+        cell["id"] = f"{Path(name).stem}-{i:02d}"
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}

@@ -1,9 +1,12 @@
 """Loading models from workdirs written in the train package's checkpoint format."""
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
-from conftest import DEMO, tiny_config
+from conftest import DEMO, ROOT, tiny_config
 
 from asura.analysis import load
 from asura.config import config_to_yaml
@@ -102,3 +105,19 @@ def test_an_unreadable_step_falls_back_read_only(workdir, tmp_path):
     assert step2.is_dir() and not (copy / "checkpoints_bad").exists()
     with pytest.raises(load.LoadError, match=r"checkpoint step 2 in .* does not restore: .*checksum"):
         load.load(copy, step=2)
+
+
+def test_read_only_loads_print_no_orbax_read_only_notices(workdir):
+    """Loading twice in a fresh process (as a notebook or `asura.sweep extrapolate` does): orbax's notices
+    that the read-only store is read-only are gone, and any other absl warning still shows."""
+    wd, _, _ = workdir
+    code = (
+        "from absl import logging\n"
+        "from asura.analysis.load import load\n"
+        f"load({str(wd)!r}); load({str(wd)!r})\n"
+        "logging.warning('another absl warning')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert not [line for line in p.stderr.splitlines() if "read only" in line or "read_only" in line], p.stderr
+    assert "another absl warning" in p.stderr

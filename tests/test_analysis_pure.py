@@ -93,10 +93,9 @@ def test_threshold_exits_first_iteration_below():
         exits.exit_depth(tel, "bogus", 0.1)
 
 
-def test_oracles():
+def test_oracle_exits_at_the_first_correct_depth():
     tel = _tel(correct=[[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 1], [0, 0, 1, 1]])
-    np.testing.assert_array_equal(exits.exit_depth(tel, "oracle"), [[4, 1, 4, 3, 3]])
-    np.testing.assert_array_equal(exits.exit_depth(tel, "oracle_first"), [[2, 1, 4, 1, 3]])
+    np.testing.assert_array_equal(exits.exit_depth(tel, "oracle"), [[2, 1, 4, 1, 3]])  # never correct: n
 
 
 def test_exit_curve_points():

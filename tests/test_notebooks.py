@@ -1,25 +1,36 @@
 """Execute both analysis notebooks top to bottom (nbclient, kernel python3) on tiny inputs."""
 
-from pathlib import Path
+import re
 
 import nbformat
 import pytest
 from conftest import ROOT
+from test_analysis_helpers import make_sweep_dir
 
 from asura.analysis import sweep_results
-from asura.config import load_config
 
 nbclient = pytest.importorskip("nbclient")
 REPO = ROOT
 
 
-def _execute(name: str) -> nbformat.NotebookNode:
-    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+def _execute(name: str, nb: nbformat.NotebookNode | None = None) -> nbformat.NotebookNode:
+    nb = nb or _read(name)
     assert all(c.get("outputs", []) == [] for c in nb.cells if c.cell_type == "code"), "stored with outputs"
     resources = {"metadata": {"path": str(REPO)}}  # cwd = repo root
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources)
     client.execute()
     return nb
+
+
+def _read(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(REPO / "notebooks" / name, as_version=4)
+
+
+def _readme_sweep() -> tuple[str, str]:
+    """(spec, --workdir) of the sweep command in the README's "Common commands"."""
+    found = re.search(r"-m asura\.sweep (configs/sweeps/\S+\.yaml) --workdir (\S+)", (REPO / "README.md").read_text())
+    assert found, "README.md shows no `python -m asura.sweep SPEC --workdir DIR` command"
+    return found[1], found[2]
 
 
 def _text(nb) -> str:
@@ -28,28 +39,6 @@ def _text(nb) -> str:
         for o in c.get("outputs", []):
             out.append(o.get("text", "") + str(o.get("data", {}).get("text/markdown", "")))
     return "\n".join(out)
-
-
-def make_sweep_dir(root: Path) -> Path:
-    """A small sweep dir written with the sweep package's own manifest and report writers."""
-    from asura.sweep import manifest
-    from asura.sweep.report import write_report
-
-    d = root / "sweep"
-    trials = [("full", "projconcat", 0), ("full", "projconcat", 1), ("add", "add", 0)]
-    for trial, (group, inj, seed) in enumerate(trials):
-        cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.injection={inj}", f"train.seed={seed}"])
-        final = {n: {"ce": 2.0 + 0.1 * (inj == "add") - 0.05 * n + 0.01 * seed, "exact_match": 0.1 * n}
-                 for n in (1, 2, 3, 4)}  # fmt: skip
-        cell = {"key": f"{group}|seed={seed}", "group": group, "seed": seed, "role": "variant", "parent": None,
-                "overrides": {"model.injection": inj}, "aliases": []}  # fmt: skip
-        m = manifest.build(
-            trial=trial, cell=cell, cfg=cfg, status="complete", metric="ce", value=final[3]["ce"],
-            evals=[(300, final)], final=final, steps_done=300, wall_s=1.0,
-        )  # fmt: skip
-        manifest.write(d / "trials" / str(trial), m)
-    write_report(d)
-    return d
 
 
 def test_read_sweep(tmp_path):
@@ -79,6 +68,8 @@ def test_loop_depth_notebook_on_a_make_demo_workdir(tmp_path, monkeypatch):
     assert f"analysing the trained run in {wd}" in text
     assert "extrapolation='last' (chosen at evaluation time)" in text
     assert "(extrapolated)" in text and "oracle" in text
+    best = dict(re.findall(r"^\s*(\w+): best acc ([\d.]+) at mean depth", text, re.M))
+    assert "oracle" in best and all(float(best["oracle"]) >= float(v) for v in best.values()), best
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before  # analysis wrote nothing
 
 
@@ -87,3 +78,24 @@ def test_ablations_notebook(tmp_path, monkeypatch):
     monkeypatch.delenv("ASURA_NB_RUN_SWEEP", raising=False)
     text = _text(_execute("ablations.ipynb"))
     assert "3 trials, 2 groups" in text and "metric_vs_flops.png" in text
+
+
+def test_ablations_notebook_reads_the_readme_sweep_dir_by_default():
+    _, workdir = _readme_sweep()
+    source = "\n".join(c.source for c in _read("ablations.ipynb").cells if c.cell_type == "code")
+    default = re.search(r'os\.environ\.get\("ASURA_SWEEP_DIR", "([^"]+)"\)', source)
+    assert default and default[1] == workdir, (default and default[1], workdir)
+
+
+def test_ablations_notebook_without_results_stops_naming_the_command(tmp_path, monkeypatch):
+    spec, _ = _readme_sweep()
+    empty = tmp_path / "no_sweep"
+    monkeypatch.setenv("ASURA_SWEEP_DIR", str(empty))
+    monkeypatch.delenv("ASURA_NB_RUN_SWEEP", raising=False)
+    nb = _read("ablations.ipynb")
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        _execute("ablations.ipynb", nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    (error,) = [o for o in code[0].outputs if o.output_type == "error"]
+    assert f"asura.sweep {spec} --workdir {empty}" in error.evalue and len(error.traceback) == 1, error
+    assert all(c.execution_count is None and not c.outputs for c in code[1:])  # no empty cells ran

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -88,3 +89,17 @@ def test_module_entry_point_is_one_line(tmp_path):
     )  # fmt: skip
     assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
     assert not (tmp_path / "nope").exists()
+
+
+def test_help_lists_every_subcommand_with_one_line_each():
+    """`python -m asura.sweep --help`: each subcommand on one line with what it does; each has its own --help."""
+    p = subprocess.run([sys.executable, "-m", "asura.sweep", "--help"], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    for name in ("report", "extrapolate", "study"):
+        lines = [line for line in p.stdout.splitlines() if re.search(rf"asura\.sweep {name} \S+\s+\w", line)]
+        assert len(lines) == 1, (name, p.stdout)
+        sub = subprocess.run([sys.executable, "-m", "asura.sweep", name, "--help"], capture_output=True, text=True,
+                             cwd=REPO, timeout=120)  # fmt: skip
+        assert sub.returncode == 0 and f"asura.sweep {name}" in sub.stdout, sub.stderr
+    assert "key=value" in p.stdout  # the overrides of every trial's base config

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -12,7 +14,7 @@ from test_sweep_helpers import REPO, write_spec
 from asura.sweep.__main__ import main
 from asura.sweep.extrapolation import CACHE, summarise
 from asura.sweep.stats import describe
-from asura.sweep.study import load_plan, run_plan
+from asura.sweep.study import PrepareFailed, load_plan, run_plan
 
 
 def write_plan(tmp_path, studies, **fields):
@@ -35,12 +37,21 @@ def write_plan(tmp_path, studies, **fields):
         ({"studies": [{"name": "a", "spec": "s.yaml", "reports": ["loss"]}]}, "reports: metric='loss' is not valid"),
         # The last study's spec is broken: refused at the start, not after the first study's hours.
         ({"studies": [{"name": "ok", "spec": "s.yaml"}, {"name": "bad", "spec": "bad.yaml"}]}, "study bad: "),
+        ({"studies": [{"name": "a", "spec": "nope.yaml"}]}, "studies.a.spec: sweep spec not found"),
+        ({"prepare": {"dir": "pydocz"}}, "prepare: {dir: pydocz}: 'pydocz' is not a builtin corpus; valid: pydoc"),
+        ({"prepare": ["pydoc"]}, "prepare must map an output dir to a builtin corpus"),
+        ({"prepare": {"TMP/s.yaml": "pydoc"}}, "s.yaml is an existing file; the key names a directory"),
+        ({"prepare": {"TMP/s.yaml/sub": "pydoc"}}, "s.yaml is a file, so"),
+        ({"overrides": {"train.stpes": 5}}, "unknown config key 'train.stpes'"),
+        ({"out": ""}, "out must be a directory path"),
     ],
 )
 def test_bad_plans_are_one_line_refusals_before_anything_runs(tmp_path, capsys, fields, needle):
     write_spec(tmp_path, "s")
     write_spec(tmp_path, "bad", overrides={"model.d_modle": 8})
     plan = write_plan(tmp_path, [{"name": "x", "spec": "s.yaml"}])
+    if isinstance(fields.get("prepare"), dict):  # output dirs are relative to the repo root: TMP/ is this test's
+        fields = {"prepare": {k.replace("TMP", str(tmp_path)): v for k, v in fields["prepare"].items()}}
     raw = {**yaml.safe_load(plan.read_text()), **fields}
     plan.write_text(yaml.safe_dump(raw))
     with pytest.raises(SystemExit) as exit_:
@@ -122,3 +133,31 @@ def test_study_trains_reports_extrapolates_and_resumes(tmp_path):
     assert not [s for s in said if s.startswith("extrapolate ")]
     ledger = json.loads((plan.out / "studies.json").read_text())
     assert [r["command"] for r in ledger["ex"]["runs"]] == ["test", "test again"]
+
+
+def test_a_bad_prepare_step_is_refused_alike_by_dry_run_and_run(tmp_path):
+    """The plan of the issue: `prepare: {dir: pydocz}` passed --dry-run, then the run died with a traceback."""
+    write_spec(tmp_path, "s")
+    plan = write_plan(tmp_path, [{"name": "x", "spec": "s.yaml"}], prepare={"dir": "pydocz"})
+    runs = [subprocess.run([sys.executable, "-m", "asura.sweep", "study", str(plan), *dry], capture_output=True,
+                           text=True, cwd=REPO, timeout=300) for dry in (["--dry-run"], [])]  # fmt: skip
+    for p in runs:
+        assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+        assert "'pydocz' is not a builtin corpus; valid: pydoc" in p.stderr
+    assert runs[0].stderr == runs[1].stderr
+    assert not (tmp_path / "out").exists() and not (REPO / "dir").exists()
+
+
+def test_a_prepare_that_fails_at_run_time_is_one_line(tmp_path):
+    """A valid plan whose prepare cannot write when it runs (here the output appeared as a file after the
+    plan was checked): PrepareFailed with the prepare command's own one-line reason; nothing trained."""
+    write_spec(tmp_path, "s")
+    target = tmp_path / "corpus"
+    plan = load_plan(write_plan(tmp_path, [{"name": "x", "spec": "s.yaml"}], prepare={str(target): "pydoc"}))
+    target.write_text("not a directory")
+    with pytest.raises(PrepareFailed) as e:
+        run_plan(plan, command="test", say=lambda _line: None)
+    msg = str(e.value)
+    assert "\n" not in msg and f"preparing {target} (builtin 'pydoc') failed with exit 2: " in msg, msg
+    assert "is an existing file" in msg and "Traceback" not in msg
+    assert not (plan.out / "x" / "trials").exists()

@@ -4,7 +4,8 @@
     depth          evaluate_depths, logits_at, model_telemetry, batches_telemetry
     telemetry      pure telemetry over latents [S, B, T, D] + a head fn -> {key: [B, T, n]}
     exits          Huginn-style exit criteria and accuracy-vs-mean-depth curves
-    plots          matplotlib helpers returning Figures
+    plots          matplotlib helpers returning Figures (every axis labelled with its unit)
+    units          axis labels: each plotted quantity's name and unit
     sweep_results  read a `python -m asura.sweep` directory
 
 Submodules are imported explicitly (they pull in JAX / matplotlib).

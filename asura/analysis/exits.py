@@ -1,17 +1,20 @@
 """Huginn-style per-token early-exit criteria, and their accuracy-vs-depth curves.
 
 Inputs are telemetry arrays ``[B, T, n]`` (``asura.analysis.telemetry``); depths
-are 1-based. A token exits at the first iteration t whose criterion holds; a
-token that never satisfies it runs to the full depth n.
+are 1-based and the candidate depths of every criterion are 1..n (``pareto(..., n=)``
+cuts the telemetry first, so every curve, the oracle's included, chooses among the
+same depths). A token exits at the first iteration t whose criterion holds; a token
+that never satisfies it runs to the full depth n.
 
 - ``kl``: ``kl_prev[t] < threshold`` (KL(p_{t-1} || p_t), NaN at t=1 so t >= 2).
 - ``entropy``: ``entropy[t] < threshold`` (can exit at t=1).
 - ``latent``: ``rel_change[t] < threshold`` (NaN at t=1 unless h_0 was given).
-- ``oracle``: the first t whose prediction is correct *and stays correct* through
-  n (so the exit prediction equals the final one when the final one is right).
-- ``oracle_first``: the first t whose prediction is correct, even if a later
-  iteration changes its mind (an upper bound no causal criterion can beat).
-Both oracles exit at n when no qualifying t exists.
+- ``oracle``: each token's best depth in hindsight: the first t whose prediction is
+  correct (n when none is, like every rule). Over the same candidate depths its token
+  accuracy and exact match are at least every other rule's (a token any rule gets
+  right is right at some t, and the oracle takes the first such t). An exit at "the
+  first t that is correct and stays correct through n" is no upper bound: a token
+  right at t=1 and wrong at n is lost, which a fixed depth 1 keeps.
 
 Caveat: exits are simulated on one full-depth forward pass, so a token's later
 positions attend to full-depth keys/values of earlier tokens even when those
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 THRESHOLD_CRITERIA = {"kl": "kl_prev", "entropy": "entropy", "latent": "rel_change"}
-ORACLES = ("oracle", "oracle_first")
+ORACLES = ("oracle",)
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,7 @@ def exit_depth(tel: dict[str, np.ndarray], criterion: str, threshold: float | No
     if criterion not in ORACLES:
         valid = (*THRESHOLD_CRITERIA, *ORACLES)
         raise ValueError(f"unknown exit criterion {criterion!r}; valid: {', '.join(valid)}")
-    correct_BTN = np.asarray(tel["correct"], bool)
-    if criterion == "oracle_first":
-        return first_true(correct_BTN)
-    # oracle: stays_BTN[t] = correct at every t' >= t (suffix AND along iterations).
-    stays_BTN = np.flip(np.logical_and.accumulate(np.flip(correct_BTN, -1), axis=-1), -1)
-    return first_true(stays_BTN)
+    return first_true(np.asarray(tel["correct"], bool))  # the oracle: first correct depth, else n
 
 
 def at_depth(x_BTN: np.ndarray, depth_BT: np.ndarray) -> np.ndarray:
@@ -129,14 +127,26 @@ def default_thresholds(tel: dict[str, np.ndarray], criterion: str, mask_BT=None,
     return np.geomspace(max(lo, 1e-9), max(hi, lo * 10, 1e-8), num)
 
 
+def upto(tel: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Telemetry of the first n iterations only: the candidate depths 1..n."""
+    have = next(iter(tel.values())).shape[-1]
+    if not 1 <= n <= have:
+        raise ValueError(f"n={n}: the telemetry holds depths 1..{have}")
+    return {k: v[..., :n] for k, v in tel.items()}
+
+
 def pareto(
     tel: dict[str, np.ndarray],
     mask_BT,
-    criteria=("kl", "entropy", "latent", "oracle", "oracle_first"),
+    criteria=("kl", "entropy", "latent", "oracle"),
     thresholds: dict | None = None,
     batch: dict | None = None,
+    n: int | None = None,
 ) -> list[ExitCurve]:
-    """The fixed-depth baseline plus one curve per criterion (for ``plots.plot_exit_pareto``)."""
+    """The fixed-depth baseline plus one curve per criterion (for ``plots.plot_exit_pareto``), every
+    one choosing among depths 1..n (default: all the telemetry holds)."""
+    if n is not None:
+        tel = upto(tel, n)
     thresholds = thresholds or {}
     curves = [fixed_depth_curve(tel, mask_BT, batch)]
     curves += [exit_curve(tel, mask_BT, c, thresholds.get(c), batch) for c in criteria]

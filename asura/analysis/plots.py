@@ -1,12 +1,15 @@
 """Matplotlib helpers; each returns the Figure and never calls ``plt.show`` (Agg-safe, headless).
 
 The backend is left alone: headless matplotlib falls back to Agg, and Jupyter keeps inline.
+Every axis (colorbars included) is labelled with its quantity and unit from ``asura.analysis.units``.
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+from asura.analysis import units
 
 _ORACLE_STYLE = {"linestyle": "--", "marker": "*", "markersize": 10}
 
@@ -39,7 +42,8 @@ def plot_metric_vs_depth(
         ax.axvline(trained_depth, color="gray", linestyle=":", label=f"trained n={trained_depth}")
     if max_iterations is not None and max(depths) > max_iterations:
         ax.axvspan(max_iterations + 0.5, max(depths) + 0.5, color="orange", alpha=0.12, label="extrapolation")
-    ax.set_xlabel("depth n (iterations)")
+    ax.set_xlabel(units.DEPTH)
+    ax.set_ylabel(units.axis_label(metrics))
     ax.set_xticks(depths)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -53,7 +57,8 @@ def plot_iteration_curves(summary: dict[str, np.ndarray], keys=("loss", "kl_prev
         y = np.asarray(summary[k], float)
         ax.plot(np.arange(1, len(y) + 1), y, marker="o", label=k)
     ax.set_yscale("log")
-    ax.set_xlabel("iteration t")
+    ax.set_xlabel(units.ITERATION)
+    ax.set_ylabel(f"mean over scored tokens, log scale: {units.axis_label(keys)}", fontsize=8)
     ax.legend(fontsize=8)
     return fig
 
@@ -85,10 +90,10 @@ def plot_convergence_heatmap(
     ax.set_xticks(range(n), [str(t) for t in range(1, n + 1)])
     if len(rows) <= 32:
         ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=6)
-    ax.set_xlabel("iteration t")
-    ax.set_ylabel("position")
+    ax.set_xlabel(units.ITERATION)
+    ax.set_ylabel(units.POSITION + (", scored only" if mask_BT is not None else ""))
     ax.set_title(f"{'log10 ' if log else ''}{key} (row {example})", fontsize=9)
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label=("log10 " if log else "") + units.axis_label([key]))
     return fig
 
 
@@ -104,8 +109,8 @@ def plot_exit_pareto(curves, ax=None, metric: str = "accuracy", title: str = "ea
         if c.name == "fixed":
             style = {"color": "black", "marker": "s", "markersize": 4}
         ax.plot(c.mean_depth[order], np.asarray(y)[order], label=c.name, **style)
-    ax.set_xlabel("mean depth used (iterations)")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_xlabel(units.MEAN_DEPTH)
+    ax.set_ylabel(units.axis_label([metric]))
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig

@@ -27,17 +27,27 @@ class SweepResults:
     plots: list[Path] = field(default_factory=list)  # DIR/plots/*.png
 
 
-def read_sweep(directory: str | Path) -> SweepResults:
-    """Load a sweep dir; ``FileNotFoundError`` (one line) when it holds no trial manifests."""
+class NoSweepResults(FileNotFoundError):
+    """The directory holds no sweep results; the message is one line naming the command that writes them."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython (a notebook) shows this instead of a traceback: the message is the whole story.
+        return [f"{type(self).__name__}: {self}"]
+
+
+def read_sweep(directory: str | Path, missing_hint: str | None = None) -> SweepResults:
+    """Load a sweep dir; ``NoSweepResults`` (one line, ending with ``missing_hint``, by default the
+    command that writes the dir) when it does not exist or holds no trial manifests."""
     from asura.sweep import manifest
     from asura.sweep.report import group_rows, read_meta
 
     d = Path(directory).expanduser().resolve()
+    hint = missing_hint or f"run `python -m asura.sweep SPEC --workdir {directory}` first"
     if not d.is_dir():
-        raise FileNotFoundError(f"sweep dir {d} does not exist (run `python -m asura.sweep SPEC --workdir {d}`)")
+        raise NoSweepResults(f"no sweep results: {d} does not exist; {hint}")
     manifests = manifest.read_all(d)
     if not manifests:
-        raise FileNotFoundError(f"sweep dir {d} has no trials/<id>/manifest.json")
+        raise NoSweepResults(f"no sweep results: {d} has no trials/<id>/manifest.json; {hint}")
     meta = read_meta(d)
     md = d / "summary.md"
     return SweepResults(
@@ -72,13 +82,14 @@ def final_by_depth(results: SweepResults, metric: str = "ce") -> dict[str, tuple
 
 def plot_depth_curves(results: SweepResults, metric: str = "ce", ax=None):
     """Final ``metric`` versus evaluated depth, one line per group (mean ± std over seeds)."""
+    from asura.analysis import units
     from asura.analysis.plots import _axes
 
     fig, ax = _axes(ax, figsize=(6, 4))
     for g, (ds, mean, std) in final_by_depth(results, metric).items():
         ax.errorbar(ds, mean, yerr=std, marker="o", capsize=2, label=g)
-    ax.set_xlabel("depth n at eval")
-    ax.set_ylabel(metric)
+    ax.set_xlabel(f"eval {units.DEPTH}")
+    ax.set_ylabel(f"{units.axis_label([metric])}, mean ± std over seeds")
     ax.set_title(f"final {metric} by depth")
     ax.legend(fontsize=7)
     return fig

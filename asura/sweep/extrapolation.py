@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from asura.analysis.units import axis_label
 from asura.sweep import manifest
 from asura.sweep.report import EmptySweep, latest_per_cell, read_meta
 from asura.sweep.stats import CONFIDENCE, describe
@@ -170,7 +171,7 @@ def plot(rows: list[dict], metric: str, path: Path) -> Path:
     for t in sorted({r["trained_depth"] for r in rows}):
         ax.axvline(t, color="r", lw=1.0, ls="-.", label=f"trained depth {t}")
     ax.set_xlabel("evaluation depth (iterations)")
-    ax.set_ylabel(f"eval {metric} ({METRICS[metric]}), mean over seeds")
+    ax.set_ylabel(f"eval {metric}: {axis_label([metric])}, {METRICS[metric]}; mean over seeds", fontsize=8)
     if metric != "ce":
         ax.set_ylim(0, 1.02)  # a fraction: the whole range, so a drop is not exaggerated
     ax.set_title(f"{metric} vs depth; bands: {CONFIDENCE:.0%} CI over seeds (clipped to the range)", fontsize=9)

@@ -1,7 +1,8 @@
 """Per-trial manifest (DIR/trials/<id>/manifest.json): everything a fair comparison needs.
 
 Resolved config, unique params and FLOPs/token from the accountant, tokens seen, the depth
-distribution and bptt_k, metrics at every evaluated depth, wall time and status. Reports
+distribution and bptt_k, metrics at every evaluated depth, wall time and status, and the overrides
+given outside the spec file (study preset, command line). Reports
 and comparisons read manifests only, so they work without the optuna storage.
 """
 
@@ -71,10 +72,12 @@ def build(
     steps_done: int | None,
     wall_s: float,
     error: str | None = None,
+    extra_overrides: dict | None = None,
 ) -> dict:
     return {
         "trial": trial,
         **cell,  # key, group, seed, role, parent, overrides, aliases
+        "extra_overrides": extra_overrides or {},  # outside the spec file (study preset, command line), every trial
         "status": status,  # complete | pruned | failed | interrupted
         "error": error,
         "metric": metric,

@@ -35,9 +35,11 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from asura.analysis.units import axis_label
 from asura.baselines import TOLERANCES
 from asura.sweep import manifest
 from asura.sweep.compare import compare
+from asura.sweep.keys import format_overrides
 from asura.sweep.metrics import (
     DEFAULT_METRIC,
     MetricError,
@@ -61,7 +63,7 @@ class ReportRefused(ValueError):
 ACCOUNTING = ("params_unique", "flops_per_token_fwd", "flops_per_token_train", "train_tokens", "train_flops")
 PLOTS = (
     ("metric_vs_flops.png", "training FLOPs (per token × tokens)"),
-    ("metric_vs_params.png", "unique parameters"),
+    ("metric_vs_params.png", "unique parameters (count)"),
     ("ablation.png", "per group"),
     ("learning_curves.png", "during training"),
 )
@@ -250,6 +252,11 @@ def _markdown(rows: list[dict], meta: dict, metric: MetricSpec) -> str:
 # ------------------------------------------------------------------ plots
 
 
+def metric_axis(metric: MetricSpec) -> str:
+    """``ce: cross-entropy (nats/token), minimize``: the name tables use, the quantity with its unit, the goal."""
+    return f"{metric.label}: {axis_label([metric.name])}, {metric.direction}"
+
+
 def _err(rows: list[dict]) -> list[float]:
     """Error bar half-lengths: the 95% CI; 0 (no bar) for a single seed."""
     return [r["ci95"] or 0.0 for r in rows]
@@ -272,7 +279,7 @@ def draw_metric_vs(ax, rows: list[dict], xkey: str, xlabel: str, metric: MetricS
     # Plain tick labels: the default log labels go through mathtext, whose first parse costs seconds.
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _si(x)))
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{metric.label} ({metric.direction}), mean over seeds")
+    ax.set_ylabel(f"{metric_axis(metric)}; mean over seeds", fontsize=8)
     ax.set_title(f"{metric.label} vs {xlabel.split(' (')[0]}; bars: {CONFIDENCE:.0%} CI (none for n = 1)")
     if done:
         ax.legend(fontsize=7)
@@ -296,7 +303,7 @@ def draw_ablation(ax, rows: list[dict], metric: MetricSpec):
         ax.axhline(refs[0]["value"], color="r", lw=0.8, ls="--", label=f"reference: {refs[0]['group']}")
     ax.set_xticks(xs, [r["group"] for r in done], rotation=45, ha="right", fontsize=7)
     ax.set_xlabel("group")
-    ax.set_ylabel(f"{metric.label} ({metric.direction})")
+    ax.set_ylabel(metric_axis(metric), fontsize=8)
     ax.set_title(f"{metric.label} per group: mean, {CONFIDENCE:.0%} CI over seeds, each seed (grey)", fontsize=9)
     if done:
         ax.legend(fontsize=7)
@@ -324,7 +331,7 @@ def draw_learning_curves(ax, rows: list[dict], manifests: list[dict], metric: Me
         ax.fill_between(steps, [min(curves[s]) for s in steps], [max(curves[s]) for s in steps],
                         color=line.get_color(), alpha=0.15, lw=0)  # fmt: skip
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"eval {metric.label} ({metric.direction})")
+    ax.set_ylabel(f"eval {metric_axis(metric)}", fontsize=8)
     ax.set_title(f"eval {metric.label} during training: mean over seeds, band min..max", fontsize=9)
     if ax.lines:
         ax.legend(fontsize=6, ncol=2)
@@ -392,6 +399,9 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
         ]
     else:
         out += ["Sweep command: not recorded (sweep.json has no `commands`)."]
+    if meta.get("extra_overrides"):
+        out += ["", "Overrides from outside the spec file (study preset, command line), applied to every trial: "
+                f"`{format_overrides(meta['extra_overrides'])}`."]  # fmt: skip
     out += ["", f"Report command: `{command}`", "", f"Git commit (report written): `{commit}`", ""]
     out += [f"Total trial wall time: {_wall(manifests)}.", ""]
     out += ["## Results", "", *_table(rows, metric), "", *_legend(), ""]
@@ -408,7 +418,8 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
 
 
 TRIAL_COLS = ["trial", "key", "group", "seed", "role", "parent", "status", "metric", "value", "wall_s", *ACCOUNTING,
-              "tokens_seen", "expected_depth", "depth_pmf", "bptt_k", "final", "overrides", "error"]  # fmt: skip
+              "tokens_seen", "expected_depth", "depth_pmf", "bptt_k", "final", "overrides", "extra_overrides",
+              "error"]  # fmt: skip
 GROUP_COLS = ["group", "role", "parent", "reference", "label", "n_complete", "n_pruned", "n_failed", "value", "std",
               "ci95", "ci_low", "ci_high", "delta", "delta_ci95", "test", "p", "verdict", "values", "by_seed", "seeds",
               *ACCOUNTING, "expected_depth", "bptt_k"]  # fmt: skip

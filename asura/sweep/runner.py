@@ -16,6 +16,13 @@ PercentilePruner compares trials at equal training progress (same eval_every).
 
 The metric is read at metric@depth or the trial's training depth, never at another depth:
 an eval without that depth fails the trial (``MetricMissing``) with a one-line reason.
+
+Progress: one stdout line per trial start, finish, prune or failure (asura.sweep.progress); optuna's
+INFO log and its per-trial failure warnings (a traceback each) are silenced because those lines say it.
+
+Resuming: a sweep dir records the spec's ``extra_overrides`` (study preset, command line) in sweep.json
+and every manifest; ``check_resume`` refuses (one line, before anything is written) to add trials
+under other ones, since cells are keyed by their arm, not their config, and would silently mix.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import multiprocessing
 import shlex
@@ -40,7 +48,9 @@ from asura.config.load import with_overrides
 from asura.config.schema import Config
 from asura.depth import eval_depths
 from asura.sweep import manifest
+from asura.sweep.keys import SpecError, format_overrides, override_args
 from asura.sweep.metrics import MetricMissing, metric_value
+from asura.sweep.progress import Say, TrialLine, say_flushed
 from asura.sweep.spec import Cell, SweepSpec, field_type, load_spec
 from asura.sweep.trainer import TrialFn, subprocess_trial
 
@@ -48,6 +58,27 @@ HEARTBEAT_S = 10
 GRACE_S = 60
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
+
+
+class _OptunaTrialLog(logging.Filter):
+    """Drops optuna's "Trial N failed ..." warnings (each with a traceback): the progress line says why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trial ")
+
+
+_TRIAL_LOG = _OptunaTrialLog()
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "study created", "trial finished": progress lines
+    trial_log = logging.getLogger("optuna.study._optimize")  # where optuna logs a failed trial
+    if _TRIAL_LOG not in trial_log.filters:
+        trial_log.addFilter(_TRIAL_LOG)
+
+
+class ResumeRefused(SpecError):
+    """A sweep dir holds trials run under other extra overrides; one line."""
 
 
 def default_workdir(spec: SweepSpec) -> Path:
@@ -87,6 +118,7 @@ def make_storage(url: str) -> RDBStorage:
 
 
 def open_study(spec: SweepSpec, workdir: Path) -> optuna.Study:
+    _quiet_optuna()
     storage = make_storage(storage_url(spec, workdir))
     # A grid's sampler is never consulted (its trials are enqueued); a search's is its method's.
     sampler = optuna.samplers.RandomSampler(seed=0) if spec.search is None else spec.search.sampler()
@@ -120,10 +152,16 @@ class _Idle(RuntimeError):
 
 
 class Objective:
-    def __init__(self, spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None):
-        self.spec, self.workdir = spec, workdir
+    def __init__(self, spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None, say: Say = say_flushed):
+        self.spec, self.workdir, self.say = spec, workdir, say
         self.trial_fn = trial_fn or subprocess_trial
         self.cells = {c.key: c for c in spec.grid.cells}
+        self.place = {key: i + 1 for i, key in enumerate(self.cells)}  # k of "trial k/N": stable across resumes
+
+    def _line(self, trial: optuna.Trial, key: str) -> TrialLine:
+        if self.spec.search is None:
+            return TrialLine(self.place[key], len(self.cells), key)
+        return TrialLine(trial.number + 1, self.spec.search.n_trials, key)
 
     def _claim(self, trial: optuna.Trial) -> str:
         # Only reached when the queue emptied between a worker's check and its ask().
@@ -167,6 +205,8 @@ class Objective:
                 raise optuna.TrialPruned(f"eval {len(reported) - 1} (step {step}): {metric.label}={value:.4g}")
 
         status, value, final, steps_done, error = "interrupted", None, None, None, None
+        line = self._line(trial, info["key"])
+        self.say(line.started(info["role"], info["overrides"], info["parent"]))
         t0 = time.perf_counter()
         try:
             if metric.depth is not None and metric.depth not in eval_depths(cfg):
@@ -181,22 +221,28 @@ class Objective:
                 raise RuntimeError(f"{metric.label} is not finite in the final eval: {value}")
             status = "complete"
             return value
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as e:
             status = "pruned"
+            self.say(line.pruned(str(e), time.perf_counter() - t0))
             raise
         except Exception as e:
             status, error = "failed", f"{type(e).__name__}: {e}"
+            self.say(line.failed(error, time.perf_counter() - t0))
             raise
         finally:
             if status != "complete":
                 final = evals[-1][1] if evals else None
                 steps_done = evals[-1][0] if evals else 0
                 value = reported[-1] if reported else None
+            wall_s = time.perf_counter() - t0
             m = manifest.build(
                 trial=trial.number, cell=info, cfg=cfg, status=status, metric=metric.label, value=value,
-                evals=evals, final=final, steps_done=steps_done, wall_s=time.perf_counter() - t0, error=error,
+                evals=evals, final=final, steps_done=steps_done, wall_s=wall_s, error=error,
+                extra_overrides=self.spec.extra_overrides,
             )  # fmt: skip
             manifest.write(wd, m)
+            if status == "complete":
+                self.say(line.finished(metric.label, value, wall_s))
 
 
 def _waiting(study: optuna.Study) -> int:
@@ -208,14 +254,38 @@ def _stop_when_queue_empty(study: optuna.Study, _trial) -> None:
         study.stop()
 
 
-def prepare(spec: SweepSpec, workdir: Path, fail_running: bool = False, command: str | None = None) -> optuna.Study:
+def _plain(overrides: dict) -> dict:
+    return json.loads(json.dumps(overrides))  # as sweep.json holds them: tuples are lists
+
+
+def check_resume(spec: SweepSpec, workdir: Path) -> None:
+    """ResumeRefused (one line) when ``workdir`` was prepared under other extra overrides than ``spec``'s."""
+    from asura.sweep.report import read_meta
+
+    meta = read_meta(workdir)
+    if not meta:  # a new sweep dir
+        return
+    before = meta.get("extra_overrides", {})  # a dir written before overrides were recorded had none
+    if before != _plain(spec.extra_overrides):
+        raise ResumeRefused(
+            f"sweep dir {workdir} was run with overrides {format_overrides(before)}, not "
+            f"{format_overrides(spec.extra_overrides)}: pass the same overrides to resume it, or sweep into "
+            "another dir"
+        )
+
+
+def prepare(
+    spec: SweepSpec, workdir: Path, fail_running: bool = False, command: str | None = None, say: Say = say_flushed
+) -> optuna.Study:
     """Create/load the study, requeue interrupted trials and enqueue every unfinished grid cell.
 
     ``command`` (how this invocation was asked for) is appended to sweep.json's ``commands`` with
-    the git commit and time, so REPORT.md can say what produced the trials.
+    the git commit and time, so REPORT.md can say what produced the trials. ``ResumeRefused`` before
+    anything is written when the dir holds a sweep with other extra overrides.
     """
     from asura.sweep.report import read_meta
 
+    check_resume(spec, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     commands = read_meta(workdir).get("commands", [])
     if command is not None:
@@ -233,6 +303,12 @@ def prepare(spec: SweepSpec, workdir: Path, fail_running: bool = False, command:
     for cell in spec.grid.cells:
         if cell.key not in taken:
             study.enqueue_trial({}, user_attrs={"cell": cell.key})
+    finished = study.get_trials(deepcopy=False, states=DONE)
+    if spec.search is None:
+        total, done = len(spec.grid.cells), len({t.user_attrs.get("cell") for t in finished} & set(taken))
+    else:
+        total, done = spec.search.n_trials, len(finished)
+    say(f"sweep {spec.study_name}: {total} trials, {done} done, {max(total - done, 0)} to run -> {workdir}")
     meta = {
         "spec": str(spec.path),
         "study_name": spec.study_name,
@@ -242,6 +318,7 @@ def prepare(spec: SweepSpec, workdir: Path, fail_running: bool = False, command:
         "reference": spec.reference,
         "groups": list(spec.grid.groups),
         "impossible": [dataclasses.asdict(i) for i in spec.grid.impossible],
+        "extra_overrides": _plain(spec.extra_overrides),  # study preset + command line, every trial
         "commands": commands,
     }
     (workdir / "sweep.json").write_text(json.dumps(meta, indent=1))
@@ -252,7 +329,6 @@ def work(spec: SweepSpec, workdir: Path, trial_fn: TrialFn | None = None, max_tr
     """One worker: run trials until the grid queue is empty or the search has n_trials done."""
     study = open_study(spec, workdir)
     objective = Objective(spec, workdir, trial_fn)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.search is None:
         if _waiting(study):
             study.optimize(objective, n_trials=max_trials, callbacks=[_stop_when_queue_empty], catch=(Exception,))
@@ -270,7 +346,8 @@ def cli_command(
     spec: SweepSpec, workdir: Path, workers: int, baselines: bool, max_trials: int | None, fail_running: bool
 ) -> str:
     """The ``python -m asura.sweep`` command equivalent to these run_sweep arguments."""
-    args = ["python", "-m", "asura.sweep", str(spec.path), "--workdir", str(workdir)]
+    args = ["python", "-m", "asura.sweep", str(spec.path), *override_args(spec.extra_overrides)]
+    args += ["--workdir", str(workdir)]
     if workers != 1:
         args += ["--workers", str(workers)]
     if baselines:
@@ -330,4 +407,7 @@ def run_sweep(
     return wd
 
 
-__all__ = ["Objective", "field_type", "make_storage", "metric_value", "open_study", "prepare", "run_sweep", "work"]
+__all__ = [
+    "Objective", "ResumeRefused", "check_resume", "field_type", "make_storage", "metric_value", "open_study", "prepare",
+    "run_sweep", "work",
+]  # fmt: skip

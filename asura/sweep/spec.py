@@ -6,7 +6,8 @@ trial config here, before any study or training starts, so a typo costs a one-li
 ``SpecError`` (exit 2) rather than a half-finished sweep. The grid is stored on the spec
 (``spec.grid``); nothing downstream rebuilds it.
 
-    base: ../demo.yaml                 # relative to this file
+    extends: other.yaml                # optional; relative to this file; a list merges left to right
+    base: ../demo.yaml                 # relative to the file that names it
     overrides: {train.steps: 200}      # dotted keys, applied to base
     variants: {full: {}, no_inject: {model.injection: none}}
     axes: {model.adapter: [none, abba]}
@@ -19,6 +20,16 @@ trial config here, before any study or training starts, so a typo costs a one-li
     storage: sqlite:///...             # default: sqlite in the sweep workdir
     study_name: name                   # default: the spec file's stem
 
+``extends`` merges the parent's mappings (overrides, variants, axes, search, pruner) one level deep, the
+child's entries replacing the parent's of the same name; any other value (and ``null``) replaces.
+``study_name`` is never inherited: a child is another sweep, so it gets its own default dir.
+
+Overrides from outside the file (``extra_overrides``: a study preset's, then the command line's
+``key=value``) apply after ``overrides``, to the base of every trial; variants and axes still apply on top,
+so an override of an axis or searched key (which would change no trial) is refused. They are kept
+apart on the spec (``SweepSpec.extra_overrides``) because the runner records them and refuses to
+resume a sweep dir with different ones.
+
 Invariants checked at load (so a number in a table always means what its header says):
 every trial evaluates the depth of ``metric@depth`` (asura.depth.eval_depths), and a metric
 with ``same_config`` keys (``objective``) is refused when the trials differ in one of them.
@@ -26,6 +37,7 @@ with ``same_config`` keys (``objective``) is refused when the trials differ in o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +47,13 @@ from asura.config.load import ConfigError, load_config
 from asura.config.schema import Config
 from asura.depth import eval_depths
 from asura.sweep.grid import Cell, Grid, Impossible, build_grid, config_hash, is_looped
-from asura.sweep.keys import SpecError, apply, field_type, get, read_yaml, suggest
+from asura.sweep.keys import SpecError, apply, field_type, get, parse_overrides, read_yaml, suggest
 from asura.sweep.metrics import DEFAULT_METRIC, MetricError, MetricSpec, incomparable, parse_metric
 from asura.sweep.search import PrunerSpec, SearchSpec, parse_pruner, parse_search
 
 TOP_KEYS = (
     "base", "overrides", "variants", "axes", "seeds", "search", "metric", "pruner",
-    "baselines", "reference", "storage", "study_name", "description",
+    "baselines", "reference", "storage", "study_name", "description", "extends",
 )  # fmt: skip
 
 
@@ -49,7 +61,7 @@ TOP_KEYS = (
 class SweepSpec:
     path: Path
     base: Path
-    overrides: dict
+    overrides: dict  # the spec file's own (its extends chain's), plus extra_overrides
     variants: dict[str, dict]
     axes: dict[str, list]
     seeds: tuple[int, ...]
@@ -62,6 +74,7 @@ class SweepSpec:
     study_name: str
     base_config: Config = field(repr=False)
     grid: Grid = field(default_factory=Grid, repr=False)  # empty for a search
+    extra_overrides: dict = field(default_factory=dict)  # from outside the file: study preset, then command line
 
 
 @dataclass(frozen=True)
@@ -150,12 +163,56 @@ def _search_probes(search: SearchSpec, base: Config) -> list[_Probe]:
     return probes
 
 
-def load_spec(path: str | Path, baselines: bool = False, extra_overrides: dict | None = None) -> SweepSpec:
+def _merge(parent: dict, child: dict) -> dict:
+    """One level deep: a mapping in both is merged (the child's entries win); anything else is replaced."""
+    out = dict(parent)
+    for k, v in child.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_spec_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path, dict]:
+    """(resolved path, mapping) of a spec with its ``extends`` chain merged; SpecError (one line) on a
+    cycle, a missing parent or an unknown key in any file of the chain."""
+    path, raw = read_yaml(path, "sweep spec", TOP_KEYS)
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise SpecError(f"sweep spec `extends` cycle: {chain}; a spec cannot extend itself, directly or not")
+    raw = dict(raw)
+    if "base" in raw:  # relative to the file that names it, wherever the child lives
+        raw["base"] = str((path.parent / str(raw["base"])).resolve())
+    parents = raw.pop("extends", None)
+    if parents is None:
+        return path, raw
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise SpecError(f"sweep spec {path.name}: extends must be a spec path or a list of them, got {parents!r}")
+    merged: dict = {}
+    for parent in parents:
+        _, data = read_spec_file(path.parent / parent, (*_seen, path))
+        data.pop("study_name", None)  # a child is another sweep: sharing the parent's dir would mix their trials
+        merged = _merge(merged, data)
+    return path, _merge(merged, raw)
+
+
+def _check_unswept(extra: dict, axes: dict, search: SearchSpec | None) -> None:
+    """An extra override of a key every trial sets again (an axis, a searched key) would change no trial."""
+    swept = {*axes, *(p.key for p in search.params)} if search is not None else set(axes)
+    for k in extra:
+        if k in swept:
+            where = "search.params" if k not in axes else "axes"
+            raise SpecError(f"override {k}: the spec sweeps it ({where}.{k}), so it would change no trial; drop it")
+
+
+def load_spec(
+    path: str | Path, baselines: bool = False, extra_overrides: dict | None = None, cli_overrides: Sequence[str] = ()
+) -> SweepSpec:
     """Parse and validate a spec file (``baselines`` forces --baselines). Raises SpecError.
 
     ``extra_overrides`` (dotted keys) apply after the spec's own ``overrides``: a study preset uses
-    them to scale every sweep of a study up for a GPU or TPU without copying the specs."""
-    path, raw = read_yaml(path, "sweep spec", TOP_KEYS)
+    them to scale every sweep of a study up for a GPU or TPU without copying the specs. ``cli_overrides``
+    (``key=value`` strings, train.py's syntax) are the command line's and apply last."""
+    path, raw = read_spec_file(path)
     if "base" not in raw:
         raise SpecError(f"sweep spec {path.name}: missing `base:` (a train config path, relative to the spec)")
     base_path = (path.parent / str(raw["base"])).resolve()
@@ -164,8 +221,12 @@ def load_spec(path: str | Path, baselines: bool = False, extra_overrides: dict |
     except ConfigError as e:
         raise SpecError(f"base config: {e}") from None
     overrides = _mapping_of_overrides("overrides", raw.get("overrides"))
-    overrides.update(_mapping_of_overrides("preset overrides", extra_overrides))
+    extra = _mapping_of_overrides("preset overrides", extra_overrides)
+    extra.update(_mapping_of_overrides("command-line override", parse_overrides(cli_overrides)))
+    overrides.update(extra)
     base_cfg = apply(base_cfg, overrides, "overrides")
+    # Recorded as the config holds them (train.lr=3e-3 and =0.003 are one override), so a resume compares values.
+    extra = {k: get(base_cfg, k) for k in extra}
 
     variants_raw = raw.get("variants") or {}
     if not isinstance(variants_raw, dict):
@@ -193,6 +254,7 @@ def load_spec(path: str | Path, baselines: bool = False, extra_overrides: dict |
         if len(seeds) > 1:
             raise SpecError("search takes one seed; confirm the best configs with a grid over seeds")
         search = parse_search(raw["search"], base_cfg)
+    _check_unswept(extra, axes, search)
     kinds = _parse_baselines(raw.get("baselines", False), baselines)
     if kinds and search is not None:
         raise SpecError("baselines need a grid sweep (variants/axes/seeds), not a search")
@@ -227,6 +289,7 @@ def load_spec(path: str | Path, baselines: bool = False, extra_overrides: dict |
         study_name=str(raw.get("study_name") or path.stem),
         base_config=base_cfg,
         grid=grid,
+        extra_overrides=extra,
     )
 
 

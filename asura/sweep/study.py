@@ -10,8 +10,14 @@ its REPORT.md is written under the sweep's metric and under each extra ``reports
 studies up. Text data named under ``prepare`` is tokenised first when missing.
 
 ``<out>/STUDIES.md`` indexes the studies with their status and the wall time this command spent on
-each (summed over resumes, from ``<out>/studies.json``). Every spec is loaded and validated before
-the first trial starts, so a typo in the last study fails in seconds, not hours.
+each (summed over resumes, from ``<out>/studies.json``).
+
+Checks, so ``--dry-run`` and a real run refuse the same plan in the same one line (exit 2), before
+anything is written: ``load_plan`` checks the plan itself (keys, workers, overrides' keys, every
+prepare step's builtin corpus and output path, every spec file's existence); ``check_plan`` then loads
+every spec with the plan's overrides and checks that no study dir holds trials run under other
+overrides. A prepare subprocess that still fails at run time is a ``PrepareFailed`` with its one-line
+reason (exit 1).
 
     out: results                      # relative to the repo root
     workers: 2
@@ -32,14 +38,19 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from asura.data.prepare import BUILTINS
 from asura.sweep.extrapolation import Options
-from asura.sweep.keys import SpecError, check_keys, read_yaml
+from asura.sweep.keys import SpecError, check_keys, field_type, read_yaml
 from asura.sweep.manifest import REPO_ROOT, git_commit, write_json
 
 PLAN_KEYS = ("out", "workers", "overrides", "prepare", "studies", "description")
 STUDY_KEYS = ("name", "spec", "reports", "extrapolate")
 EXTRAPOLATE_KEYS = tuple(f.name for f in fields(Options))
 LEDGER = "studies.json"
+
+
+class PrepareFailed(RuntimeError):
+    """``python -m asura.data.prepare`` failed at run time; the message is its one-line reason."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +82,44 @@ def _extrapolate(name: str, raw) -> Options | None:
     return opts
 
 
+def _prepare_steps(raw) -> dict[str, str]:
+    """prepare: {output dir: builtin corpus}, each checked as asura.data.prepare would check it at run time."""
+    prepare = raw or {}
+    example = "e.g. prepare: {data/pydoc: pydoc}"
+    if not isinstance(prepare, dict):
+        raise SpecError(f"prepare must map an output dir to a builtin corpus ({example}), got {prepare!r}")
+    for out, corpus in prepare.items():
+        where = f"prepare: {{{out}: {corpus}}}"
+        if corpus not in BUILTINS:
+            valid = ", ".join(BUILTINS.names)
+            raise SpecError(f"{where}: {corpus!r} is not a builtin corpus; valid: {valid} (an output dir maps to one)")
+        target = REPO_ROOT / str(out)  # relative to the repo root, like `out`
+        if target.exists() and not target.is_dir():
+            raise SpecError(f"{where}: {target} is an existing file; the key names a directory to write shards into")
+        ancestor = next(p for p in (target, *target.parents) if p.exists())
+        if not ancestor.is_dir():
+            raise SpecError(f"{where}: {ancestor} is a file, so {target} cannot be created; name a directory path")
+    return {str(k): str(v) for k, v in prepare.items()}
+
+
+def _plan_overrides(raw) -> dict:
+    overrides = raw or {}
+    if not isinstance(overrides, dict):
+        raise SpecError(f"overrides must map dotted config keys to values, got {overrides!r}")
+    for k in overrides:
+        field_type(str(k))  # the key's name now; its value is checked with each spec in check_plan
+    return dict(overrides)
+
+
 def load_plan(path: str | Path) -> Plan:
-    """Parse the plan; SpecError (one line) on any bad key. Specs are validated by ``check_plan``."""
+    """Parse and check the plan; SpecError (one line) on any bad key, value, prepare step or missing spec
+    file. The specs themselves are loaded and validated by ``check_plan``."""
     path, raw = read_yaml(path, "study plan", PLAN_KEYS)
     studies, names = [], set()
-    for i, s in enumerate(raw.get("studies") or []):
+    listed = raw.get("studies") or []
+    if not isinstance(listed, list):
+        raise SpecError(f"studies must be a list of {{name, spec, ...}} entries, got {listed!r}")
+    for i, s in enumerate(listed):
         check_keys(f"studies[{i}]", s, STUDY_KEYS)
         if "name" not in s or "spec" not in s:
             raise SpecError(f"studies[{i}] needs a name and a spec, got {s!r}")
@@ -87,28 +131,32 @@ def load_plan(path: str | Path) -> Plan:
         if not isinstance(reports, list):
             raise SpecError(f"studies.{name}.reports must be a list of metrics, got {reports!r}")
         spec = (path.parent / str(s["spec"])).resolve()
+        if not spec.is_file():
+            raise SpecError(f"studies.{name}.spec: sweep spec not found: {spec} (relative to the plan)")
         studies.append(Study(name, spec, tuple(map(str, reports)), _extrapolate(name, s.get("extrapolate"))))
     if not studies:
         raise SpecError(f"study plan {path.name} lists no studies")
     workers = raw.get("workers", 1)
     if not isinstance(workers, int) or workers < 1:
         raise SpecError(f"workers must be an integer >= 1, got {workers!r}")
-    prepare = raw.get("prepare") or {}
-    if not isinstance(prepare, dict):
-        raise SpecError(f"prepare must map an output dir to a builtin corpus, got {prepare!r}")
+    out = raw.get("out", "results")
+    if not isinstance(out, str) or not out.strip():
+        raise SpecError(f"out must be a directory path (relative to the repo root), got {out!r}")
     return Plan(
         path=path,
-        out=REPO_ROOT / str(raw.get("out", "results")),
+        out=REPO_ROOT / out,
         workers=workers,
-        overrides=dict(raw.get("overrides") or {}),
-        prepare={str(k): str(v) for k, v in prepare.items()},
+        overrides=_plan_overrides(raw.get("overrides")),
+        prepare=_prepare_steps(raw.get("prepare")),
         studies=tuple(studies),
     )
 
 
 def check_plan(plan: Plan, only: tuple[str, ...] = ()) -> list:
-    """Load (and so validate) every spec the plan will run; returns the loaded specs in order."""
+    """Load (and so validate) every spec the plan will run, and check that each study dir may be
+    resumed with it (``runner.check_resume``); returns the loaded specs in order."""
     from asura.sweep.metrics import MetricError, parse_metric
+    from asura.sweep.runner import check_resume
     from asura.sweep.spec import load_spec
 
     unknown = [n for n in only if n not in {s.name for s in plan.studies}]
@@ -124,9 +172,11 @@ def check_plan(plan: Plan, only: tuple[str, ...] = ()) -> list:
             except MetricError as e:
                 raise SpecError(f"studies.{s.name}.reports: {e}") from None
         try:
-            loaded.append((s, load_spec(s.spec, extra_overrides=plan.overrides)))
+            spec = load_spec(s.spec, extra_overrides=plan.overrides)
+            check_resume(spec, plan.out / s.name)
         except SpecError as e:
             raise SpecError(f"study {s.name}: {e}") from None
+        loaded.append((s, spec))
     return loaded
 
 
@@ -137,7 +187,11 @@ def _prepare_data(plan: Plan, say) -> None:
             continue
         say(f"preparing {out} from the builtin corpus {corpus!r}")
         cmd = [sys.executable, "-m", "asura.data.prepare", "--builtin", corpus, "--output", str(target)]
-        subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()] or ["(no output)"]
+            # prepare's own errors are one "error: ..." line; a crash ends its traceback with the exception
+            raise PrepareFailed(f"preparing {out} (builtin {corpus!r}) failed with exit {done.returncode}: {lines[-1]}")
 
 
 def _ledger(plan: Plan) -> dict:
@@ -155,8 +209,8 @@ def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None,
     from asura.sweep.report import write_report
     from asura.sweep.runner import run_sweep
 
-    _prepare_data(plan, say)  # before the specs load: text configs are checked against their shards
-    loaded = check_plan(plan, only)
+    loaded = check_plan(plan, only)  # every spec, before anything is written (none reads the shards)
+    _prepare_data(plan, say)
     plan.out.mkdir(parents=True, exist_ok=True)
     ledger = _ledger(plan)
     for study, spec in loaded:
