@@ -7,7 +7,9 @@
 
 The completion goes to stdout; a one-line summary (step, depth, cache, tokens/s) to stderr.
 --question takes a task checkpoint's question in plain form and formats it exactly as training
-did (asura.data.tasks: Task.format_question; e.g. addition "5+7" -> "05+07=" at difficulty 2).
+did (asura.data.tasks: Task.format_question; e.g. addition "5+7" -> "05+07=" at difficulty 2), and
+stops at the newline that ends a task's answer (unless --stop says otherwise). --max-new-tokens
+defaults to what fits in --max-length, at most 64.
 --max-length N bounds prompt + new tokens; it defaults to the checkpoint's trained context
 data.seq_len, since positions past it were never trained. Raised, the memory generation needs
 (KV cache per --cache policy, activations, parameters: asura.infer.policies.generation_memory) is
@@ -29,6 +31,7 @@ from asura.infer.cli import add_model_flags, check_depth_limit, encode_text, loa
 from asura.infer.policies import POLICIES
 
 PROG = "python -m asura.generate"
+DEFAULT_NEW_TOKENS = 64
 GIB = 1 << 30
 
 
@@ -40,7 +43,10 @@ def parser() -> OneLineParser:
     what.add_argument("--prompt", help="the text to continue")
     what.add_argument("--question", help="a task checkpoint's question in plain form, e.g. 5+7 (formatted as trained)")
     p.add_argument("--cache", default="per_iteration", help=f"KV cache policy: {', '.join(POLICIES)}")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help=f"default: what fits in --max-length, at most {DEFAULT_NEW_TOKENS}",
+    )  # fmt: skip
     p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: data.seq_len)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -56,11 +62,12 @@ def check_flags(args) -> None:
         fail(POLICIES.invalid(args.cache), PROG)
     positive("--depth", args.depth, PROG)
     check_depth_limit("--depth", args.depth, PROG)
-    positive("--max-new-tokens", args.max_new_tokens, PROG)
+    if args.max_new_tokens is not None:
+        positive("--max-new-tokens", args.max_new_tokens, PROG)
     if args.max_length is not None:
         if args.max_length < 2:
             fail(f"--max-length must be >= 2 (a prompt token and a new one), got {args.max_length}", PROG)
-        if args.max_new_tokens >= args.max_length:
+        if args.max_new_tokens is not None and args.max_new_tokens >= args.max_length:
             fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within --max-length "
                  f"{args.max_length} (a prompt has at least one token)", PROG)  # fmt: skip
     if not 0 <= args.seed < 2**31:
@@ -84,12 +91,19 @@ def prompt_text(args, cfg) -> str:
         fail(str(e), PROG)
 
 
-def check_length(args, cfg, n_prompt: int) -> int:
-    """The --max-length in force; refuses prompt + new tokens past it."""
-    total = n_prompt + args.max_new_tokens
+def new_tokens(args, cfg, n_prompt: int) -> int:
+    """--max-new-tokens, or by default what fits in --max-length (at most DEFAULT_NEW_TOKENS); refuses
+    prompt + new tokens past --max-length (default: the trained context data.seq_len)."""
     max_length = args.max_length or cfg.data.seq_len
+    if args.max_new_tokens is None:
+        if n_prompt < max_length:
+            return min(DEFAULT_NEW_TOKENS, max_length - n_prompt)
+        where = f"--max-length {max_length}" if args.max_length else f"the trained context data.seq_len={max_length}"
+        fail(f"the prompt ({n_prompt} tokens) leaves no room for a new token within {where}; shorten it, or allow "
+             "more with --max-length N", PROG)  # fmt: skip
+    total = n_prompt + args.max_new_tokens
     if total <= max_length:
-        return max_length
+        return args.max_new_tokens
     asked = f"the prompt ({n_prompt} tokens) + --max-new-tokens {args.max_new_tokens} is {total} tokens"
     if args.max_length is not None:
         fail(f"{asked}, past --max-length {args.max_length}", PROG)
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         fail(str(e), PROG)
     prompt = prompt_text(args, cfg)
+    if args.question is not None and not stops:
+        stops = ["\n"]  # a task example ends its answer with a newline: stop there, at the answer
     prompt_ids = encode_text(tok, prompt, "--question" if args.question is not None else "--prompt", PROG)
     stop_ids = [encode_text(tok, s, "--stop", PROG) for s in stops]
     V = cfg.model.vocab_size
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for text, ids in zip(stops, stop_ids, strict=True):
         if len(ids) != 1:
             fail(f"--stop {text!r} encodes to {len(ids)} tokens; it must be exactly one", PROG)
-    check_length(args, cfg, len(prompt_ids))
+    args.max_new_tokens = new_tokens(args, cfg, len(prompt_ids))
     check_memory(args, loaded, len(prompt_ids))
     t0 = time.perf_counter()
     out = infer_generate.generate(

@@ -7,6 +7,7 @@ Checkpoints here are untrained (init parameters, no train compile): refusals nee
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -228,6 +229,12 @@ def test_generate_question_uses_the_training_prompt(addition_wd, byte_wd):
     refused(gen(*ok, "--question", "5x7"), "addition", "e.g.")
     refused(gen("--workdir", str(byte_wd), "--depth", "2", "--question", "5+7"), "--question", "--prompt")
     refused(gen("--workdir", MISSING, "--depth", "2", "--question", "5+7", "--prompt", "x"), "--question", "--prompt")
+    # without --max-new-tokens: at most what fits in the trained context (seq_len 32 here; a fixed
+    # default of 64 new tokens refused every question), stopping at the newline that ends an answer
+    plain = gen("--workdir", str(addition_wd), "--depth", "2", "--question", "5+7")
+    assert plain.returncode == 0, plain.stderr
+    n_new = int(re.search(rb"(\d+) tokens in", plain.stderr)[1])
+    assert n_new <= 32 - len("05+07=") and b"\n" not in plain.stdout.rstrip(b"\n"), plain
 
 
 # ---------------------------------------------------------------- evaluate
