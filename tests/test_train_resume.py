@@ -59,7 +59,8 @@ def straight(tmp_path_factory) -> Path:
     return wd
 
 
-@pytest.mark.parametrize("stop", [6, 7, 10])  # just after a record; between records; after a record and an eval
+# just after a record; between records; after a record and an eval (6 and 10 run with the slow tests)
+@pytest.mark.parametrize("stop", [pytest.param(6, marks=pytest.mark.slow), 7, pytest.param(10, marks=pytest.mark.slow)])
 def test_every_metrics_record_after_a_resume_equals_the_straight_run(straight, tmp_path, stop):
     cfg = tiny_config(*INTERVALS, "depth.schedule=uniform", "depth.min=1")
     run(cfg, tmp_path, hooks=stop_at(stop))  # what a kill at `stop` leaves: the last checkpoint is at 4 or 8
