@@ -8,6 +8,8 @@ copying its own override list. Paths are absolute (`ROOT`), never relative to th
 from __future__ import annotations
 
 import os
+import re
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,36 @@ def pytest_collection_modifyitems(config, items):
                 backend = backend or _backend()
                 if backend != marker:
                     item.add_marker(pytest.mark.skip(reason=f"{reason} (backend is {backend})"))
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS emulator on loopback for this test process (tests/gcs_emulator.py); its URL. The
+    environment points google-cloud-storage, gcsfs and tensorstore at it, for this process and the
+    subprocesses tests start. Skipped where the `gcs` extra is not installed."""
+    import asura.storage  # noqa: F401 - before gcsfs is imported (asura/storage/__init__.py says why)
+
+    pytest.importorskip("gcsfs", reason="gs:// tests need the gcs extra (pip install 'asura[gcs]')")
+    pytest.importorskip("gcp_storage_emulator", reason="gs:// tests need gcp-storage-emulator (the gcs extra)")
+    import gcs_emulator
+
+    proc, url = gcs_emulator.start(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+    yield url
+    proc.kill()
+    proc.wait()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def gcs(gcs_server, request):
+    """A fresh gs:// prefix in the emulator's bucket, unique to this test."""
+    import gcs_emulator
+
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:60]
+    return f"gs://{gcs_emulator.BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
