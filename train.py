@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config_args(argv, "train.py", "Train a looped-depth transformer.", extra)
     if args.workdir is not None and not args.workdir.strip():
         fail("--workdir is empty; pass a directory, or leave --workdir out for runs/<config name>", "train.py")
-    workdir = Path(args.workdir) if args.workdir is not None else Path("runs") / cfg.name
+    from asura.parallel.distributed import initialize
+    from asura.storage.paths import StorageError, to_path
+
+    try:  # several processes (a pod slice, a GPU cluster): join them before touching devices
+        initialize()
+    except ValueError as e:
+        fail(str(e).splitlines()[0], "train.py")
+
+    try:  # a local directory or gs://bucket/prefix
+        workdir = to_path(args.workdir if args.workdir is not None else f"runs/{cfg.name}")
+    except StorageError as e:
+        fail(str(e), "train.py")
 
     from asura.parallel.mesh import MeshError
     from asura.train.checkpoint import CheckpointError, CheckpointMismatchError, ConfigMismatchError, SaveError

@@ -77,8 +77,18 @@ def eval_config(cfg, args):
 
 
 def check_json_path(path: str) -> None:
-    """The --json file must be writable before anything is evaluated."""
-    p = Path(path).expanduser()
+    """The --json file must be writable before anything is evaluated (on gs://: its bucket must exist)."""
+    from asura.storage.paths import StorageError, is_remote, to_path
+
+    if is_remote(path):
+        try:
+            from asura.storage.gcs import check_readable
+
+            check_readable(to_path(path))
+        except StorageError as e:
+            fail(f"--json {e}", PROG)
+        return
+    p = Path(os.fspath(to_path(path))).expanduser()
     parent = p.resolve().parent
     if p.is_dir():
         fail(f"--json {path} is a directory; give a file path, e.g. {p / 'eval.json'}", PROG)
@@ -151,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             "max_iterations": cfg.model.max_iterations, "trained_depth": cfg.model.iterations, "data": data,
             "depths": rows,
         }  # fmt: skip
-        Path(args.json).expanduser().write_text(json.dumps(out, indent=2) + "\n")
+        from asura.storage.paths import is_remote, to_path, write_whole
+
+        target = args.json if is_remote(args.json) else os.path.expanduser(args.json)
+        write_whole(to_path(target), json.dumps(out, indent=2) + "\n")
     return 0
 
 

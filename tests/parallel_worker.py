@@ -7,6 +7,9 @@ Modes:
   single  OUT.json            the same 3 steps in one process (reference for `dist`)
   loop    WORKDIR OUT.json    the real train loop on (2,4), resumed onto (8,1)
   pallas  OUT.pkl             attention=pallas per shard (shard_map) on meshes vs xla on one device
+  bucket  RANK PORT WORKDIR OUT.pkl   one of two jax.distributed processes running the real train loop
+                              on a gs:// workdir: stopped after the first checkpoint, then resumed from it
+  bucket1 WORKDIR OUT.pkl     the same run in one process, straight (reference for `bucket`)
 """
 
 from __future__ import annotations
@@ -254,6 +257,46 @@ def mode_loop(workdir, out):
     )
 
 
+def _bucket_cfg():
+    from asura.config import with_overrides
+
+    return with_overrides(cfg_for(), ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2"])
+
+
+def _local_params(params) -> dict:
+    """Each process's copy of replicated parameters (a global array is not addressable whole)."""
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
+
+
+def mode_bucket(rank, port, workdir, out):
+    rank = int(rank)
+    os.environ.update(ASURA_COORDINATOR=f"127.0.0.1:{port}", ASURA_NUM_PROCESSES="2", ASURA_PROCESS_ID=str(rank))
+    from asura.parallel.distributed import initialize
+
+    initialize()
+    from asura.train.loop import FAST_COMPILE, run
+
+    quiet = {"say": lambda m: None, "install_signal_handlers": False, "compiler_options": FAST_COMPILE}
+    straight = run(_bucket_cfg(), f"{workdir}-straight", **quiet)
+    run(_bucket_cfg(), workdir, hooks=stop_at(2), **quiet)  # both processes write checkpoint 2 to the bucket
+    res = run(_bucket_cfg(), workdir, **quiet)  # and both restore it
+    with open(out, "wb") as f:
+        pickle.dump({"resumed_from": res["resumed_from"], "params": _local_params(res["params"]),
+                     "straight": _local_params(straight["params"])}, f)  # fmt: skip
+
+
+def mode_bucket1(workdir, out):
+    from asura.train.loop import FAST_COMPILE, run
+
+    quiet = {"say": lambda m: None, "install_signal_handlers": False, "compiler_options": FAST_COMPILE}
+    res = run(_bucket_cfg(), workdir, **quiet)
+    with open(out, "wb") as f:
+        pickle.dump({"params": _local_params(res["params"])}, f)
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     modes = {
@@ -263,5 +306,7 @@ if __name__ == "__main__":
         "single": mode_single,
         "loop": mode_loop,
         "pallas": mode_pallas,
+        "bucket": mode_bucket,
+        "bucket1": mode_bucket1,
     }
     modes[mode](*args)

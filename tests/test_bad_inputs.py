@@ -731,6 +731,16 @@ CASES = [
         "workers-zero", "{tmp}/s.yaml", "--workers", "0", needle="--workers must be >= 1", setup=_write("s.yaml", SPEC)
     ),
     sweep("no-args", needle="required"),
+    sweep(
+        "gs-workdir",
+        "{tmp}/s.yaml",
+        "--workdir",
+        "gs://asura-bucket/sweep",
+        needle="sweep and study dirs must be local",
+        setup=_write("s.yaml", SPEC),
+    ),
+    sweep("report-gs-dir", "report", "gs://asura-bucket/sweep", needle="sweep and study dirs must be local"),
+    train("workdir-other-scheme", workdir="s3://bucket/run", needle="the s3:// scheme is not supported"),
     # ---- python -m asura.flops
     flops("bad-override", "model.n_heads=3", needle="must divide model.d_model"),
     flops("unknown-key", "model.d_modle=3", needle="did you mean 'd_model'"),

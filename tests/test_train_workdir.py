@@ -179,13 +179,17 @@ def test_torn_config_yaml_does_not_brick_the_workdir(tmp_path):
 
 
 def test_write_config_is_atomic(tmp_path, monkeypatch):
-    write_config(tmp_path, "old: 1\n")
+    from etils import epath
 
-    def dies(self, text):
-        Path.open(self, "w").write(text[:3])
+    write_config(tmp_path, "old: 1\n")
+    local = type(epath.Path(tmp_path))
+
+    def dies(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:3])
         raise KeyboardInterrupt  # killed mid-write
 
-    monkeypatch.setattr(Path, "write_text", dies)
+    monkeypatch.setattr(local, "write_bytes", dies)
     with pytest.raises(KeyboardInterrupt):
         write_config(tmp_path, "new: 2\n")
     monkeypatch.undo()

@@ -18,9 +18,12 @@ exactly those two on the absl logger; every other absl warning still shows.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from asura.storage.paths import StorageError, is_remote, to_path
 
 
 class LoadError(ValueError):
@@ -50,12 +53,17 @@ class Loaded:
     model: Any  # LoopedLM with the restored parameters
     cfg: Any  # asura.config.Config
     step: int
-    workdir: Path
+    workdir: Any  # etils.epath.Path: local or gs://
 
 
-def resolve(path: str | Path, step: int | None = None) -> tuple[Path, int | None]:
-    """(workdir, step) from any accepted path; a step directory fixes the step."""
-    p = Path(path).expanduser().resolve()
+def resolve(path, step: int | None = None) -> tuple[Any, int | None]:
+    """(workdir, step) from any accepted path (local or gs://); a step directory fixes the step."""
+    try:
+        p = to_path(path)
+    except StorageError as e:
+        raise LoadError(str(e)) from None
+    if not is_remote(p):
+        p = to_path(Path(os.fspath(p)).expanduser().resolve())
     if not p.exists():
         raise LoadError(f"workdir {p} does not exist")
     if not p.is_dir():
@@ -77,11 +85,11 @@ def model_from_params(cfg, params):
     return merge_model(built.graphdef, params, built.rest)
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
-    ckpt = Path(workdir) / "checkpoints"
-    if not ckpt.is_dir():
+def checkpoint_steps(workdir) -> list[int]:
+    ckpt = to_path(workdir) / "checkpoints"
+    if not ckpt.exists():
         return []
-    return sorted(int(d.name) for d in ckpt.iterdir() if d.is_dir() and d.name.isdigit())
+    return sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
 
 
 def _meta_config(store, step: int):

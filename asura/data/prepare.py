@@ -16,7 +16,7 @@ Sources (exactly one):
                             79 documents, ~0.5 MB of English prose and code)
   --hf-dataset NAME         a Hugging Face dataset, streamed (needs `datasets` and network/cache)
 
-Example:  python -m asura.data.prepare --builtin pydoc --output data/pydoc
+Example:  python -m asura.data.prepare --builtin pydoc --output data/pydoc   (or --output gs://bucket/data/pydoc)
 
 Every bad input is answered with one line on stderr and exit status 2.
 """
@@ -37,6 +37,7 @@ from asura.data.eval_split import PIECE_TOKENS, EvalSplit
 from asura.data.text import FORMAT, METADATA, TOKEN_DTYPE
 from asura.data.tokenizer import load_tokenizer
 from asura.registry import Registry
+from asura.storage.paths import is_remote
 
 BUILTINS: Registry[Callable[[], Iterator[str]]] = Registry("--builtin", "offline corpora that ship with Python")
 
@@ -294,6 +295,35 @@ def _parse(p: _Parser, argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def prepare_remote(docs, output: str, tokenizer: str, **kw) -> dict:
+    """`prepare` into a local temporary directory, then upload to gs:// (metadata.json last: until it
+    is there, a reader refuses the directory instead of reading half a corpus)."""
+    import tempfile
+
+    from asura.storage.paths import StorageError, files_under, to_path, write_whole
+
+    try:
+        remote = to_path(output)
+        held = [f.name for f in files_under(remote) if f.name.endswith(".array_record") or f.name == METADATA]
+    except StorageError as e:
+        raise ValueError(str(e)) from None
+    if held and not kw.get("overwrite"):
+        raise ValueError(f"--output {output!r} already holds prepared shards; pass --overwrite to replace them")
+    with tempfile.TemporaryDirectory(prefix="asura-prepare-") as local:
+        meta = prepare(docs, local, tokenizer, **kw)
+        names = sorted(os.listdir(local), key=lambda n: n == METADATA)
+        try:
+            if held:  # --overwrite: the old corpus goes first, its metadata before its shards
+                for name in sorted(held, key=lambda n: n != METADATA):
+                    (remote / name).unlink()
+            for name in names:
+                with open(os.path.join(local, name), "rb") as f:
+                    write_whole(remote / name, f.read())
+        except StorageError as e:
+            raise ValueError(str(e)) from None
+    return meta
+
+
 def main(argv: list[str] | None = None, *, hf_loader: Callable | None = None) -> int:
     p = _parser()
     try:
@@ -309,16 +339,12 @@ def main(argv: list[str] | None = None, *, hf_loader: Callable | None = None) ->
         else:
             docs = hf_documents(args.hf_dataset, args.hf_split, args.hf_text_field, args.hf_config, loader=hf_loader)
             source = f"hf:{args.hf_dataset}:{args.hf_split}"
-        meta = prepare(
-            docs,
-            args.output,
-            args.tokenizer,
-            docs_per_shard=args.docs_per_shard,
-            eval_fraction=args.eval_fraction,
-            eval_min_tokens=args.eval_min_tokens,
-            overwrite=args.overwrite,
-            source=source,
-        )
+        kw = dict(docs_per_shard=args.docs_per_shard, eval_fraction=args.eval_fraction,
+                  eval_min_tokens=args.eval_min_tokens, overwrite=args.overwrite, source=source)  # fmt: skip
+        if is_remote(args.output):
+            meta = prepare_remote(docs, args.output, args.tokenizer, **kw)
+        else:
+            meta = prepare(docs, args.output, args.tokenizer, **kw)
     except (ValueError, OSError) as e:  # every input problem we name is a ValueError; OSError names its path
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

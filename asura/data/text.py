@@ -4,6 +4,12 @@ A prepared directory holds ``train-*.array_record`` and ``eval-*.array_record``
 (one record per document: little-endian int32 token ids) and ``metadata.json``
 with the tokenizer, its vocab size and per-shard statistics. ``data.path`` may
 be that directory (meaning its train shards) or a glob of shard files.
+
+On gs:// (``data.path=gs://bucket/data/pydoc``) the directory is copied to a local cache first
+(`stage`): the ArrayRecord reader reads local files only. Files already there with the same size
+are not copied again, so a resumed run costs one listing. The cache is ``$ASURA_DATA_CACHE``, else
+``~/.cache/asura/data``; every host keeps its own copy. For datasets too large to copy, mount the
+bucket (gcsfuse, as MaxText does) and give the mounted path.
 """
 
 from __future__ import annotations
@@ -58,10 +64,54 @@ def _read_metadata(directory: str) -> dict:
     return meta
 
 
+def _cache_root() -> str:
+    if os.environ.get("ASURA_DATA_CACHE"):
+        return os.environ["ASURA_DATA_CACHE"]
+    try:
+        return os.path.join(os.path.expanduser("~"), ".cache", "asura", "data")
+    except (KeyError, RuntimeError):  # no home directory
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "asura-data")
+
+
+def stage(path: str) -> str:
+    """The local path that stands for a gs:// data.path: its directory copied into the cache."""
+    import hashlib
+    import shutil
+
+    from asura.storage.paths import StorageError, files_under, to_path
+
+    has_glob = any(c in path for c in "*?[")
+    remote_dir = path.rsplit("/", 1)[0] if has_glob else path.rstrip("/")
+    local_dir = os.path.join(_cache_root(), hashlib.sha1(remote_dir.encode()).hexdigest()[:16])
+    try:
+        files = [f for f in files_under(to_path(remote_dir)) if f.parent == to_path(remote_dir)]
+        if not files:
+            raise ValueError(f"data.path {path!r} matches no files; expected shards from asura.data.prepare")
+        os.makedirs(local_dir, exist_ok=True)
+        for f in files:
+            dst = os.path.join(local_dir, f.name)
+            if os.path.exists(dst) and os.path.getsize(dst) == f.stat().length:
+                continue
+            tmp = f"{dst}.{os.getpid()}.tmp"
+            with f.open("rb") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 22)
+            os.replace(tmp, dst)
+    except (StorageError, OSError) as e:
+        why = str(e).splitlines()[0][:160]
+        raise ValueError(f"data.path {path!r} cannot be copied to {local_dir}: {why}") from None
+    return os.path.join(local_dir, path.rsplit("/", 1)[1]) if has_glob else local_dir
+
+
 def resolve_shards(path: str, split: str = "train") -> Shards:
     """Shard files for ``split`` plus merged metadata; raises one-line ValueErrors on bad paths."""
     if not path:
         raise ValueError("data.path is empty; point it at a directory or glob from `python -m asura.data.prepare`")
+    from asura.storage.paths import is_remote
+
+    if is_remote(path):
+        path = stage(path)
     if os.path.isdir(path):
         pattern = os.path.join(path, f"{split}-*.array_record")
     elif split == "train":

@@ -35,6 +35,17 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message}; see --help", self.prog)
 
 
+def local_dir(path: str | None, prog: str) -> str | None:
+    """Sweep dirs stay local: they hold an sqlite study database, which needs a POSIX filesystem
+    (locks, in-place writes); a gs:// path is refused in one line rather than becoming `gs:/...`."""
+    from asura.storage.paths import is_remote
+
+    if path is not None and is_remote(path):
+        fail(f"{path}: sweep and study dirs must be local (their optuna study is an sqlite file); trials' "
+             "checkpoints stay under it too", prog)  # fmt: skip
+    return path
+
+
 def _command(argv: list[str]) -> str:
     return shlex.join(["python", "-m", "asura.sweep", *argv])
 
@@ -44,6 +55,7 @@ def _report(argv: list[str]) -> None:
     p.add_argument("workdir")
     p.add_argument("--metric", help="tabulate another registered metric[@depth] (default: the sweep's)")
     args = p.parse_args(argv)
+    local_dir(args.workdir, p.prog)
     from asura.sweep.report import EmptySweep, ReportRefused, write_report
 
     try:
@@ -92,6 +104,7 @@ def _extrapolate(argv: list[str]) -> None:
     p.add_argument("--metrics", default=",".join(d.metrics), help=f"tabulated metrics, from {', '.join(METRICS)}")
     p.add_argument("--batches", type=int, help="eval batches per trial (default: each trial's train.eval_batches)")
     args = p.parse_args(argv)
+    local_dir(args.workdir, p.prog)
     opts = Options(args.factor, tuple(args.modes.split(",")), tuple(args.metrics.split(",")), args.batches)
     problem = opts.problem()
     if problem:
@@ -168,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         spec = load_spec(args.spec, args.baselines, cli_overrides=args.overrides)
-        workdir = Path(args.workdir) if args.workdir is not None else default_workdir(spec)
+        workdir = Path(local_dir(args.workdir, PROG)) if args.workdir is not None else default_workdir(spec)
         check_resume(spec, workdir)
     except SpecError as e:
         fail(str(e), PROG)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import re
 import shutil
 import sys
@@ -36,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from asura.compat import orbax_preservation
 from asura.config import Config, config_to_dict, config_to_yaml
+from asura.storage.paths import is_remote, move_tree, to_path
 from asura.train.integrity import (
     CHECKSUMS,
     CorruptStep,
@@ -241,9 +243,11 @@ class Restored(NamedTuple):
 
 
 class CheckpointStore:
-    def __init__(self, directory: Path, *, keep: int, async_save: bool, read_only: bool = False):
-        """read_only: for analysis; creates, cleans and deletes nothing."""
-        self.directory = Path(directory).resolve()
+    def __init__(self, directory, *, keep: int, async_save: bool, read_only: bool = False):
+        """read_only: for analysis; creates, cleans and deletes nothing. directory: local or gs://."""
+        directory = to_path(directory)
+        self.remote = is_remote(directory)
+        self.directory = directory if self.remote else to_path(Path(os.fspath(directory)).resolve())
         policy = orbax_preservation(keep, BEST_METRIC)
         kwargs: dict[str, Any] = {"preservation_policy": policy} if policy is not None else {"max_to_keep": keep}
         options = ocp.CheckpointManagerOptions(
@@ -270,7 +274,7 @@ class CheckpointStore:
         """Start an (async) save of one step; a failed save raises SaveError with one line."""
         self.wait()  # the previous save must be committed (and checksummed) before the next starts
         need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-        free = shutil.disk_usage(self.directory).free
+        free = need if self.remote else shutil.disk_usage(os.fspath(self.directory)).free  # buckets do not fill
         if free < need:
             kept = self.steps()
             last = f"step {kept[-1]} is kept" if kept else "no earlier checkpoint exists"
@@ -308,7 +312,7 @@ class CheckpointStore:
                 self._discard_partial(step)
             raise SaveError(self._failed(step, e)) from None
         step, self._unsummed = self._unsummed, None
-        if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+        if step is not None and jax.process_index() == 0 and not self.remote and (self.directory / str(step)).is_dir():
             try:
                 write_checksums(self.directory / str(step))
             except OSError as e:  # the step itself is committed and sealed; only its file checksums are missing
@@ -324,7 +328,8 @@ class CheckpointStore:
         if jax.process_index() != 0:
             return
         for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                tmp.rmtree()
 
     def close(self) -> None:
         if not self._open:
@@ -437,7 +442,7 @@ class CheckpointStore:
         """A step restored and verified against its seal but without file checksums (a kill came
         between its commit and their write): write them now, so later checks have them."""
         step_dir = self.directory / str(step)
-        if self.read_only or jax.process_index() != 0 or (step_dir / CHECKSUMS).exists():
+        if self.read_only or self.remote or jax.process_index() != 0 or (step_dir / CHECKSUMS).exists():
             return
         with contextlib.suppress(OSError):  # still verified by its seal on every restore
             write_checksums(step_dir)
@@ -450,8 +455,7 @@ class CheckpointStore:
         src = self.directory / str(step)
         dst = self.directory.parent / "checkpoints_bad" / f"{step}-{int(time.time())}"
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(src), str(dst))
+            move_tree(src, dst)
         except OSError as e:
             warn(f"could not move checkpoint step {step} aside ({first_line(e)}); skipping it")
         self.mngr.reload()

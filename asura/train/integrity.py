@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from asura.storage.paths import files_under, is_remote, to_path, write_whole
 
 CHECKSUMS = "asura_checksums.json"
 _CHUNK = 1 << 22
@@ -39,20 +42,26 @@ def _crc(path: Path) -> int:
     return crc
 
 
-def _files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+def _files(step_dir) -> list:
+    return [p for p in files_under(step_dir) if p.name != CHECKSUMS]
 
 
-def write_checksums(step_dir: Path) -> None:
-    """CRC32 and size of every file of a committed step (temp + rename, so never half-written)."""
-    sums = {str(p.relative_to(step_dir)): [_crc(p), p.stat().st_size] for p in _files(step_dir)}
-    tmp = step_dir / f".{CHECKSUMS}.tmp"
-    tmp.write_text(json.dumps(sums, sort_keys=True))
-    tmp.replace(step_dir / CHECKSUMS)
+def write_checksums(step_dir) -> None:
+    """CRC32 and size of every file of a committed local step (written whole, so never half-written).
+    Not on gs://: computing them would download the step again, and the seal verifies it anyway."""
+    step_dir = Path(os.fspath(step_dir))
+    sums = {
+        str(p.relative_to(step_dir)): [_crc(p), p.stat().st_size] for p in map(Path, map(os.fspath, _files(step_dir)))
+    }
+    write_whole(to_path(step_dir) / CHECKSUMS, json.dumps(sums, sort_keys=True))
 
 
-def verify(step_dir: Path) -> str | None:
-    """None when the step is intact (or predates checksums); else one line saying what is wrong."""
+def verify(step_dir) -> str | None:
+    """None when the step is intact (or predates checksums, or lives on gs://, where the seal and the
+    object store's own checksums cover it); else one line saying what is wrong."""
+    if is_remote(step_dir):
+        return None
+    step_dir = Path(os.fspath(step_dir))
     try:
         manifest = step_dir / CHECKSUMS
         if not manifest.exists():

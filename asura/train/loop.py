@@ -26,6 +26,7 @@ non-finite steps raise NonFiniteError without saving (the last checkpoint stays 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -35,12 +36,13 @@ from typing import Any
 import jax
 
 from asura.config import Config
+from asura.storage.paths import to_path
 from asura.train.metrics import to_python
 from asura.train.preflight import preflight
 from asura.train.resume import plan_resume
 from asura.train.state import count_params
 from asura.train.trainer import Hooks, NonFiniteError, Trainer
-from asura.train.workdir import Signals, WorkdirLock, make_workdir
+from asura.train.workdir import Signals, agreed, make_workdir, workdir_lock
 
 # Tests and quick experiments: ~3x faster XLA:CPU compiles, slower steps.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -67,14 +69,16 @@ def run(
     # Multi-process: only orbax's coordinated preemption sync may trigger a save (a local
     # flag on one host would deadlock the others), so the handlers are single-process only.
     installed = install_signal_handlers and jax.process_count() == 1 and Signals.install()
-    workdir = Path(workdir)
+    workdir = to_path(workdir)  # a local directory or gs://bucket/prefix
     try:
         preflight(cfg, workdir)  # data, workdir, devices, memory: before any compilation
-        WorkdirLock(workdir).check_free()  # a busy workdir is refused first, and without touching it
+        lock = workdir_lock(workdir, jax.process_index())  # process 0 holds it for the whole job
+        agreed(lock.check_free, workdir)  # a busy workdir is refused first, and without touching it
         plan = plan_resume(cfg, workdir, extend)  # the checkpoint's config decides: before anything is opened
         cfg = plan.cfg
         make_workdir(workdir)
-        with WorkdirLock(workdir):
+        agreed(lock.__enter__, workdir)
+        with contextlib.closing(lock):
             tell = say or (lambda m: print(m, file=sys.stderr))
             if Signals.received is not None:  # signalled during imports: nothing started, nothing to save
                 tell(f"signal {Signals.received} before the first step: exiting")
@@ -82,7 +86,11 @@ def run(
                         "wall_s": time.time() - t_start, "params": None, "nan_total": 0, "cfg": cfg}  # fmt: skip
             for note in plan.notes:
                 tell(note)
-            trainer = Trainer(cfg, workdir, say=say, compiler_options=compiler_options, hooks=hooks or Hooks())
+            if getattr(lock, "took_over", None):
+                tell(f"took over the stale lock of workdir {workdir} ({lock.took_over})")
+            trainer = Trainer(
+                cfg, workdir, say=say, compiler_options=compiler_options, hooks=hooks or Hooks(), lock=lock
+            )
             try:
                 status, start, step_done = _run(trainer)
             finally:

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from asura.storage.paths import to_path
+from asura.storage.records import RecordLog
 from asura.train.checkpoint import SaveError, first_line
 from asura.train.evaluate import SHOWN, shown_metrics, shown_values
 from asura.train.tensorboard import TensorBoard
@@ -42,20 +44,6 @@ def flatten(prefix: str, metrics: dict) -> dict[str, Any]:
         else:
             out[f"{prefix}/{k}"] = v
     return out
-
-
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records logged after `max_step` (work a killed run did after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= max_step:
-                kept.append(line)
-        except json.JSONDecodeError:  # torn last line from a kill
-            continue
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def encode_pending(pending: list[dict]) -> list[dict]:
@@ -86,6 +74,7 @@ def decode_pending(records: list[dict]) -> list[dict]:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of one local metrics.jsonl file (a workdir's records on any storage: read_records)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
@@ -122,9 +111,9 @@ class MetricsWriter:
         self.bar = None
         if not enabled:
             return
-        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.jsonl = RecordLog(workdir)
         if cfg.train.tensorboard:
-            self.tb = TensorBoard(workdir / "tb", resumed_from=initial_step)
+            self.tb = TensorBoard(to_path(workdir) / "tb", resumed_from=initial_step)
         if cfg.train.wandb:
             self.wandb = _wandb_run(workdir, cfg)
         if cfg.train.progress:
@@ -137,19 +126,27 @@ class MetricsWriter:
             return
         rec = {"step": int(step), "time": time.time(), **record}
         try:
-            self.jsonl.write(json.dumps(rec, allow_nan=True) + "\n")
-            self.jsonl.flush()
+            self.jsonl.append(rec)
         except OSError as e:  # disk full: the checkpoints are intact; the log is truncated on resume
             raise SaveError(f"writing {self.jsonl.name} failed: {first_line(e)}") from None
         if self.tb is not None:
             try:
                 self.tb.write(step, record)
             except OSError as e:
-                raise SaveError(
-                    f"writing TensorBoard events to {self.tb.writer._file_name} failed: {first_line(e)}"
-                ) from None
+                raise SaveError(f"writing TensorBoard events in {self.tb.logdir} failed: {first_line(e)}") from None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def flush(self) -> None:
+        """Make every record so far durable (gs:// buffers them): at each checkpoint."""
+        if not self.enabled:
+            return
+        try:
+            self.jsonl.flush()
+            if self.tb is not None:
+                self.tb.flush()
+        except OSError as e:
+            raise SaveError(f"writing the metrics log or TensorBoard events failed: {first_line(e)}") from None
 
     def progress(self, step: int, postfix: dict[str, Any] | None = None) -> None:
         if self.bar is None:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from asura.config import Config
+from asura.storage.paths import is_remote
 from asura.train.workdir import WorkdirError, check_writable
 
 
@@ -50,7 +51,7 @@ def device_memory_bytes() -> int | None:
     """Memory of one device: the accelerator's limit, or this host's RAM on a CPU."""
     import jax
 
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # a multi-process job sees devices it cannot query
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
@@ -82,10 +83,14 @@ def checkpoint_bytes(cfg: Config) -> int:
 LOG_MARGIN = 64 << 10  # config.yaml and the first metrics records and TensorBoard events (~1 KiB each)
 
 
-def check_disk(cfg: Config, workdir: Path) -> None:
-    """Refuse a workdir whose filesystem cannot hold even one checkpoint, before any file is written."""
+def check_disk(cfg: Config, workdir) -> None:
+    """Refuse a workdir whose filesystem cannot hold even one checkpoint, before any file is written
+    (a local one: a bucket does not fill)."""
     import shutil
 
+    if is_remote(workdir):
+        return
+    workdir = Path(os.fspath(workdir))
     probe = workdir if workdir.exists() else next((p for p in workdir.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
     need = checkpoint_bytes(cfg) + LOG_MARGIN
@@ -106,7 +111,7 @@ def check_packages(cfg: Config) -> None:
         raise PreflightError("train.wandb=true needs the wandb package: pip install 'asura[wandb]' (or wandb)")
 
 
-def preflight(cfg: Config, workdir: Path) -> None:
+def preflight(cfg: Config, workdir) -> None:
     """Everything the train loop checks before building the model (imports JAX, compiles nothing):
     the data against the model and batch, the workdir, packages, devices and memory."""
     import jax
@@ -117,8 +122,8 @@ def preflight(cfg: Config, workdir: Path) -> None:
         check_compatible(cfg, process_count=jax.process_count())
     except ValueError as e:  # the data checks' contract: one-line ValueErrors
         raise PreflightError(str(e)) from None
-    check_writable(Path(workdir))
-    check_disk(cfg, Path(workdir))
+    check_writable(workdir)
+    check_disk(cfg, workdir)
     check_packages(cfg)
     check_devices(cfg, jax.device_count(), jax.process_count())
     check_memory(cfg)

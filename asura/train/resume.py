@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import NamedTuple
 
 from asura.config import Config, ConfigError, config_from_dict, config_from_yaml, config_to_dict
+from asura.storage.paths import is_remote, to_path
 from asura.train.checkpoint import ConfigMismatchError, check_resume_config
 from asura.train.integrity import check_seal
 
@@ -45,16 +45,20 @@ class Plan(NamedTuple):
 META_FILE = ("meta", "metadata")  # where orbax's JsonCheckpointHandler (default filename) keeps the meta item
 
 
-def newest_saved(workdir: Path) -> Saved | None:
+def newest_saved(workdir) -> Saved | None:
     """The newest committed checkpoint whose meta reads and whose seal holds; None when there is none.
 
     Reads the meta JSON directly (no orbax manager, no JAX), so a refusal costs nothing. A step whose
     meta does not read is skipped here (the restore decides what to do with it)."""
-    ckpt = Path(workdir) / "checkpoints"
-    if not ckpt.is_dir():
+    ckpt = to_path(workdir) / "checkpoints"
+    if not ckpt.exists():
         return None
-    steps = sorted((int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
-    for step in steps:  # a name of digits only is a committed step (orbax renames its temporary dir on commit)
+    steps = sorted((int(p.name) for p in ckpt.iterdir() if p.name.isdigit()), reverse=True)
+    for step in steps:
+        # committed: locally orbax renames a temporary dir to the step's name; on gs:// (no atomic rename)
+        # it writes straight to the step's dir and marks the commit with a file
+        if is_remote(ckpt) and not (ckpt / str(step) / "commit_success.txt").exists():
+            continue
         try:
             meta = json.loads((ckpt / str(step)).joinpath(*META_FILE).read_text())
             check_seal(meta)
@@ -83,11 +87,11 @@ def describe_extension(old: Config, new: Config, how: str) -> str:
     )
 
 
-def plan_resume(cfg: Config, workdir: str | Path, extend: str | None = None) -> Plan:
+def plan_resume(cfg: Config, workdir, extend: str | None = None) -> Plan:
     """See the module docstring. Raises ConfigMismatchError (one line) for a change it refuses."""
     if extend is not None and extend not in EXTEND:
         raise ConfigMismatchError(f"--extend={extend!r} is not valid; choose one of {', '.join(EXTEND)}")
-    saved = newest_saved(Path(workdir))
+    saved = newest_saved(workdir)
     if saved is None:
         if extend is not None:
             raise ConfigMismatchError(f"--extend {extend}: workdir {workdir} has no checkpoint to extend")

@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 from asura import data as data_lib
 from asura.config import Config, config_from_yaml, config_to_yaml
 from asura.depth import eval_depths, sample_depth
+from asura.storage.records import truncate_records
 from asura.train import throughput
 from asura.train.checkpoint import (
     CheckpointMismatchError,
@@ -37,12 +37,11 @@ from asura.train.metrics import (
     encode_pending,
     eval_line,
     flatten,
-    truncate_jsonl,
     window_means,
 )
 from asura.train.state import abstract_state, init_state
 from asura.train.step import make_eval_step, make_train_step
-from asura.train.workdir import Signals, write_config
+from asura.train.workdir import Signals, WorkdirError, write_config
 
 
 class NonFiniteError(RuntimeError):
@@ -68,8 +67,9 @@ class Trainer:
     Nothing user-visible is opened before `restore` has accepted the workdir: the metrics log,
     TensorBoard and the progress bar start in `open_sinks`, so a refused resume leaves no trace."""
 
-    def __init__(self, cfg: Config, workdir: Path, *, say, compiler_options, hooks: Hooks):
+    def __init__(self, cfg: Config, workdir, *, say, compiler_options, hooks: Hooks, lock=None):
         self.cfg, self.workdir, self.hooks = cfg, workdir, hooks
+        self.lock = lock  # its `lost` is set if another trainer takes the workdir over (gs://)
         self.is_main = jax.process_index() == 0
         t = cfg.train
         self.store = CheckpointStore(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
@@ -153,7 +153,7 @@ class Trainer:
             self.say(f"resumed from {self.store.directory}/{start}")
         if self.is_main:  # work a killed run logged past its last checkpoint is redone, not repeated
             try:
-                truncate_jsonl(self.workdir / "metrics.jsonl", start or 0)
+                truncate_records(self.workdir, start or 0)
                 write_config(self.workdir, config_to_yaml(self.cfg))
             except OSError as e:
                 raise SaveError(
@@ -237,11 +237,24 @@ class Trainer:
                 self.writer.progress(step_done, bar_fields(self.cfg, self.last_train, self.last_eval))
         return self.last_eval
 
+    def check_lock(self, step_done: int) -> None:
+        """Confirm process 0's workdir lock now (gs://: a compare-and-swap; an flock cannot be lost) and
+        stop every process of the job alike when another trainer has taken the workdir over."""
+        lost = self.lock.confirm() if self.lock is not None else None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if not int(multihost_utils.broadcast_one_to_all(np.int32(lost is None))) and lost is None:
+                lost = "process 0 lost the workdir lock to another trainer"
+        if lost is not None:
+            raise WorkdirError(f"{lost}; stopped at step {step_done} without saving")
+
     def checkpoint(self, step_done: int, fresh_eval: bool) -> None:
         if int(jax.device_get(self.state["nan_streak"])):
             self.say(f"step {step_done}: not checkpointing during a non-finite streak")
             return
         best = self.last_eval.get("eval/ce") if fresh_eval else None
+        self.writer.flush()  # the records up to this step are durable when the step is (gs:// buffers them)
         meta = config_meta(self.cfg, step_done, self.last_eval)
         meta["pending"] = encode_pending(self.pending)  # not yet logged: a resume must average them in
         self.store.save(step_done, self.state, self.train_iter.get_state(), meta, eval_ce=best)
@@ -267,6 +280,7 @@ class Trainer:
             do_eval = step_done % t.eval_every == 0 or is_last
             do_ckpt = step_done % t.checkpoint_every == 0 or is_last
             if do_log or do_eval or do_ckpt:
+                self.check_lock(step_done)  # nothing is written over another trainer's workdir
                 # Skipped steps leave the state unchanged, so catching a streak here is safe.
                 self.check_finite(step_done)
             if do_log:
@@ -281,6 +295,7 @@ class Trainer:
                 return "stopped", step_done
             if Signals.received is not None or self.store.reached_preemption(step_done):
                 if self.last_saved != step_done:
+                    self.check_lock(step_done)
                     self.checkpoint(step_done, fresh_eval=False)
                 self.say(f"signal {Signals.received}: saved step {step_done}, exiting")
                 return "preempted", step_done

@@ -1,13 +1,17 @@
 """The workdir around a run: one exclusive lock, an atomic config.yaml, early signal handlers.
 
 Preemptible pods kill, fill disks and start two jobs on one path; nothing here may leave
-the workdir in a state a rerun cannot use:
+the workdir in a state a rerun cannot use. A workdir is a local directory or a gs:// prefix
+(asura.storage.paths.to_path):
 
-* `WorkdirLock`: an flock on ``workdir/.lock`` holding ``host pid start-time``. The kernel
-  drops an flock when its process dies, so a lock left by a killed run is never "stale"
-  in practice; where flock is not supported (some network filesystems) a lock whose pid
-  is gone on this host is taken over.
-* `write_config`: temp file + rename, so a kill mid-write never leaves config.yaml empty.
+* `workdir_lock`: locally `WorkdirLock`, an flock on ``workdir/.lock`` holding ``host pid
+  start-time``. The kernel drops an flock when its process dies, so a lock left by a killed run
+  is never "stale" in practice; where flock is not supported (some network filesystems) a lock
+  whose pid is gone on this host is taken over. On gs:// `asura.storage.lock.ObjectLock`: an
+  object created only if absent, with a heartbeat and stale-lock takeover. With several
+  processes only process 0 takes it (it speaks for the job).
+* `write_config`: written whole (temp + rename; one upload on gs://), so a kill mid-write never
+  leaves config.yaml empty.
 * `Signals`: SIGTERM/SIGINT handlers installed before anything slow (imports, compile);
   a signal before the first step ends the run cleanly with exit 0.
 """
@@ -24,13 +28,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asura.storage.paths import StorageError, is_remote, write_whole
+
 
 class WorkdirError(ValueError):
     """A workdir that cannot be used (busy, not a directory, not writable); one line."""
 
 
-def check_writable(workdir: Path) -> None:
-    """Fail fast (before compiling) when the workdir cannot hold a run."""
+def check_writable(workdir) -> None:
+    """Fail fast (before compiling) when the workdir cannot hold a run. On gs:// the bucket must
+    exist and be listable here; writing is proven by the lock, the first write, before compiling."""
+    if is_remote(workdir):
+        from asura.storage import gcs
+
+        try:
+            gcs.check_readable(workdir)
+        except StorageError as e:
+            raise WorkdirError(f"workdir {e}") from None
+        return
+    workdir = Path(os.fspath(workdir))
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"workdir {workdir} is a file, not a directory; pass --workdir DIR")
     probe = workdir if workdir.exists() else next((p for p in workdir.parents if p.exists()), Path("/"))
@@ -44,9 +60,11 @@ def check_writable(workdir: Path) -> None:
         raise WorkdirError(f"checkpoint dir {ckpt} is not writable (permission denied or read-only)")
 
 
-def make_workdir(workdir: Path) -> None:
+def make_workdir(workdir) -> None:
+    if is_remote(workdir):
+        return  # a prefix exists once an object under it does
     try:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        Path(os.fspath(workdir)).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. under /proc, or a parent root cannot write
         raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
 
@@ -62,10 +80,15 @@ def _alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-    """Exclusive lock on a workdir for the life of one trainer (a context manager)."""
+    """Exclusive lock on a local workdir for the life of one trainer (a context manager)."""
 
-    def __init__(self, workdir: Path):
-        self.path = Path(workdir) / ".lock"
+    lost: str | None = None  # an flock cannot be taken away (the object lock's can)
+
+    def confirm(self) -> str | None:
+        return None
+
+    def __init__(self, workdir):
+        self.path = Path(os.fspath(workdir)) / ".lock"
         self.fd: int | None = None
 
     def _holder(self) -> str:
@@ -137,13 +160,107 @@ class WorkdirLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def close(self) -> None:
+        self.release()
 
-def write_config(workdir: Path, text: str) -> None:
-    """config.yaml via temp + rename: a kill mid-write never leaves it empty or torn."""
-    path = Path(workdir) / "config.yaml"
-    tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+
+class _NoLock:
+    """Processes other than 0 of a multi-process job: process 0 holds the lock for the job."""
+
+    lost: str | None = None
+
+    def confirm(self) -> str | None:
+        return None
+
+    def check_free(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def agreed(fn, workdir) -> None:
+    """Run `fn()` (a check that may raise WorkdirError) on process 0 and make every process of a
+    multi-process job raise with it: the others would otherwise wait for process 0 at their next
+    collective forever."""
+    import jax
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except WorkdirError as e:
+            error = e
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = WorkdirError(f"workdir {workdir}: refused on process 0 (its error names why)")
+    if error is not None:
+        raise error
+
+
+def workdir_lock(workdir, process_index: int = 0):
+    """The lock for this workdir: an flock locally, an object with a heartbeat on gs://."""
+    if process_index != 0:
+        return _NoLock()
+    if is_remote(workdir):
+        from asura.storage.lock import ObjectLock
+
+        return _Refusing(ObjectLock(workdir))
+    return WorkdirLock(workdir)
+
+
+class _Refusing:
+    """An ObjectLock whose refusals and storage failures are WorkdirErrors (train.py: exit 2)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    @property
+    def lost(self) -> str | None:
+        return self.lock.lost
+
+    def confirm(self) -> str | None:
+        return self.lock.confirm()
+
+    @property
+    def took_over(self) -> str | None:
+        return self.lock.took_over
+
+    def check_free(self) -> None:
+        try:
+            self.lock.check_free()
+        except StorageError as e:
+            raise WorkdirError(str(e)) from None
+
+    def __enter__(self):
+        try:
+            self.lock.acquire()
+        except StorageError as e:
+            raise WorkdirError(str(e)) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def close(self) -> None:
+        self.lock.release()
+
+
+def write_config(workdir, text: str) -> None:
+    """config.yaml written whole (temp + rename; one upload on gs://): never empty or torn."""
+    from asura.storage.paths import to_path
+
+    write_whole(to_path(workdir) / "config.yaml", text)
 
 
 class Signals:
