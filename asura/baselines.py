@@ -5,7 +5,8 @@ iter_norm/post_norm off, adapter=none, guidance=none, iterations=max_iterations=
 depth, full backprop) and keep everything else (qk_norm, z_loss, norm type, MLP kind,
 tied embeddings, vocabulary, heads, data, optimiser), so only looping differs.
 
-* iso_param: same width; n_layers solved (nearest integer) so unique params are within 1%.
+* iso_param: same width; n_layers solved (nearest integer) so trained params are within 1% (a
+  vanilla model trains all it holds; slots the looped schedule never reaches are not counted).
   If no layer count gets there, n_layers = floor(solution) (>= 1) and d_ff is solved instead,
   rounded to a multiple of 8. Otherwise ``BaselineImpossible``.
 * iso_flop_depth: n_layers = L · round(E[n]) at the same width (depth-matched). Exact only
@@ -39,7 +40,7 @@ from asura.registry import Registry
 # One tolerance per comparison kind (docs/method.md: "iso-param or iso-FLOP, within 1%"), read
 # both by the builders here and by the labeller (asura.sweep.compare): every baseline built to its
 # tolerance is labelled its kind in a sweep's tables, and nothing looser is ever called iso-*.
-PARAM_TOL = 0.01  # unique parameters
+PARAM_TOL = 0.01  # trained parameters
 FLOP_TOL = 0.01  # training FLOPs (per token here; per token × tokens in compare, tokens being equal)
 TOLERANCES = {"iso-param": PARAM_TOL, "iso-FLOP": FLOP_TOL}  # keyed by asura.sweep.compare's label
 
@@ -79,7 +80,7 @@ def _rel(x: float, target: float) -> float:
 
 
 def iso_param(cfg: Config) -> Config:
-    target = param_count(cfg).unique
+    target = param_count(cfg).trained
     base = vanilla(cfg, n_layers=1)
     pc = param_count(base)
     outer, block = pc.unique - pc.block, pc.block
@@ -96,7 +97,7 @@ def iso_param(cfg: Config) -> Config:
     if ff < 8:
         raise BaselineImpossible(f"iso_param: {layers} layer(s) already exceed {target} params at d_ff=8")
     out = vanilla(cfg, n_layers=layers, d_ff=ff).replace(name=f"{cfg.name}-iso_param")
-    err = _rel(param_count(out).unique, target)
+    err = _rel(param_count(out).trained, target)
     if abs(err) > PARAM_TOL:
         raise BaselineImpossible(
             f"iso_param: best is {layers} layers, d_ff={ff}, {err:+.2%} params (tolerance {PARAM_TOL:.0%})"
@@ -178,7 +179,7 @@ def _train_flops_ratio(cfg: Config, base: Config) -> float:
 
 
 def _check_iso_param(cfg: Config, base: Config) -> str:
-    return f"params {_rel(param_count(base).unique, param_count(cfg).unique):+.2%} (tol {PARAM_TOL:.0%}): ok"
+    return f"trained params {_rel(param_count(base).trained, param_count(cfg).trained):+.2%} (tol {PARAM_TOL:.0%}): ok"
 
 
 def _check_iso_flop_depth(cfg: Config, base: Config) -> str:
@@ -199,7 +200,7 @@ def _check_token_matched(cfg: Config, base: Config) -> str:
 
 BASELINES.add(
     "iso_param",
-    Baseline(iso_param, "unique parameters (depth, else d_ff, solved)", PARAM_TOL, True, _check_iso_param),
+    Baseline(iso_param, "trained parameters (depth, else d_ff, solved)", PARAM_TOL, True, _check_iso_param),
 )
 BASELINES.add(
     "iso_flop_depth",

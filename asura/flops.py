@@ -26,7 +26,11 @@ Parameter counts: ``unique`` counts the shared stack once plus every per-iterati
 (all ``max_iterations``) plus embedding/head (tied counted once). ``total`` is the *effective
 unrolled* count: the parameters an equivalent unrolled model would hold at the training depth
 ``model.iterations`` (stack and one per-iteration slice per iteration) — for a vanilla model
-the two agree.
+the two agree. ``trained`` is ``unique`` without the per-iteration slots that no training step
+updates (``trained_slots``): slot t serves iteration t, and a depth schedule that never runs past
+depth 3 leaves slot 4 of ``max_iterations: 4`` at its initial values (under truncated backprop, a
+slot used only by frozen iterations gets no gradient either). Comparisons (the iso-param
+baseline, its label) use ``trained``; ``untrained`` = ``unique`` - ``trained``.
 
 CLI: ``python -m asura.flops --config FILE [key=value ...] [--json]`` prints the model next to
 its derived baselines (``asura.baselines``).
@@ -83,6 +87,8 @@ class ParamCount:
     per_iteration: int  # ... and one slice of all of them
     unique: int  # what the optimiser holds
     total: int  # effective unrolled count at depth model.iterations
+    trained: int  # unique minus the per-iteration slots no training step updates
+    untrained: int  # unique - trained
 
 
 def param_count(cfg: Config) -> ParamCount:
@@ -114,6 +120,28 @@ def param_count(cfg: Config) -> ParamCount:
         per_iteration=per_iter,
         unique=outer + stack + M * per_iter,
         total=outer + m.iterations * (stack + per_iter),
+        trained=outer + stack + len(trained_slots(cfg)) * per_iter,
+        untrained=(M - len(trained_slots(cfg))) * per_iter,
+    )
+
+
+def slot(m: ModelConfig, t: int) -> int:
+    """The per-iteration parameter slot iteration t (0-based) reads: t, and past max_iterations
+    the last slot (extrapolation=last) or t mod max_iterations (cycle)."""
+    if t < m.max_iterations:
+        return t
+    return m.max_iterations - 1 if m.extrapolation == "last" else t % m.max_iterations
+
+
+def trained_slots(cfg: Config) -> frozenset[int]:
+    """Slots some training step updates: those of the iterations that carry gradients (the last
+    bptt_k under truncated backprop) at every depth the schedule can draw."""
+    k = cfg.depth.bptt_k
+    return frozenset(
+        slot(cfg.model, t)
+        for n, p in depth_distribution(cfg).items()
+        if p > 0
+        for t in range(n - grad_iterations(n, k), n)
     )
 
 
@@ -202,6 +230,7 @@ def summary(cfg: Config) -> dict:
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
     return {
         "params_unique": pc.unique,
+        "params_trained": pc.trained,
         "params_total": pc.total,
         "flops_per_token_fwd": fc.fwd,
         "flops_per_token_train": fc.train,
@@ -228,17 +257,27 @@ def _fmt(x: float) -> str:
 
 def _table(report: dict) -> str:
     model = report["model"]
-    cols = ("params_unique", "params_total", "fwd/token", "train/token", "ratio", "run_flops", "check")
+    cols = (
+        "params_unique",
+        "params_trained",
+        "params_total",
+        "fwd/token",
+        "train/token",
+        "ratio",
+        "run_flops",
+        "check",
+    )
     rows = []
     for name, r in report.items():
         if "impossible" in r:
-            rows.append((name, *["-"] * 6, "impossible: " + r["impossible"]))
+            rows.append((name, *["-"] * 7, "impossible: " + r["impossible"]))
             continue
         ratio = r["flops_per_token_train"] / model["flops_per_token_train"]
         rows.append(
             (
                 name,
                 _fmt(r["params_unique"]),
+                _fmt(r["params_trained"]),
                 _fmt(r["params_total"]),
                 _fmt(r["flops_per_token_fwd"]),
                 _fmt(r["flops_per_token_train"]),

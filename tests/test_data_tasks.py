@@ -1,5 +1,6 @@
 """Embedded tasks: every answer is checked by an independent solver that parses the generated text."""
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -162,18 +163,34 @@ def test_example_rng_draws_exactly_as_a_fresh_philox():
             tasks.example_rng(0, 0, index)
 
 
+def held_out_by_spec(name: str, prompt: str, fraction: float = 0.125) -> bool:
+    """The split as specified: the first 8 bytes of blake2b(task NUL prompt), little endian, below
+    the fraction of 2**64."""
+    digest = hashlib.blake2b(f"{name}\0{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+
+
+def reference_example(task, difficulty, seed, stream, index):
+    """Example `index` as first written: a fresh Philox, drawn until the problem is on its stream's side."""
+    rng = fresh_example_rng(seed, stream, index)
+    while True:
+        ex = task.generate(rng, difficulty)
+        if held_out_by_spec(task.name, ex.prompt) == (stream == tasks.EVAL_STREAM):
+            return ex
+
+
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
 def test_examples_unchanged_by_the_cheaper_rng(name):
     task = tasks.get_task(name)
-    for i in [*range(300), 2**40 + 7]:
-        want = task.generate(fresh_example_rng(5, tasks.TRAIN_STREAM, i), 4)
-        assert tasks.make_example(task, 4, 5, tasks.TRAIN_STREAM, i) == want
+    for stream in (tasks.TRAIN_STREAM, tasks.EVAL_STREAM):
+        for i in [*range(150), 2**40 + 7]:
+            assert tasks.make_example(task, 4, 5, stream, i) == reference_example(task, 4, 5, stream, i)
 
 
 def test_example_rng_per_thread():
     """The prefetch thread and the main thread (eval batches) generate at once; neither may move the other's."""
     task = tasks.get_task("pointer_chase")
-    want = {s: [task.generate(fresh_example_rng(0, s, i), 3).text for i in range(400)] for s in range(4)}
+    want = {s: [reference_example(task, 3, 0, s, i).text for i in range(400)] for s in range(2)}
     got = {}
 
     def work(s):
@@ -190,3 +207,125 @@ def test_example_rng_per_thread():
     finally:
         sys.setswitchinterval(old)
     assert got == {s: want[s % 2] for s in range(4)}
+
+
+# ------------------------------------------------------------ held-out problems
+
+# Small problem spaces, so that a run's training draws cover most of them: a leak would show.
+SMALL = {"addition": 2, "parity": 10, "reverse": 3, "modular_arith": 3, "pointer_chase": 1}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_no_eval_problem_is_ever_trained_on(name):
+    """The documents a 10,000-step run at batch 8 trains on (the pipeline's own index -> document
+    map), under two seeds, share no problem with the eval stream, and every eval document is a
+    held-out problem: zero overlap, by construction."""
+    from asura.config.load import with_overrides
+    from asura.config.schema import Config
+    from asura.data import host
+
+    d = SMALL[name]
+    seen: dict[int, set[str]] = {}
+    for seed in (0, 1):
+        cfg = with_overrides(Config(), {"data.task": name, "data.difficulty": d, "train.seed": seed})
+        train = host.task_documents(cfg, stream=tasks.TRAIN_STREAM, difficulty=d, n_examples=80_000)
+        seen[seed] = {_prompt(train.to_doc(i)) for i in range(80_000)}
+        ev = host.task_documents(cfg, stream=tasks.EVAL_STREAM, difficulty=d, n_examples=2_000)
+        eval_prompts = {_prompt(ev.to_doc(i)) for i in range(2_000)}
+        assert all(held_out_by_spec(name, p) for p in eval_prompts)
+        assert not seen[seed] & eval_prompts
+        for other in seen.values():  # nor with another seed's training problems
+            assert not other & eval_prompts
+    if name in ("addition", "parity"):  # the training draws saturate the space: a leak could not hide
+        n = tasks.get_task(name).n_problems(d)
+        assert len(seen[0] | seen[1]) > 0.8 * n
+
+
+def _prompt(doc: dict) -> str:
+    tokens, scored = doc["tokens"], doc["scored"].astype(bool)
+    return bytes(tokens[~scored].astype(np.uint8)).decode()
+
+
+def test_the_held_out_fraction_is_as_configured():
+    task = tasks.get_task("addition")
+    prompts = [task._prompt(a, b, 2) for a in range(100) for b in range(100)]
+    for fraction in (0.125, 0.3):
+        got = sum(tasks.is_held_out(task, p, fraction) for p in prompts)
+        assert got == sum(held_out_by_spec("addition", p, fraction) for p in prompts)
+        sd = (len(prompts) * fraction * (1 - fraction)) ** 0.5
+        assert abs(got - len(prompts) * fraction) < 5 * sd  # a binomial count: 5 sigma
+    ev = {tasks.make_example(task, 2, 0, tasks.EVAL_STREAM, i, held_out=0.3).prompt for i in range(3000)}
+    assert all(tasks.is_held_out(task, p, 0.3) for p in ev)  # drawn only from the split
+    assert any(not tasks.is_held_out(task, p, 0.125) for p in ev)  # a larger split holds more problems
+
+
+@pytest.mark.parametrize(
+    ("name", "difficulty", "held_out", "needle"),
+    [
+        (
+            "parity",
+            8,
+            0.125,
+            r"parity at data.difficulty=8 has 256 distinct problems: data.held_out=0.125 keeps about 32",
+        ),
+        ("addition", 1, 0.5, r"addition at data.difficulty=1 has 100 distinct problems"),
+        ("addition", 2, 0.0, r"data.held_out must be in \(0, 0.5\]"),
+        ("addition", 2, 0.75, r"data.held_out must be in \(0, 0.5\]"),
+    ],
+)
+def test_a_split_too_small_to_measure_is_refused(name, difficulty, held_out, needle):
+    with pytest.raises(ValueError, match=needle):
+        tasks.check_held_out(tasks.get_task(name), difficulty, held_out)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_n_problems_bounds_what_the_generator_draws(name):
+    task = tasks.get_task(name)
+    d = SMALL[name]
+    drawn = {task.generate(fresh_example_rng(0, 0, i), d).prompt for i in range(20_000)}
+    assert len(drawn) <= task.n_problems(d)
+    if name in ("addition", "parity", "reverse"):  # small enough for 20,000 draws to find (almost) all
+        assert len(drawn) >= 0.6 * task.n_problems(d)
+
+
+# ------------------------------------------------------------ a user's own task (data.task=module:Class)
+
+
+class NoGenerate(tasks.Task):  # a Task subclass that forgot generate()
+    def max_len(self, difficulty):
+        return 4
+
+
+@pytest.fixture
+def examples_on_path(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+def test_a_users_task_is_imported_checked_and_split(examples_on_path):
+    task = tasks.get_task("my_task:SortDigits")
+    assert task.name == "sort_digits"
+    for stream in (tasks.TRAIN_STREAM, tasks.EVAL_STREAM):
+        for i in range(200):
+            ex = tasks.make_example(task, 4, 0, stream, i)
+            assert ex.answer == "".join(sorted(ex.prompt.rstrip("="))) and len(ex.text) <= task.max_len(4)
+            assert tasks.is_held_out(task, ex.prompt, tasks.HELD_OUT) == (stream == tasks.EVAL_STREAM)
+    tasks.check_held_out(task, 4, tasks.HELD_OUT)
+    with pytest.raises(ValueError, match=r"sort_digits at data.difficulty=2 has 100 distinct problems"):
+        tasks.check_held_out(task, 2, tasks.HELD_OUT)
+    assert task.format_question("3817", 4) == "3817="
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("no_such_module_xyz:Task", r"cannot import module 'no_such_module_xyz'"),
+        ("my_task:Missing", r"module 'my_task' has no attribute 'Missing'"),
+        ("my_task:re", r"has an attribute that is not a Task subclass: 're'"),
+        ("test_data_tasks:NoGenerate", r"NoGenerate does not define generate\(\)"),
+    ],
+)
+def test_a_users_task_that_cannot_serve_is_one_line(examples_on_path, name, needle):
+    with pytest.raises(ValueError, match=needle):
+        tasks.get_task(name)

@@ -95,6 +95,36 @@ def test_prepare_byte_round_trip(corpus):
     assert meta["eval_split"]["fraction"] == 0.2 and meta["eval_split"]["min_tokens"] == 200
 
 
+def test_eval_overlap_counts_eval_windows_seen_in_training(corpus):
+    """eval_overlap against a plain count: every window of every eval document, looked up among all
+    windows of all training documents; metadata.json holds the 32-token count."""
+    from asura.data.overlap import eval_overlap
+
+    _, _, out = corpus
+    train_docs, eval_docs = split_docs(out)
+    for W in (6, 32):
+        train_windows = {d[i : i + W] for d in train_docs for i in range(len(d) - W + 1)}
+        eval_windows = [d[i : i + W] for d in eval_docs for i in range(len(d) - W + 1)]
+        want = sum(w in train_windows for w in eval_windows)
+        n = len(eval_windows)
+        assert eval_overlap(str(out), W) == {"window": W, "eval_windows": n, "in_train": want, "fraction": want / n}
+        if W == 6:  # random words share 6-byte windows across splits, so a count of 0 would be a bug
+            assert 0 < want < n
+    assert json.loads((out / "metadata.json").read_text())["eval_overlap"] == eval_overlap(str(out), 32)
+
+
+def test_window_hashes_tell_windows_apart():
+    from asura.data.overlap import window_hashes
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 3, size=5000)  # few symbols: many repeated windows, and many near misses
+    h = window_hashes(ids, 12)
+    windows = [tuple(ids[i : i + 12]) for i in range(len(ids) - 11)]
+    assert len(h) == len(windows) and len(set(h.tolist())) == len(set(windows))
+    assert len(window_hashes(ids[:11], 12)) == 0
+    assert window_hashes(np.array([0, 0, 1]), 2)[0] != window_hashes(np.array([0, 0, 1]), 2)[1]  # 0 is not nothing
+
+
 def test_prepare_wordlevel_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

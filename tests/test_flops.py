@@ -187,7 +187,8 @@ def test_iso_param_falls_back_to_d_ff():
     cfg = load_config(None, ["model.n_layers=1", "model.max_iterations=4", "model.adapter=abba"])
     base = iso_param(cfg)
     assert base.model.d_ff % 8 == 0 and base.model.d_ff != 4 * base.model.d_model
-    assert abs(param_count(base).unique / param_count(cfg).unique - 1) <= 0.01
+    assert abs(param_count(base).trained / param_count(cfg).trained - 1) <= 0.01
+    assert param_count(cfg).untrained > 0 and param_count(base).untrained == 0  # the 4th slot: depth 3 never uses it
 
 
 def test_impossible_is_clear(capsys):

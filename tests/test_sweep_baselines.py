@@ -32,7 +32,7 @@ def test_registry_names_and_defaults():
 @pytest.mark.parametrize("over", [[], ["model.d_model=128", "model.n_layers=3"], ["model.mlp=swiglu"]])
 def test_each_tolerance_is_what_the_builder_enforces(over):
     cfg = load_config(DEMO, over)
-    measure = {"iso_param": lambda c: param_count(c).unique, "iso_flop_width": lambda c: flop_count(c).train}
+    measure = {"iso_param": lambda c: param_count(c).trained, "iso_flop_width": lambda c: flop_count(c).train}
     for name, b in BASELINES.items():
         if b.tolerance is None:
             continue
@@ -46,7 +46,7 @@ def test_each_tolerance_is_what_the_builder_enforces(over):
 def test_report_has_one_entry_per_registered_baseline():
     rep = report(load_config(DEMO))
     assert list(rep) == ["model", *BASELINES.names]
-    assert rep["iso_param"]["check"] == "params +0.00% (tol 1%): ok"  # the facts' tolerance, printed
+    assert rep["iso_param"]["check"] == "trained params +0.28% (tol 1%): ok"  # the facts' tolerance, printed
     assert rep["iso_flop_width"]["check"] == "train FLOPs +0.00% (tol 1%): ok, d=128, d_ff=496"
 
 

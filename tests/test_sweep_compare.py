@@ -51,6 +51,17 @@ def test_refuses_unlabelled_mismatch(other, kind, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_iso_param_compares_trained_params_when_both_runs_have_them():
+    """A looped model's untrained slots (asura.flops: trained) do not count; with only one run
+    recording the trained count, both are compared on unique params (one quantity for both)."""
+    looped = {**REF, "params_unique": 1_090_000, "params_trained": 1_000_000}
+    vanilla = {**run("iso_param", 1_005_000, 1e12), "params_trained": 1_005_000}
+    assert label(vanilla, looped) == "iso-param"
+    assert label(run("iso_param", 1_005_000, 1e12), looped) == "neither"  # 1.005M vs 1.09M unique
+    with pytest.raises(ComparisonRefused, match=r"trained params differ by \+9\.00%"):
+        compare({**vanilla, "params_trained": 1_090_000}, looped, kind="iso-param")
+
+
 def _m(group, role, parent, seed, params, flops, value, trial):
     acc = {"flops_per_token_fwd": 1.0, "flops_per_token_train": 3.0, "train_tokens": 100}
     return {"trial": trial, "key": f"{group}|seed={seed}", "group": group, "role": role, "parent": parent,

@@ -16,11 +16,11 @@ def _final_eval(key: str, tmp_path) -> dict:
 
 
 def test_smoke_sweep_learns_and_depth_matters(tmp_path):
-    # Measured here: `full` 0.71 answer exact match at depth 2 (0.49-0.71 over seeds and compile
-    # flags); `all_off` 0.03 at depth 1 and 0.84-0.87 at depth 2. Thresholds at about half: a change
-    # that stops learning, or stops the second iteration from mattering, fails; seed spread does not.
+    # Reversing 3 letters, exact match on held-out strings. Measured here: `full` 1.00 (seed 0) and
+    # 0.67 (seed 1) at depth 2; `all_off` (no guidance: only the final iteration is scored) ce 0.234
+    # at depth 1 vs 0.162 at depth 2. Thresholds at about half: a change that stops learning, or
+    # stops the second iteration from mattering, fails; seed spread does not.
     full = _final_eval("full|seed=0", tmp_path)
     assert full["eval/d2/exact_match"] >= 0.35, full
-    plain = _final_eval("all_off|seed=0", tmp_path)  # no guidance: only the final iteration is trained
-    assert plain["eval/d2/exact_match"] - plain["eval/d1/exact_match"] >= 0.4, plain
-    assert plain["eval/d2/ce"] < plain["eval/d1/ce"], plain
+    plain = _final_eval("all_off|seed=0", tmp_path)
+    assert plain["eval/d1/ce"] - plain["eval/d2/ce"] >= 0.035, plain

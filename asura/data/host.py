@@ -56,8 +56,8 @@ def grain():
 # ------------------------------------------------------------ documents
 
 
-def _task_doc(index, *, task, difficulty, seed, stream):
-    tokens_L, answer_L = tasks_lib.make_example(task, difficulty, seed, stream, index).encode()
+def _task_doc(index, *, task, difficulty, seed, stream, held_out):
+    tokens_L, answer_L = tasks_lib.make_example(task, difficulty, seed, stream, index, held_out).encode()
     return {"tokens": tokens_L, "scored": answer_L.astype(np.int32)}
 
 
@@ -65,7 +65,9 @@ def task_documents(cfg, *, stream: int, difficulty: int, n_examples: int) -> Doc
     """Examples 0..n_examples-1 of one seed stream; tasks are generated per index, so any n works."""
     task = tasks_lib.get_task(cfg.data.task)
     tasks_lib.check_fits(task, difficulty, cfg.data.seq_len)
-    to_doc = functools.partial(_task_doc, task=task, difficulty=difficulty, seed=cfg.train.seed, stream=stream)
+    to_doc = functools.partial(
+        _task_doc, task=task, difficulty=difficulty, seed=cfg.train.seed, stream=stream, held_out=cfg.data.held_out
+    )
     return Documents(
         records=grain().MapDataset.range(n_examples),
         to_doc=to_doc,

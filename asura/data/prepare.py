@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from asura.data.eval_split import PIECE_TOKENS, EvalSplit
+from asura.data.overlap import eval_overlap
 from asura.data.text import FORMAT, METADATA, TOKEN_DTYPE
 from asura.data.tokenizer import load_tokenizer
 from asura.registry import Registry
@@ -234,6 +235,7 @@ def prepare(
                 "cut_documents": split.cut_documents,
             },
             "shards": {**writers["train"].stats, **writers["eval"].stats},
+            "eval_overlap": eval_overlap(output),
         }
         with open(os.path.join(output, METADATA), "w") as f:
             json.dump(meta, f, indent=1)
@@ -355,6 +357,11 @@ def main(argv: list[str] | None = None, *, hf_loader: Callable | None = None) ->
         f"({meta['eval_split']['cut_documents']} split into a train head and an eval tail), "
         f"{train['tokens']} train / {evals['tokens']} eval tokens ({share:.1%} held out), "
         f"{len(meta['shards'])} shards, vocab {meta['vocab_size']} ({meta['tokenizer']}) to {args.output}"
+    )
+    o = meta["eval_overlap"]
+    print(
+        f"eval overlap: {o['in_train']} of {o['eval_windows']} eval windows of {o['window']} tokens "
+        f"({o['fraction']:.1%}) also occur in training documents (metadata.json: eval_overlap)"
     )
     return 0
 

@@ -59,8 +59,10 @@ def _task_check(cfg, process_count: int) -> None:
     d = cfg.data
     task = tasks.get_task(d.task)
     tasks.check_fits(task, d.difficulty, d.seq_len)
+    tasks.check_held_out(task, d.difficulty, d.held_out)
     if d.eval_difficulty:
         tasks.check_fits(task, d.eval_difficulty, d.seq_len, what="data.eval_difficulty")
+        tasks.check_held_out(task, d.eval_difficulty, d.held_out, what="data.eval_difficulty")
 
 
 def _task_train_iterator(cfg, process_index: int, process_count: int):

@@ -12,6 +12,15 @@ Difficulty knobs (``data.difficulty``):
   reverse        n letters; answer is the string reversed
   modular_arith  n terms of ``+``/``-`` digits mod 10 (sequential state tracking)
 
+Held-out problems, by construction: a problem's identity is its prompt (which fixes the answer),
+and a hash of (task, prompt) puts a fixed fraction ``data.held_out`` of all problems in the eval
+split. The train stream skips eval-split problems and the eval stream draws only them (the next
+draw of the same example generator), so no eval problem is ever trained on, at any seed or step
+count. A harder ``data.eval_difficulty`` is a second, generalisation split (lengths never trained).
+
+Your own task: ``data.task=my_pkg.my_module:MyTask`` names a ``Task`` subclass (imported when the
+config is checked); it gets the same split.
+
 A question in plain form (``python -m asura.generate --question``) becomes a prompt through
 ``Task.format_question``, the same formatting the generator uses (e.g. addition ``5+7`` at
 difficulty 2 is ``05+07=``): one rule, so a model is asked in the format it was trained on.
@@ -19,7 +28,10 @@ difficulty 2 is ``05+07=``): one rule, so a model is asked in the format it was 
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import itertools
+import math
 import re
 import string
 import threading
@@ -29,6 +41,9 @@ import numpy as np
 
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
+HELD_OUT = 0.125  # data.held_out's default: the fraction of problems reserved for evaluation
+MIN_HELD_OUT = 64  # fewer held-out problems than this would make exact match too coarse to compare
+MAX_DRAWS = 1000  # redraws for an example in its split: (1 - 1/8) ** 1000 ~ 1e-58 to fail by chance
 _LETTERS = string.ascii_lowercase
 
 
@@ -77,6 +92,11 @@ class Task:
         """Upper bound on the example length in tokens (all tasks here are fixed length)."""
         raise NotImplementedError
 
+    def n_problems(self, difficulty: int) -> int | None:
+        """How many distinct prompts `generate` can produce (an upper bound), or None if unknown;
+        the held-out split is checked against it up front."""
+        return None
+
     def check_difficulty(self, difficulty: int) -> None:
         if difficulty < 1:
             raise ValueError(f"task {self.name}: difficulty must be >= 1, got {difficulty}")
@@ -122,6 +142,10 @@ class PointerChase(Task):
     def max_len(self, difficulty: int) -> int:
         return 8 * difficulty + 4
 
+    def n_problems(self, difficulty: int) -> int:
+        k = difficulty  # ordered names, the two values, the statements' order
+        return math.perm(len(_LETTERS), 2 * k) * 90 * math.factorial(2 * k)
+
 
 class Addition(Task):
     name = "addition"
@@ -145,6 +169,9 @@ class Addition(Task):
     def max_len(self, difficulty: int) -> int:
         return 3 * difficulty + 4
 
+    def n_problems(self, difficulty: int) -> int:
+        return 10 ** (2 * difficulty)
+
 
 class Parity(Task):
     name = "parity"
@@ -162,6 +189,9 @@ class Parity(Task):
 
     def max_len(self, difficulty: int) -> int:
         return difficulty + 3
+
+    def n_problems(self, difficulty: int) -> int:
+        return 2**difficulty
 
 
 class Reverse(Task):
@@ -181,6 +211,9 @@ class Reverse(Task):
 
     def max_len(self, difficulty: int) -> int:
         return 2 * difficulty + 2
+
+    def n_problems(self, difficulty: int) -> int:
+        return len(_LETTERS) ** difficulty
 
 
 class ModularArith(Task):
@@ -207,14 +240,41 @@ class ModularArith(Task):
     def max_len(self, difficulty: int) -> int:
         return 2 * difficulty + 4
 
+    def n_problems(self, difficulty: int) -> int:
+        return 10 ** (difficulty + 1) * 2**difficulty
+
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (PointerChase, Addition, Parity, Reverse, ModularArith)}
 
 
 def get_task(name: str) -> Task:
+    """A registered task by name, or a user's Task subclass named `module.path:ClassName`."""
+    if ":" in name:
+        return _import_task(name)
     if name not in TASKS:
-        raise ValueError(f"unknown data.task {name!r}; valid: {', '.join(sorted(TASKS))}")
+        raise ValueError(
+            f"unknown data.task {name!r}; valid: {', '.join(sorted(TASKS))}, or module.path:ClassName (a Task subclass)"
+        )
     return TASKS[name]()
+
+
+def _import_task(name: str) -> Task:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"data.task={name!r}: cannot import module {module_name!r} ({e})") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        what = "has no attribute" if cls is None else "has an attribute that is not a Task subclass:"
+        raise ValueError(f"data.task={name!r}: module {module_name!r} {what} {attr!r} (asura.data.tasks.Task)")
+    for method in ("generate", "max_len"):
+        if getattr(cls, method) is getattr(Task, method):
+            raise ValueError(f"data.task={name!r}: {attr} does not define {method}() (see asura.data.tasks.Task)")
+    task = cls()
+    if not task.name:
+        task.name = name
+    return task
 
 
 _MASK64 = (1 << 64) - 1
@@ -255,8 +315,41 @@ def example_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return gen
 
 
-def make_example(task: Task, difficulty: int, seed: int, stream: int, index: int) -> Example:
-    return task.generate(example_rng(seed, stream, index), difficulty)
+def is_held_out(task: Task, prompt: str, held_out: float) -> bool:
+    """Is this problem in the eval split? A pure function of the task and the prompt: not of the
+    seed, the stream, the step or the difficulty setting, so a problem is on one side for every run."""
+    digest = hashlib.blake2b(f"{task.name}\0{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < held_out * 2.0**64
+
+
+def make_example(
+    task: Task, difficulty: int, seed: int, stream: int, index: int, held_out: float = HELD_OUT
+) -> Example:
+    """Example `index` of a stream: the first draw of its generator that lies in the stream's split
+    (held-out problems for EVAL_STREAM, the rest for every other stream)."""
+    want = stream == EVAL_STREAM
+    rng = example_rng(seed, stream, index)
+    for _ in range(MAX_DRAWS):
+        ex = task.generate(rng, difficulty)
+        if is_held_out(task, ex.prompt, held_out) == want:
+            return ex
+    side = "held-out" if want else "training"
+    raise ValueError(
+        f"task {task.name} at difficulty {difficulty}: no {side} problem in {MAX_DRAWS} draws; it has too few "
+        f"distinct problems for data.held_out={held_out}"
+    )
+
+
+def check_held_out(task: Task, difficulty: int, held_out: float, what: str = "data.difficulty") -> None:
+    """Raise if the split leaves too few problems on either side (one line naming the fix)."""
+    if not 0 < held_out <= 0.5:
+        raise ValueError(f"data.held_out must be in (0, 0.5] (the fraction of problems kept for eval), got {held_out}")
+    n = task.n_problems(difficulty)
+    if n is not None and n * held_out < MIN_HELD_OUT:
+        raise ValueError(
+            f"task {task.name} at {what}={difficulty} has {n} distinct problems: data.held_out={held_out} keeps about "
+            f"{n * held_out:.0f} for evaluation, fewer than {MIN_HELD_OUT}; raise the difficulty or data.held_out"
+        )
 
 
 def check_fits(task: Task, difficulty: int, seq_len: int, what: str = "data.difficulty") -> None:

@@ -1,6 +1,8 @@
 """Labelled comparisons between runs: iso-param, iso-FLOP, or neither.
 
-A comparison is *iso-param* when unique parameters agree within ``TOLERANCES["iso-param"]``
+A comparison is *iso-param* when trained parameters (``asura.flops``: what the optimiser holds,
+less per-iteration slots no training step reaches; manifests from before that count have only
+their unique count, which is then used for both runs) agree within ``TOLERANCES["iso-param"]``
 and *iso-FLOP* when total training FLOPs (FLOPs/token × tokens) agree within
 ``TOLERANCES["iso-FLOP"]`` (1% each, docs/method.md); a pair can be both. Asking ``compare``
 for a kind that does not hold raises ``ComparisonRefused`` with a one-line reason, so no table
@@ -10,7 +12,7 @@ The tolerances are ``asura.baselines``' own: a baseline is built to exactly the 
 labelled with here, so a width-matched baseline reads iso-FLOP, never "neither" by a gap
 between two numbers.
 
-Runs are manifests (or any mapping with ``params_unique``, ``train_flops`` and ``value``).
+Runs are manifests (or any mapping with ``params_trained`` or ``params_unique``, ``train_flops`` and ``value``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _get(run: Mapping, key: str) -> float:
     return float(v)
 
 
+def _param_key(a: Mapping, b: Mapping) -> str:
+    """The same count for both runs: trained when both record it, else unique."""
+    return "params_trained" if "params_trained" in a and "params_trained" in b else "params_unique"
+
+
 def rel_diff(a: float, b: float) -> float:
     """Relative difference of a against the reference b."""
     return a / b - 1.0
@@ -44,7 +51,8 @@ def rel_diff(a: float, b: float) -> float:
 
 def kinds_holding(a: Mapping, b: Mapping) -> list[str]:
     out = []
-    if abs(rel_diff(_get(a, "params_unique"), _get(b, "params_unique"))) <= TOLERANCES["iso-param"]:
+    key = _param_key(a, b)
+    if abs(rel_diff(_get(a, key), _get(b, key))) <= TOLERANCES["iso-param"]:
         out.append("iso-param")
     if abs(rel_diff(_get(a, "train_flops"), _get(b, "train_flops"))) <= TOLERANCES["iso-FLOP"]:
         out.append("iso-FLOP")
@@ -64,11 +72,12 @@ def compare(a: Mapping, b: Mapping, kind: str | None = None) -> dict:
     if kind is not None and kind not in KINDS:
         raise ComparisonRefused(f"unknown comparison kind {kind!r}; choose one of {', '.join(KINDS)}")
     holding = kinds_holding(a, b)
-    dp = rel_diff(_get(a, "params_unique"), _get(b, "params_unique"))
+    key = _param_key(a, b)
+    dp = rel_diff(_get(a, key), _get(b, key))
     df = rel_diff(_get(a, "train_flops"), _get(b, "train_flops"))
     if kind == "iso-param" and kind not in holding:
         raise ComparisonRefused(
-            f"{_name(a)} vs {_name(b)} is not iso-param: unique params differ by {dp:+.2%} "
+            f"{_name(a)} vs {_name(b)} is not iso-param: {key.removeprefix('params_')} params differ by {dp:+.2%} "
             f"(tolerance {TOLERANCES[kind]:.0%})"
         )
     if kind == "iso-FLOP" and kind not in holding:

@@ -46,6 +46,7 @@ def accounting(cfg: Config, steps_done: int | None = None) -> dict:
     tokens_seen = steps * cfg.train.batch_size * cfg.data.seq_len
     return {
         "params_unique": s["params_unique"],
+        "params_trained": s["params_trained"],
         "params_total": s["params_total"],
         "flops_per_token_fwd": s["flops_per_token_fwd"],
         "flops_per_token_train": s["flops_per_token_train"],

@@ -33,12 +33,15 @@ class Metric:
     # Config keys that change what the number means: values are only comparable between runs that
     # agree on all of them, so a spec whose trials differ in one is refused at load.
     same_config: tuple[str, ...] = ()
+    bounds: tuple[float | None, float | None] = (None, None)  # the values it can take: intervals are cut to it
 
 
 METRICS: Registry[Metric] = Registry("metric", "what a sweep optimises and tabulates (optionally @depth)")
-METRICS.add("ce", Metric("ce", "minimize", "final-iteration cross-entropy (masked token mean)"))
-METRICS.add("exact_match", Metric("exact_match", "maximize", "fraction of examples answered exactly"))
-METRICS.add("accuracy", Metric("accuracy", "maximize", "token accuracy at the final iteration"))
+METRICS.add("ce", Metric("ce", "minimize", "final-iteration cross-entropy (masked token mean)", bounds=(0.0, None)))
+METRICS.add(
+    "exact_match", Metric("exact_match", "maximize", "fraction of examples answered exactly", bounds=(0.0, 1.0))
+)
+METRICS.add("accuracy", Metric("accuracy", "maximize", "token accuracy at the final iteration", bounds=(0.0, 1.0)))
 METRICS.add(
     "objective",
     Metric(
@@ -48,6 +51,7 @@ METRICS.add(
         # guidance weights CE over iterations and z_loss adds a penalty term: with either changed the
         # same model scores a different number, so a difference would not be a difference in quality.
         same_config=("model.guidance", "model.guidance_weights", "model.z_loss"),
+        bounds=(0.0, None),
     ),
 )
 DEFAULT_METRIC = "ce"

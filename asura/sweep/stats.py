@@ -21,6 +21,14 @@ Significance is p < ``ALPHA`` (two-sided), which for a t-test is the same as the
 interval excluding 0. "Beats" follows the metric's direction (``asura.sweep.metrics``): lower is
 better for ``minimize``, higher for ``maximize``.
 
+A study's protocol (``asura.sweep.protocol``) adds, per family of comparisons:
+
+    holm(p)                  Holm-Bonferroni adjusted p-values (the family-wise error at ALPHA)
+    signed_rank_p(a, b)      Wilcoxon signed-rank p over paired seeds (exact for small n): no
+                             normality assumed; with n seeds it cannot go below 2 / 2**n
+    learned_rates(a, b, ..)  Fisher's exact test on how many seeds "learned" (metric past a
+                             threshold): the test for bimodal outcomes, where a mean says little
+
 Pure: numbers in, numbers and words out; no files, no config.
 """
 
@@ -215,4 +223,71 @@ def compare_seeds(
     return SeedComparison(name_a, name_b, method, na, nb, diff, hw, t, df, p, significant, better, why, verdict)
 
 
-__all__ = ["ALPHA", "CONFIDENCE", "SeedComparison", "Summary", "compare_seeds", "describe", "t_quantile"]
+def holm(pvalues: Mapping[str, float | None]) -> dict[str, float | None]:
+    """Holm-Bonferroni step-down adjusted p-values over one family; None (not tested) stays None and
+    does not count in the family size. With p_(1) <= ... <= p_(m):
+    adjusted p_(i) = max over j <= i of min(1, (m - j + 1) * p_(j))."""
+    tested = sorted((p, k) for k, p in pvalues.items() if p is not None)
+    m, out, running = len(tested), {k: None for k in pvalues}, 0.0
+    for i, (p, k) in enumerate(tested):
+        running = max(running, min(1.0, (m - i) * p))
+        out[k] = running
+    return out
+
+
+def signed_rank_p(a: Mapping[int, float], b: Mapping[int, float]) -> float | None:
+    """Two-sided Wilcoxon signed-rank p over the seeds both ran (scipy: exact distribution for small
+    n without ties, else the normal approximation); None with fewer than 2 nonzero differences."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    if sum(x != 0 for x in d) < 2:
+        return None
+    return float(sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+@dataclass(frozen=True)
+class LearnedRates:
+    """How many seeds of each group reached the threshold, and Fisher's exact test of the 2x2 table."""
+
+    k_a: int
+    n_a: int
+    k_b: int
+    n_b: int
+    p: float | None  # two-sided; None when a group has no seed
+
+
+def learned_rates(a: Sequence[float], b: Sequence[float], threshold: float, direction: str) -> LearnedRates:
+    """A seed has learned when its value is at or past ``threshold`` in the metric's direction."""
+    _better(0.0, direction)  # checks the direction
+    ok = (lambda v: v >= threshold) if direction == "maximize" else (lambda v: v <= threshold)
+    k_a, k_b = sum(map(ok, a)), sum(map(ok, b))
+    p = None
+    if a and b:
+        p = float(sps.fisher_exact([[k_a, len(a) - k_a], [k_b, len(b) - k_b]]).pvalue)
+    return LearnedRates(k_a, len(a), k_b, len(b), p)
+
+
+def clip_interval(low: float | None, high: float | None, bounds: tuple[float | None, float | None]):
+    """An interval cut to the metric's range (exact match cannot leave [0, 1])."""
+    lo, hi = bounds
+    if low is not None and lo is not None:
+        low = max(low, lo)
+    if high is not None and hi is not None:
+        high = min(high, hi)
+    return low, high
+
+
+__all__ = [
+    "ALPHA",
+    "CONFIDENCE",
+    "LearnedRates",
+    "SeedComparison",
+    "Summary",
+    "clip_interval",
+    "compare_seeds",
+    "describe",
+    "holm",
+    "learned_rates",
+    "signed_rank_p",
+    "t_quantile",
+]

@@ -36,6 +36,7 @@ from typing import Any
 import jax
 
 from asura.config import Config
+from asura.flops import param_count
 from asura.storage.paths import to_path
 from asura.train.metrics import to_python
 from asura.train.preflight import preflight
@@ -124,8 +125,13 @@ def _run(trainer: Trainer) -> tuple[str, int | None, int]:
         trainer.say(f"signal {Signals.received} before the first step: exiting")
         return "preempted", start, start or 0
     trainer.open_sinks(start or 0)
-    n_params = count_params(trainer.state["params"])
-    trainer.say(f"{cfg.name}: {n_params:,} params, steps {start or 0}->{cfg.train.steps}, workdir {trainer.workdir}")
+    n_params, trained = count_params(trainer.state["params"]), param_count(cfg).trained
+    held = (
+        f" ({trained:,} trained: slots past the deepest trained iteration stay at init)" if trained < n_params else ""
+    )
+    trainer.say(
+        f"{cfg.name}: {n_params:,} params{held}, steps {start or 0}->{cfg.train.steps}, workdir {trainer.workdir}"
+    )
     trainer.writer.progress(start or 0)
     if (start or 0) >= cfg.train.steps:  # already finished: report the checkpoint's eval
         trainer.say(f"already trained to step {start} (train.steps={cfg.train.steps})")
