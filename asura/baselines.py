@@ -151,6 +151,18 @@ def iso_flop_width(cfg: Config) -> Config:
     )
 
 
+def iso_flop_depth_steps(cfg: Config) -> Config:
+    """The depth-matched model trained for as many steps as make its run's training FLOPs equal the
+    looped run's (depth-matched alone is 0.75x on the demo): iso-FLOP by steps, not by shape."""
+    base = iso_flop_depth(cfg)
+    steps = max(1, round(cfg.train.steps * flop_count(cfg).train / flop_count(base).train))
+    out = with_overrides(base, {"train.steps": steps, "name": f"{cfg.name}-iso_flop_depth_steps"})
+    err = _rel(summary(out)["train_flops"], summary(cfg)["train_flops"])
+    if abs(err) > FLOP_TOL:
+        raise BaselineImpossible(f"iso_flop_depth_steps: {steps} steps give {err:+.2%} run FLOPs (tol {FLOP_TOL:.0%})")
+    return out
+
+
 def token_matched(cfg: Config) -> Config:
     steps = max(1, math.floor(cfg.train.steps * expected_depth(cfg) + 0.5))
     out = with_overrides(vanilla(cfg), {"train.steps": steps, "name": f"{cfg.name}-token_matched"})
@@ -193,6 +205,11 @@ def _check_iso_flop_width(cfg: Config, base: Config) -> str:
     return f"train FLOPs {_train_flops_ratio(cfg, base):+.2%} (tol {FLOP_TOL:.0%}): ok, d={m.d_model}, d_ff={m.d_ff}"
 
 
+def _check_iso_flop_depth_steps(cfg: Config, base: Config) -> str:
+    runs = _rel(summary(base)["train_flops"], summary(cfg)["train_flops"])
+    return f"L={base.model.n_layers}, steps {cfg.train.steps}->{base.train.steps}; run FLOPs {runs:+.2%} (tol 1%): ok"
+
+
 def _check_token_matched(cfg: Config, base: Config) -> str:
     runs = summary(base)["train_flops"] / summary(cfg)["train_flops"]
     return f"steps {cfg.train.steps}->{base.train.steps}; run FLOPs x{runs:.3f}"
@@ -206,6 +223,16 @@ BASELINES.add(
     "iso_flop_depth",
     Baseline(
         iso_flop_depth, "training FLOPs/token via depth L·round(E[n]), same width", None, True, _check_iso_flop_depth
+    ),
+)
+BASELINES.add(
+    "iso_flop_depth_steps",
+    Baseline(
+        iso_flop_depth_steps,
+        "training FLOPs of the run: depth L·round(E[n]), steps scaled",
+        FLOP_TOL,
+        False,
+        _check_iso_flop_depth_steps,
     ),
 )
 BASELINES.add(

@@ -227,7 +227,8 @@ ENTRY_KEYS = ("params_unique", "params_total", "flops_per_token_fwd", "flops_per
 def test_cli_json(capsys):
     main(["--config", str(ROOT / "configs/demo.yaml"), "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"model", "iso_param", "iso_flop_depth", "iso_flop_width", "token_matched"}
+    kinds = {"iso_param", "iso_flop_depth", "iso_flop_depth_steps", "iso_flop_width", "token_matched"}
+    assert set(out) == {"model", *kinds}
     for entry in out.values():
         if "impossible" not in entry:
             assert set(ENTRY_KEYS) <= set(entry)

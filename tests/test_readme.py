@@ -93,6 +93,10 @@ CHECKS: dict[str, Check] = {
     ".venv/bin/python train.py --config configs/demo.yaml --workdir runs/abba model.adapter=abba "
     "depth.schedule=uniform": Check(expect=("done at step 600",)),
     ".venv/bin/python -m asura.flops --config configs/presets/looped_350m.yaml": Check(expect=("iso_flop_width",)),
+    "PYTHONPATH=examples .venv/bin/python train.py --workdir runs/sort data.task=my_task:SortDigits "
+    "data.difficulty=4 train.steps=300": Check(
+        expect=("done at step 300", "exact_match"), verify=_finished("runs/sort", 300)
+    ),
     ".venv/bin/python -m asura.data.prepare --builtin pydoc --output data/pydoc": Check(),
     ".venv/bin/python train.py --config configs/pydoc.yaml": Check(
         expect=("done at step 600", "bits_per_byte"), verify=_finished("runs/pydoc", 600)

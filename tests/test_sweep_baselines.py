@@ -7,7 +7,7 @@ from test_sweep_helpers import REPO, write_spec
 
 from asura.baselines import BASELINES, DEFAULT_BASELINES, TOLERANCES, Baseline, BaselineImpossible, report
 from asura.config.load import load_config
-from asura.flops import flop_count, param_count
+from asura.flops import flop_count, param_count, summary
 from asura.sweep.compare import label
 from asura.sweep.manifest import accounting
 from asura.sweep.spec import SpecError, load_spec
@@ -15,15 +15,16 @@ from asura.sweep.spec import SpecError, load_spec
 DEMO = REPO / "configs" / "demo.yaml"
 BIG = REPO / "configs" / "presets" / "looped_350m.yaml"
 # The comparison label each enforced baseline kind is built for.
-LABEL_OF = {"iso_param": "iso-param", "iso_flop_width": "iso-FLOP"}
+LABEL_OF = {"iso_param": "iso-param", "iso_flop_width": "iso-FLOP", "iso_flop_depth_steps": "iso-FLOP"}
 
 
 def test_registry_names_and_defaults():
-    assert BASELINES.names == ("iso_param", "iso_flop_depth", "iso_flop_width", "token_matched")
+    assert BASELINES.names == ("iso_param", "iso_flop_depth", "iso_flop_depth_steps", "iso_flop_width", "token_matched")
     assert all(isinstance(BASELINES[n], Baseline) for n in BASELINES)
     assert DEFAULT_BASELINES == ("iso_param", "iso_flop_depth", "iso_flop_width")  # token_matched changes steps
     assert {n: BASELINES[n].tolerance for n in BASELINES} == {
-        "iso_param": 0.01, "iso_flop_depth": None, "iso_flop_width": 0.01, "token_matched": None,
+        "iso_param": 0.01, "iso_flop_depth": None, "iso_flop_depth_steps": 0.01, "iso_flop_width": 0.01,
+        "token_matched": None,
     }  # fmt: skip
     with pytest.raises(ValueError, match="baselines='iso_parm' is not valid; choose one of iso_param, "):
         BASELINES["iso_parm"]
@@ -32,7 +33,11 @@ def test_registry_names_and_defaults():
 @pytest.mark.parametrize("over", [[], ["model.d_model=128", "model.n_layers=3"], ["model.mlp=swiglu"]])
 def test_each_tolerance_is_what_the_builder_enforces(over):
     cfg = load_config(DEMO, over)
-    measure = {"iso_param": lambda c: param_count(c).trained, "iso_flop_width": lambda c: flop_count(c).train}
+    measure = {
+        "iso_param": lambda c: param_count(c).trained,
+        "iso_flop_width": lambda c: flop_count(c).train,
+        "iso_flop_depth_steps": lambda c: summary(c)["train_flops"],
+    }  # the run's FLOPs: steps differ
     for name, b in BASELINES.items():
         if b.tolerance is None:
             continue
@@ -93,3 +98,14 @@ def test_width_matched_baseline_impossible_is_one_line():
     msg = str(e.value)
     assert msg.startswith("iso_flop_width: no width in multiples of 64 with d_ff in multiples of 8 is within 1%")
     assert "d=64, d_ff=8: +" in msg and "\n" not in msg
+
+
+def test_depth_matched_by_steps_is_labelled_iso_flop():
+    """Depth-matched spends 0.75x the demo's training FLOPs per token; trained 795 steps instead of
+    600 it spends the same run FLOPs (within 1%) and the labeller calls the pair iso-FLOP."""
+    cfg = load_config(DEMO)
+    depth, steps = BASELINES["iso_flop_depth"].build(cfg), BASELINES["iso_flop_depth_steps"].build(cfg)
+    ratio = flop_count(cfg).train / flop_count(depth).train
+    assert steps.model == depth.model and steps.train.steps == round(600 * ratio) == 795
+    assert label(accounting(depth), accounting(cfg)) == "neither"
+    assert label(accounting(steps), accounting(cfg)) == "iso-FLOP"

@@ -18,15 +18,17 @@ from asura.sweep.__main__ import main
 from asura.sweep.metrics import METRICS, MetricSpec
 from asura.sweep.report import ReportRefused, draw_ablation, draw_metric_vs, group_rows, write_report
 from asura.sweep.runner import run_sweep
-from asura.sweep.stats import compare_seeds, describe
+from asura.sweep.stats import compare_seeds, describe, signed_rank_p
 
 matplotlib.use("Agg")
 CE = MetricSpec("ce", None, METRICS["ce"])
 # Per-seed noise shared by every config of a seed (same data order, same init stream) plus a small
 # per-run term: what pairing by seed is for.
-SHARED = {0: 0.00, 1: 0.08, 2: -0.05}
-OWN = {("projconcat", 0): 0.010, ("projconcat", 1): -0.004, ("projconcat", 2): 0.002,
-       ("add", 0): -0.006, ("add", 1): 0.012, ("add", 2): 0.001}  # fmt: skip
+SHARED = {0: 0.00, 1: 0.08, 2: -0.05, 3: 0.03, 4: -0.02}
+OWN = {("projconcat", 0): 0.010, ("projconcat", 1): -0.004, ("projconcat", 2): 0.002, ("projconcat", 3): -0.008,
+       ("projconcat", 4): 0.005, ("add", 0): -0.006, ("add", 1): 0.012, ("add", 2): 0.001, ("add", 3): 0.009,
+       ("add", 4): -0.003}  # fmt: skip
+SEEDS = [0, 1, 2, 3, 4]  # the minimum for a verdict (asura.sweep.protocol.MIN_SEEDS)
 
 
 def noisy_trial(cfg, workdir, on_eval) -> dict:
@@ -47,7 +49,7 @@ def noisy_trial(cfg, workdir, on_eval) -> dict:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    spec = write_spec(tmp, variants={"full": {}, "add": {"model.injection": "add"}}, seeds=[0, 1, 2], pruner=None)
+    spec = write_spec(tmp, variants={"full": {}, "add": {"model.injection": "add"}}, seeds=SEEDS, pruner=None)
     return run_sweep(spec, tmp / "run", trial_fn=noisy_trial)
 
 
@@ -68,11 +70,16 @@ def test_summary_has_ci_and_verdict_against_the_reference(sweep):
     by = {g: {m["seed"]: m["value"] for m in manifest.read_all(sweep) if m["group"] == g} for g in ("add", "full")}
     want = compare_seeds(by["add"], by["full"], direction="minimize", names=("add", "full"), metric="ce",
                          kind="neither")  # fmt: skip
-    assert rows["add"]["verdict"] == want.verdict and rows["add"]["test"] == "paired t-test"
-    assert want.verdict == "full beats add by 0.300 ± 0.040 ce (neither, paired t-test p < 0.001, n = 3 seeds)"
-    assert float(rows["add"]["p"]) == pytest.approx(want.p) and float(rows["add"]["delta_ci95"]) > 0
+    w = signed_rank_p(by["add"], by["full"])
+    assert w == pytest.approx(2 / 2**5)  # every seed favours full: the smallest two-sided p at n = 5
+    # No protocol: exploratory; one comparison, so Holm leaves p as it is.
+    verdict = (f"exploratory: full beats add by {abs(want.diff):.3f} ± {want.half_width:.3f} ce (neither, paired "
+               f"t-test Holm p = {want.p:.2g}, Wilcoxon Holm p = {w:.2g}, n = 5 seeds)")  # fmt: skip
+    assert rows["add"]["verdict"] == verdict and rows["add"]["test"] == "paired t-test"
+    assert float(rows["add"]["p"]) == pytest.approx(want.p) == pytest.approx(float(rows["add"]["p_holm"]))
+    assert float(rows["add"]["delta_ci95"]) > 0
     md = (sweep / "summary.md").read_text()
-    assert "| ce mean ± 95% CI |" in md and "| verdict vs ref |" in md and want.verdict in md
+    assert "| ce mean ± 95% CI |" in md and "| verdict vs ref |" in md and verdict in md
     assert "| label vs ref |" in md and "| neither |" in md
 
 
@@ -88,9 +95,11 @@ def test_report_md_has_tables_plots_commands_commit_and_wall_time(sweep):
     assert f"Report command: `python -m asura.sweep report {sweep}`" in text
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     sha = head.stdout.strip() if head.returncode == 0 else "unknown"
-    assert f"Git commit (report written): `{sha}" in text
+    assert f"Trials ran at git commit(s): `{sha}" in text
     total = sum(m["wall_s"] for m in manifest.read_all(sweep))
-    assert f"Total trial wall time: {total:.1f} s (" in text and "summed over all 6 trials (6 complete)" in text
+    assert f"Total trial wall time: {total:.1f} s (" in text and "summed over all 10 trials (10 complete)" in text
+    assert "## Protocol" in text and "every verdict below is **exploratory**" in text
+    assert "Environment (trials):" in text and "- 10 trial(s): cpu (" in text
 
 
 def test_report_cli_records_its_command_and_commands_accumulate(tmp_path, capsys):
@@ -143,7 +152,7 @@ def _guided_manifests(tmp_path):
     """Two real runs that differ only in model.guidance, with final evals as the train loop writes them."""
     over = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in TINY.items()]
     runs = []
-    for trial, (guidance, seed) in enumerate([(g, s) for g in ("none", "linear") for s in (0, 1)]):
+    for trial, (guidance, seed) in enumerate([(g, s) for g in ("none", "linear") for s in SEEDS]):
         cfg = load_config(REPO / "configs" / "demo.yaml", [*over, f"model.guidance={guidance}", f"train.seed={seed}"])
         ce = {1: 3.1 + 0.01 * seed, 2: 2.5 + 0.02 * seed}  # depth 2 = model.iterations: the final iteration
         # Guidance weights CE over iterations into the objective: a different number for the same model.
@@ -155,9 +164,9 @@ def _guided_manifests(tmp_path):
                            evals=[(12, final)], final=final, steps_done=12, wall_s=1.5)  # fmt: skip
         manifest.write(tmp_path / "trials" / f"{trial:04d}", m)
         runs.append(m)
-    assert runs[0]["config"]["model"]["guidance"] != runs[2]["config"]["model"]["guidance"]
+    assert runs[0]["config"]["model"]["guidance"] != runs[5]["config"]["model"]["guidance"]
     assert {k: v for k, v in runs[0]["config"]["model"].items() if k != "guidance"} == {
-        k: v for k, v in runs[2]["config"]["model"].items() if k != "guidance"
+        k: v for k, v in runs[5]["config"]["model"].items() if k != "guidance"
     }
     return runs
 
@@ -173,7 +182,7 @@ def test_default_comparison_reads_final_iteration_ce_for_guided_and_unguided_run
     assert "no difference: linear and none are identical in every seed" in rows["linear"]["verdict"]
     assert "# Sweep : ce (minimize)" in (tmp_path / "summary.md").read_text()
     (tmp_path / "sweep.json").write_text(json.dumps({"metric": "ce", "groups": ["none", "linear"]}))
-    assert [r["value"] for r in group_rows(runs, {"metric": "ce"})] == [pytest.approx(2.51), pytest.approx(2.51)]
+    assert [r["value"] for r in group_rows(runs, {"metric": "ce"})] == [pytest.approx(2.54), pytest.approx(2.54)]
 
 
 def test_objective_across_guidance_is_refused_in_one_line(tmp_path, capsys):
@@ -195,10 +204,14 @@ def test_objective_across_guidance_is_refused_in_one_line(tmp_path, capsys):
 
 def test_missing_seed_falls_back_to_welch_in_the_report(tmp_path):
     runs = _guided_manifests(tmp_path)
-    runs[3] = {**runs[3], "status": "failed", "value": None}  # linear seed 1 failed: seeds [0, 1] vs [0]
-    runs.append({**runs[3], "trial": 4, "status": "complete", "seed": 2, "key": "linear|seed=2"})
+    runs[6] = {**runs[6], "status": "failed", "value": None}  # linear seed 1 failed
+    runs.append({**runs[6], "trial": 10, "status": "complete", "seed": 5, "key": "linear|seed=5"})
+    rows = {r["group"]: r for r in group_rows(runs, {})}  # seeds 0-4 vs 0, 2-5
+    assert rows["linear"]["test"] == "Welch t-test (unpaired)" and "n = 5 vs 5 seeds" in rows["linear"]["verdict"]
+    runs[7] = {**runs[7], "status": "failed", "value": None}  # and seed 2: 4 complete seeds, under the minimum
     rows = {r["group"]: r for r in group_rows(runs, {})}
-    assert rows["linear"]["test"] == "Welch t-test (unpaired)" and "n = 2 vs 2 seeds" in rows["linear"]["verdict"]
+    assert rows["linear"]["verdict"] == "too few seeds: 4 complete seeds per arm (minimum 5); not tested"
+    assert rows["linear"]["p"] is None and rows["linear"]["test"] == "no test"
 
 
 def _row(group, role, value, ci, values, flops):

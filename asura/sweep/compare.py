@@ -41,7 +41,8 @@ def _get(run: Mapping, key: str) -> float:
 
 def _param_key(a: Mapping, b: Mapping) -> str:
     """The same count for both runs: trained when both record it, else unique."""
-    return "params_trained" if "params_trained" in a and "params_trained" in b else "params_unique"
+    both = a.get("params_trained") is not None and b.get("params_trained") is not None
+    return "params_trained" if both else "params_unique"
 
 
 def rel_diff(a: float, b: float) -> float:

@@ -1,9 +1,16 @@
 """Per-trial manifest (DIR/trials/<id>/manifest.json): everything a fair comparison needs.
 
 Resolved config, unique params and FLOPs/token from the accountant, tokens seen, the depth
-distribution and bptt_k, metrics at every evaluated depth, wall time and status, and the overrides
-given outside the spec file (study preset, command line). Reports
-and comparisons read manifests only, so they work without the optuna storage.
+distribution and bptt_k, metrics at every evaluated depth (the learning curve), wall time and
+status, the overrides given outside the spec file (study preset, command line), the git commit
+(and whether the tree was dirty) and the environment (package versions, CPU, threads, XLA flags,
+device kind).
+
+Each manifest is also written as the cell's *record*, DIR/records/<cell>.json (the latest attempt
+of each grid cell): small, committed with the study, and all that reports read (``read_all``), so a
+report regenerates from the repo alone and a study resumed elsewhere skips the cells whose
+complete record matches their config (``done_cells``). The trial workdirs (checkpoints) and the
+optuna database stay local.
 """
 
 from __future__ import annotations
@@ -11,14 +18,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import re
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 from asura.config.load import config_to_dict
 from asura.config.schema import Config
 from asura.flops import summary
+from asura.sweep.grid import config_hash
 
 MANIFEST = "manifest.json"
+RECORDS = "records"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "grain")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,6 +51,43 @@ def git_commit(repo: Path = REPO_ROOT) -> str:
         return "unknown"
     sha = head.stdout.strip() or "unknown"
     return f"{sha} (uncommitted changes)" if dirty.returncode == 0 and dirty.stdout.strip() else sha
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What a number may depend on besides the code: XLA:CPU results differ across CPUs and flags."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    import jax
+
+    dev = jax.devices()[0]
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "device_kind": dev.device_kind,
+        "backend": dev.platform,
+        "device_count": jax.device_count(),
+    }
 
 
 def accounting(cfg: Config, steps_done: int | None = None) -> dict:
@@ -88,6 +138,9 @@ def build(
         "wall_s": round(wall_s, 3),
         **accounting(cfg, steps_done),
         "config": config_to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "commit": git_commit(),
+        "environment": environment(),
     }
 
 
@@ -114,9 +167,33 @@ def write(workdir: Path, manifest: dict) -> Path:
     return write_json(workdir / MANIFEST, _finite(manifest))
 
 
+def record_path(sweep_dir: Path, key: str) -> Path:
+    """DIR/records/<cell key as a file name>.json ("full|seed=0" -> full__seed=0.json)."""
+    return Path(sweep_dir) / RECORDS / (re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", key.replace("|", "__")) + ".json")
+
+
+def write_record(sweep_dir: Path, manifest: dict) -> Path:
+    """The cell's record: its latest attempt's manifest (committed with the study)."""
+    path = record_path(sweep_dir, manifest["key"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_json(path, _finite(manifest))
+
+
 def read_all(sweep_dir: Path) -> list[dict]:
-    """Every trial manifest under DIR/trials, in trial order."""
-    out = []
-    for p in sorted((Path(sweep_dir) / "trials").glob(f"*/{MANIFEST}")):
-        out.append(json.loads(p.read_text()))
-    return sorted(out, key=lambda m: m["trial"])
+    """The sweep's trials, in trial order: its records (DIR/records/*.json) when it has any, else the
+    manifests under DIR/trials (a sweep dir from before records)."""
+    d = Path(sweep_dir)
+    paths = sorted((d / RECORDS).glob("*.json")) or sorted((d / "trials").glob(f"*/{MANIFEST}"))
+    out = [json.loads(p.read_text()) for p in paths]
+    return sorted(out, key=lambda m: (m["trial"], m["key"]))
+
+
+def done_cells(sweep_dir: Path, cells) -> set[str]:
+    """Keys of the cells whose record is complete and was run with the cell's config: a study resumed
+    from committed records (another machine, no optuna database) does not rerun them."""
+    want = {c.key: config_hash(c.config) for c in cells}
+    done = set()
+    for m in read_all(sweep_dir):
+        if m.get("status") == "complete" and want.get(m["key"]) == m.get("config_hash"):
+            done.add(m["key"])
+    return done

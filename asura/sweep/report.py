@@ -49,7 +49,21 @@ from asura.sweep.metrics import (
     metric_value,
     parse_metric,
 )
-from asura.sweep.stats import CONFIDENCE, compare_seeds, describe
+from asura.sweep.protocol import MIN_SEEDS, Protocol
+from asura.sweep.stats import (
+    ALPHA,
+    CONFIDENCE,
+    NO_TEST,
+    PAIRED,
+    clip_interval,
+    compare_seeds,
+    describe,
+    holm,
+    learned_rates,
+    signed_rank_p,
+)
+from asura.sweep.tuning import ROLE as TUNE_ROLE
+from asura.sweep.tuning import TuneSpec, choose
 
 
 class EmptySweep(FileNotFoundError):
@@ -134,7 +148,7 @@ def group_rows(manifests: list[dict], meta: dict, metric: str | MetricSpec | Non
     label and verdict against the row's reference. ``ReportRefused`` when the metric cannot be read
     or compared for these trials."""
     spec = metric if isinstance(metric, MetricSpec) else resolve_metric(meta, manifests, metric)
-    cells = latest_per_cell(manifests)
+    cells = [m for m in latest_per_cell(manifests) if m.get("role") != TUNE_ROLE]  # tuning: its own table
     complete = [m for m in cells if m["status"] == "complete"]
     _check_comparable(spec, complete)
     order = {g: i for i, g in enumerate(meta.get("groups", []))}
@@ -164,14 +178,37 @@ def group_rows(manifests: list[dict], meta: dict, metric: str | MetricSpec | Non
             "ci_high": s.high,
             "expected_depth": first["expected_depth"],
             "bptt_k": first["bptt_k"],
+            "params_trained": first.get("params_trained"),  # None in manifests from before the count
             **{k: first[k] for k in ACCOUNTING},
         })  # fmt: skip
+    for r in rows:  # an interval cannot leave the metric's range (exact match in [0, 1])
+        r["ci_low"], r["ci_high"] = clip_interval(r["ci_low"], r["ci_high"], spec.entry.bounds)
+    _compare_rows(rows, meta, spec)
+    return rows
+
+
+def registered_protocol(meta: dict) -> Protocol | None:
+    return Protocol.from_json((meta.get("protocol") or {}).get("protocol"))
+
+
+def _compare_rows(rows: list[dict], meta: dict, spec: MetricSpec) -> None:
+    """Each row against its reference: the difference, the tests, Holm over the family, the verdict.
+
+    Under a registered protocol (asura.sweep.protocol) only its seeds count, its family is
+    corrected together and only the family gets confirmatory verdicts; without one every row is
+    tested over all its complete seeds, corrected over all rows, and labelled exploratory. Below
+    the minimum number of seeds no test is run ("too few seeds")."""
+    protocol = registered_protocol(meta)
+    min_seeds = protocol.min_seeds if protocol else MIN_SEEDS
     by = {r["group"]: r for r in rows}
     default_ref = meta.get("reference") or (rows[0]["group"] if rows else None)
+    compared = []
     for r in rows:
         ref = meta.get("reference") or (r["parent"] if r["parent"] in by else default_ref)
         r["reference"] = ref
-        r.update(delta_ci95=None, test=None, p=None, better=None)
+        r.update(delta_ci95=None, test=None, p=None, better=None, p_holm=None, p_wilcoxon=None,
+                 p_wilcoxon_holm=None, learned=None, p_fisher=None, p_fisher_holm=None, n_tested=None,
+                 confirmatory=False)  # fmt: skip
         if ref == r["group"]:
             r["label"], r["delta"], r["verdict"] = "reference", 0.0 if r["value"] is not None else None, "reference"
             continue
@@ -179,10 +216,60 @@ def group_rows(manifests: list[dict], meta: dict, metric: str | MetricSpec | Non
             r["label"], r["delta"], r["verdict"] = "no reference run", None, "no reference run"
             continue
         r["label"] = compare(r, by[ref])["label"]  # label only: no kind claimed, so this never refuses
-        t = compare_seeds(r["by_seed"], by[ref]["by_seed"], direction=spec.direction, names=(r["group"], ref),
-                          metric=spec.label, kind=r["label"])  # fmt: skip
-        r.update(delta=t.diff, delta_ci95=t.half_width, test=t.method, p=t.p, better=t.better, verdict=t.verdict)
-    return rows
+        keep = (lambda s: s in protocol.seeds) if protocol else (lambda s: True)
+        a = {s: v for s, v in r["by_seed"].items() if keep(s)}
+        b = {s: v for s, v in by[ref]["by_seed"].items() if keep(s)}
+        t = compare_seeds(a, b, direction=spec.direction, names=(r["group"], ref), metric=spec.label,
+                          kind=r["label"])  # fmt: skip
+        r["confirmatory"] = protocol is not None and (protocol.family is None or r["group"] in protocol.family)
+        r.update(delta=t.diff, delta_ci95=t.half_width, test=t.method, better=t.better, n_tested=min(len(a), len(b)))
+        r["_t"] = t
+        if r["n_tested"] < min_seeds:
+            r["verdict"] = (f"too few seeds: {r['n_tested']} complete{' protocol' if protocol else ''} seeds per arm "
+                            f"(minimum {min_seeds}); not tested")  # fmt: skip
+            r["test"] = NO_TEST
+            continue
+        r["p"] = t.p
+        r["p_wilcoxon"] = signed_rank_p(a, b) if t.method != NO_TEST and set(a) == set(b) else None
+        if protocol is not None and protocol.learned is not None:
+            lr = learned_rates(list(a.values()), list(b.values()), protocol.learned, spec.direction)
+            r["learned"], r["p_fisher"] = f"{lr.k_a}/{lr.n_a} vs {lr.k_b}/{lr.n_b}", lr.p
+        compared.append(r)
+    family = [r for r in compared if r["confirmatory"]] if protocol else compared
+    for key in ("p", "p_wilcoxon", "p_fisher"):
+        for g, q in holm({r["group"]: r[key] for r in family}).items():
+            by[g][f"{key}_holm"] = q
+    for r in compared:
+        r["verdict"] = _verdict(r, spec, corrected=r in family, exploratory=not r["confirmatory"])
+    for r in rows:
+        r.pop("_t", None)
+
+
+def _verdict(r: dict, spec: MetricSpec, corrected: bool, exploratory: bool) -> str:
+    t = r.pop("_t")
+    tag = "exploratory: " if exploratory else ""
+    if t.method == NO_TEST:  # zero spread, or a group without seeds: the test's own words
+        return tag + t.verdict
+    p = r["p_holm"] if corrected else r["p"]
+    parts = [r["label"], f"{t.method} {'Holm ' if corrected else ''}p = {p:.2g}"]
+    if r["p_wilcoxon"] is not None:
+        w = r["p_wilcoxon_holm"] if corrected else r["p_wilcoxon"]
+        parts.append(f"Wilcoxon {'Holm ' if corrected else ''}p = {w:.2g}")
+    if r["learned"] is not None:
+        f = r["p_fisher_holm"] if corrected else r["p_fisher"]
+        parts.append(f"learned {r['learned']}, Fisher {'Holm ' if corrected else ''}p = {f:.2g}")
+    parts.append(f"n = {t.n_a} seeds" if t.method == PAIRED else f"n = {t.n_a} vs {t.n_b} seeds")
+    how = ", ".join(parts)
+    dec = max(0, 1 - math.floor(math.log10(t.half_width))) if t.half_width and t.half_width > 0 else 4
+    unit = f" {spec.label}"
+    if p < ALPHA:
+        better = r["group"] if (t.diff < 0) == (spec.direction == "minimize") else r["reference"]
+        worse = r["reference"] if better == r["group"] else r["group"]
+        r["better"] = better
+        return f"{tag}{better} beats {worse} by {abs(t.diff):.{dec}f} ± {t.half_width:.{dec}f}{unit} ({how})"
+    r["better"] = None
+    diff = f"{r['group']} − {r['reference']} = {t.diff:+.{dec}f} ± {t.half_width:.{dec}f}{unit}"
+    return f"{tag}no significant difference: {diff} ({how})"
 
 
 def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
@@ -198,6 +285,8 @@ def _fmt_mean(r: dict) -> str:
         return "-"
     if r["ci95"] is None:
         return f"{r['value']:.4f} (n = 1, no CI)"
+    if r["ci_high"] - r["value"] != r["value"] - r["ci_low"]:  # cut to the metric's range: say where
+        return f"{r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
     return f"{r['value']:.4f} ± {r['ci95']:.4f}"
 
 
@@ -211,29 +300,67 @@ def _fmt_delta(r: dict) -> str:
 
 def _table(rows: list[dict], metric: MetricSpec) -> list[str]:
     head = ["group", "role", "seeds ok/run", f"{metric.label} mean ± 95% CI", "std", "Δ vs ref ± 95% CI", "test",
-            "p", "params", "train FLOPs/tok", "tokens", "train FLOPs", "E[n]", "label vs ref", "ref",
-            "verdict vs ref"]  # fmt: skip
+            "p", "p (Holm)", "Wilcoxon p (Holm)", "learned", "trained params", "train FLOPs/tok", "tokens",
+            "train FLOPs", "E[n]", "label vs ref", "ref", "verdict vs ref"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         extra = f" ({r['n_pruned']} pruned)" if r["n_pruned"] else ""
         cells = [r["group"], r["role"], f"{r['n_complete']}/{len(r['seeds'])}{extra}", _fmt_mean(r),
                  "-" if r["std"] is None else f"{r['std']:.4f}", _fmt_delta(r), r["test"] or "-",
-                 "-" if r["p"] is None else f"{r['p']:.3g}", _si(r["params_unique"]), _si(r["flops_per_token_train"]),
+                 _fmt_p(r["p"]), _fmt_p(r["p_holm"]), _fmt_p(r["p_wilcoxon_holm"]), r["learned"] or "-",
+                 _si(r.get("params_trained") or r["params_unique"]), _si(r["flops_per_token_train"]),
                  _si(r["train_tokens"]), _si(r["train_flops"]), f"{r['expected_depth']:.3g}", r["label"],
                  r["reference"], r["verdict"]]  # fmt: skip
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return lines
 
 
+def _fmt_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
 def _legend() -> list[str]:
     conf = f"{CONFIDENCE:.0%}"
     return [
-        f"Labels: iso-param = unique params within {TOLERANCES['iso-param']:.0%}; iso-FLOP = total training FLOPs "
-        f"within {TOLERANCES['iso-FLOP']:.0%} (of the ref); neither = no fair-comparison claim.",
-        f"Statistics over seeds: {conf} CI = mean ± t·s/√n (Student t, n-1 df); each row is tested against its ref "
-        "with a paired t-test when both ran the same seeds (same seed: same data order and init stream), else "
-        f"Welch's unpaired t-test; significant when p < {1 - CONFIDENCE:.2g} (two-sided).",
+        f"Labels: iso-param = trained params within {TOLERANCES['iso-param']:.0%} (unique params for trials "
+        f"recorded before the trained count); iso-FLOP = total training FLOPs within {TOLERANCES['iso-FLOP']:.0%} "
+        "(of the ref); neither = no fair-comparison claim.",
+        f"Statistics over seeds: {conf} CI = mean ± t·s/√n (Student t, n-1 df), cut to the metric's range (then "
+        "shown as [low, high]); each row is tested against its ref with a paired t-test when both ran the same "
+        "seeds (same seed: same data order and init stream), else Welch's unpaired t-test, and with the Wilcoxon "
+        "signed-rank test when paired; p-values are Holm-corrected over the family (the protocol's, else every "
+        f"tested row); a verdict needs the corrected t-test p < {ALPHA:.2g} (two-sided); below the minimum number "
+        "of seeds nothing is tested. The Δ interval is the uncorrected 95% CI.",
     ]
+
+
+def _protocol_md(meta: dict) -> list[str]:
+    reg = meta.get("protocol")
+    protocol = registered_protocol(meta)
+    if protocol is None:
+        return ["## Protocol", "", f"None registered: every verdict below is **exploratory** (all rows corrected "
+                f"together; no verdict under {MIN_SEEDS} seeds).", ""]  # fmt: skip
+    fam = ", ".join(f"`{g}`" for g in protocol.family) if protocol.family else "every row but the reference"
+    late = reg.get("complete_before")
+    before = f"{late} trials had run" if late else "any trial had run"
+    out = ["## Protocol", "", f"Registered at commit `{reg.get('commit')}` ({reg.get('registered')}), before {before}."]
+    if late:
+        out[-1] += " **Registered late: the verdicts are exploratory in substance.**"
+    out += [
+        "",
+        f"- primary metric: `{meta.get('metric')}` ({meta.get('direction')})",
+        f"- confirmatory seeds: {list(protocol.seeds)}; minimum per arm: {protocol.min_seeds}",
+        f"- family (Holm-corrected together): {fam}",
+        "- tests: paired t-test (decides), Wilcoxon signed-rank"
+        + (
+            f", Fisher's exact test on learned rates (learned: {meta.get('metric')} past {protocol.learned})"
+            if protocol.learned is not None
+            else ""
+        ),
+        "- rows outside the family and seeds outside the list are exploratory",
+        "",
+    ]
+    return out
 
 
 def _impossible(meta: dict) -> list[str]:
@@ -257,9 +384,11 @@ def metric_axis(metric: MetricSpec) -> str:
     return f"{metric.label}: {axis_label([metric.name])}, {metric.direction}"
 
 
-def _err(rows: list[dict]) -> list[float]:
-    """Error bar half-lengths: the 95% CI; 0 (no bar) for a single seed."""
-    return [r["ci95"] or 0.0 for r in rows]
+def _err(rows: list[dict]) -> list[list[float]]:
+    """Error bars [below, above]: the 95% CI cut to the metric's range; 0 (no bar) for a single seed."""
+    below = [0.0 if r["ci95"] is None else r["value"] - r.get("ci_low", r["value"] - r["ci95"]) for r in rows]
+    above = [0.0 if r["ci95"] is None else r.get("ci_high", r["value"] + r["ci95"]) - r["value"] for r in rows]
+    return [below, above]
 
 
 def draw_metric_vs(ax, rows: list[dict], xkey: str, xlabel: str, metric: MetricSpec):
@@ -402,8 +531,13 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
     if meta.get("extra_overrides"):
         out += ["", "Overrides from outside the spec file (study preset, command line), applied to every trial: "
                 f"`{format_overrides(meta['extra_overrides'])}`."]  # fmt: skip
-    out += ["", f"Report command: `{command}`", "", f"Git commit (report written): `{commit}`", ""]
+    commits = sorted({m.get("commit") for m in manifests if m.get("commit")})
+    ran = ", ".join(f"`{c}`" for c in commits) or f"not recorded in the trials (report written at `{commit}`)"
+    out += ["", f"Report command: `{command}`", "", f"Trials ran at git commit(s): {ran}", ""]
     out += [f"Total trial wall time: {_wall(manifests)}.", ""]
+    out += _environment_md(manifests)
+    out += _protocol_md(meta)
+    out += _tuning_md(meta, manifests)
     out += ["## Results", "", *_table(rows, metric), "", *_legend(), ""]
     out += ["## Verdicts", ""]
     out += [f"- `{r['group']}` vs `{r['reference']}`: {r['verdict']}" for r in rows if r["label"] != "reference"]
@@ -417,12 +551,47 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
     return "\n".join(out) + "\n"
 
 
+def _tuning_md(meta: dict, manifests: list[dict]) -> list[str]:
+    """Each group's mean primary metric per learning rate over the tuning seeds, and the lr chosen."""
+    if not meta.get("tune"):
+        return ["Learning rate: not tuned; every group trained at its config's `train.lr`.", ""]
+    tune = TuneSpec(tuple(meta["tune"]["lr"]), tuple(meta["tune"]["seeds"]))
+    chosen = choose(latest_per_cell(manifests), tune, meta.get("direction") or "minimize")
+    head = ["group", *[f"lr {lr:g}" for lr in tune.lr], "chosen"]
+    lrs = ", ".join(f"{x:g}" for x in tune.lr)
+    out = ["## Learning-rate tuning", "", f"Each group tried lr {lrs} on tuning seeds {list(tune.seeds)} (never used "
+           f"in the comparison); the {meta.get('metric')} mean over them picked the lr its sweep trials trained "
+           "with.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for g in meta.get("groups", []):
+        c = chosen.get(g)
+        cells = [f"{c['means'][lr]:.4f}" if c else "-" for lr in tune.lr]
+        out.append("| " + " | ".join([g, *cells, f"{c['lr']:g}" if c else "incomplete"]) + " |")
+    return [*out, ""]
+
+
+def _environment_md(manifests: list[dict]) -> list[str]:
+    """The environments the trials ran in (XLA:CPU numbers differ across CPUs and versions)."""
+    envs: dict[str, int] = {}
+    for m in manifests:
+        e = m.get("environment")
+        if e:
+            pk = ", ".join(f"{k} {v}" for k, v in e["packages"].items() if v)
+            line = (f"{e['backend']} ({e['device_kind']}, {e['device_count']} device(s)), CPU {e['cpu']} x "
+                    f"{e['affinity'] or e['cpu_count']} threads, Python {e['python']}, {pk}; XLA_FLAGS "
+                    f"`{e['xla_flags'] or '-'}`")  # fmt: skip
+            envs[line] = envs.get(line, 0) + 1
+    if not envs:
+        return ["Environment: not recorded in these trials.", ""]
+    return ["Environment (trials):", "", *[f"- {n} trial(s): {line}" for line, n in envs.items()], ""]
+
+
 TRIAL_COLS = ["trial", "key", "group", "seed", "role", "parent", "status", "metric", "value", "wall_s", *ACCOUNTING,
               "tokens_seen", "expected_depth", "depth_pmf", "bptt_k", "final", "overrides", "extra_overrides",
               "error"]  # fmt: skip
 GROUP_COLS = ["group", "role", "parent", "reference", "label", "n_complete", "n_pruned", "n_failed", "value", "std",
-              "ci95", "ci_low", "ci_high", "delta", "delta_ci95", "test", "p", "verdict", "values", "by_seed", "seeds",
-              *ACCOUNTING, "expected_depth", "bptt_k"]  # fmt: skip
+              "ci95", "ci_low", "ci_high", "delta", "delta_ci95", "test", "p", "p_holm", "p_wilcoxon",
+              "p_wilcoxon_holm", "learned", "p_fisher", "p_fisher_holm", "confirmatory", "verdict", "values",
+              "by_seed", "seeds", "params_trained", *ACCOUNTING, "expected_depth", "bptt_k"]  # fmt: skip
 
 
 def read_meta(sweep_dir: str | Path) -> dict:

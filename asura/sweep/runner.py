@@ -3,7 +3,9 @@
 Grid sweeps: every cell (variant × axes × seed, plus derived baselines) is a trial
 enqueued with its cell key in user_attrs; workers pop the queue (``study.optimize``
 pops waiting trials first). Resuming enqueues only the cells with no COMPLETE, PRUNED,
-WAITING or RUNNING trial, so finished cells never rerun and failed or interrupted ones do.
+WAITING or RUNNING trial and no complete record (DIR/records, committed with a study: see
+asura.sweep.manifest), so finished cells never rerun, even on another machine without the optuna
+database, and failed or interrupted ones do.
 A worker killed without cleanup leaves its trial RUNNING; optuna's heartbeat marks it
 FAIL after ``GRACE_S`` and ``RetryHeartbeatStaleTrialCallback`` requeues it, or ``--fail-running``
 does so at once when you know no other worker is alive.
@@ -51,8 +53,9 @@ from asura.sweep import manifest
 from asura.sweep.keys import SpecError, format_overrides, override_args
 from asura.sweep.metrics import MetricMissing, metric_value
 from asura.sweep.progress import Say, TrialLine, say_flushed
-from asura.sweep.spec import Cell, SweepSpec, field_type, load_spec
+from asura.sweep.spec import Cell, Grid, SweepSpec, field_type, load_spec
 from asura.sweep.trainer import TrialFn, subprocess_trial
+from asura.sweep.tuning import choose, tuned, tuning_cells
 
 HEARTBEAT_S = 10
 GRACE_S = 60
@@ -241,6 +244,7 @@ class Objective:
                 extra_overrides=self.spec.extra_overrides,
             )  # fmt: skip
             manifest.write(wd, m)
+            manifest.write_record(self.workdir, m)  # the committed copy: reports read these
             if status == "complete":
                 self.say(line.finished(metric.label, value, wall_s))
 
@@ -272,6 +276,19 @@ def check_resume(spec: SweepSpec, workdir: Path) -> None:
             f"{format_overrides(spec.extra_overrides)}: pass the same overrides to resume it, or sweep into "
             "another dir"
         )
+    tune = spec.tune.to_json() if spec.tune is not None else None
+    if "tune" in meta and meta["tune"] != tune:
+        raise ResumeRefused(
+            f"sweep dir {workdir} tuned the lr with tune={meta['tune']}, not {tune}: a changed tuning grid is a "
+            "new study; sweep into another dir"
+        )
+    registered = meta.get("protocol")
+    now = spec.protocol.to_json() if spec.protocol is not None else None
+    if registered is not None and registered.get("protocol") != now:
+        raise ResumeRefused(
+            f"sweep dir {workdir} registered another protocol ({registered.get('protocol')}) at commit "
+            f"{registered.get('commit')}: a changed protocol is a new study; sweep into another dir"
+        )
 
 
 def prepare(
@@ -300,12 +317,14 @@ def prepare(
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     taken = {t.user_attrs.get("cell") for t in study.get_trials(deepcopy=False, states=CLAIMED)}
+    recorded = manifest.done_cells(workdir, spec.grid.cells)  # complete in the committed records
     for cell in spec.grid.cells:
-        if cell.key not in taken:
+        if cell.key not in taken and cell.key not in recorded:
             study.enqueue_trial({}, user_attrs={"cell": cell.key})
     finished = study.get_trials(deepcopy=False, states=DONE)
     if spec.search is None:
-        total, done = len(spec.grid.cells), len({t.user_attrs.get("cell") for t in finished} & set(taken))
+        done_here = {t.user_attrs.get("cell") for t in finished} & set(taken)
+        total, done = len(spec.grid.cells), len(done_here | recorded)
     else:
         total, done = spec.search.n_trials, len(finished)
     say(f"sweep {spec.study_name}: {total} trials, {done} done, {max(total - done, 0)} to run -> {workdir}")
@@ -320,7 +339,18 @@ def prepare(
         "impossible": [dataclasses.asdict(i) for i in spec.grid.impossible],
         "extra_overrides": _plain(spec.extra_overrides),  # study preset + command line, every trial
         "commands": commands,
+        "tune": spec.tune.to_json() if spec.tune is not None else None,
     }
+    before = read_meta(workdir).get("protocol")
+    if before is not None:
+        meta["protocol"] = before  # as first registered
+    elif spec.protocol is not None:
+        meta["protocol"] = {
+            "protocol": spec.protocol.to_json(),
+            "commit": manifest.git_commit(),
+            "registered": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "complete_before": len(recorded | {t.user_attrs.get("cell") for t in finished}),
+        }
     (workdir / "sweep.json").write_text(json.dumps(meta, indent=1))
     return study
 
@@ -359,6 +389,20 @@ def cli_command(
     return shlex.join(args)
 
 
+def _run_phase(spec: SweepSpec, wd: Path, workers, trial_fn, max_trials, fail_running, command) -> None:
+    prepare(spec, wd, fail_running, command)
+    if workers <= 1:
+        work(spec, wd, trial_fn, max_trials)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fork after importing JAX/optuna threads is unsafe
+        # The loaded spec (grid included) is pickled to each worker rather than rebuilt there.
+        procs = [ctx.Process(target=work, args=(spec, wd, trial_fn, max_trials)) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+
+
 def run_sweep(
     spec: str | Path | SweepSpec,
     workdir: str | Path | None = None,
@@ -388,17 +432,19 @@ def run_sweep(
         command = cli_command(spec, wd, workers, baselines, max_trials, fail_running)
         if trial_fn is not None:
             command += f"  # in-process, trial_fn={getattr(trial_fn, '__qualname__', trial_fn)} instead of train.py"
-    prepare(spec, wd, fail_running, command)
-    if workers <= 1:
-        work(spec, wd, trial_fn, max_trials)
-    else:
-        ctx = multiprocessing.get_context("spawn")  # fork after importing JAX/optuna threads is unsafe
-        # The loaded spec (grid included) is pickled to each worker rather than rebuilt there.
-        procs = [ctx.Process(target=work, args=(spec, wd, trial_fn, max_trials)) for _ in range(workers)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
+    if spec.tune is not None:  # phase 1: every group x lr x tuning seed; phase 2 trains at each group's best lr
+        phase = dataclasses.replace(spec, grid=Grid(tuning_cells(spec.grid.cells, spec.tune)))
+        _run_phase(phase, wd, workers, trial_fn, max_trials, fail_running, command)
+        chosen = choose(manifest.read_all(wd), spec.tune, spec.metric.direction)
+        missing = [g for g in spec.grid.groups if g not in chosen]
+        if missing:
+            say_flushed(f"sweep {spec.study_name}: lr tuning incomplete for {', '.join(missing)}: rerun to finish it")
+            spec = None
+        else:
+            say_flushed("lr tuned per group: " + ", ".join(f"{g} {c['lr']:g}" for g, c in chosen.items()))
+            spec = dataclasses.replace(spec, grid=Grid(tuned(spec.grid.cells, chosen), spec.grid.impossible))
+    if spec is not None:
+        _run_phase(spec, wd, workers, trial_fn, max_trials, fail_running, command)
     if report:
         from asura.sweep.report import EmptySweep, write_report
 

@@ -19,6 +19,8 @@ trial config here, before any study or training starts, so a typo costs a one-li
     reference: full                    # group every table row is compared against
     storage: sqlite:///...             # default: sqlite in the sweep workdir
     study_name: name                   # default: the spec file's stem
+    protocol: {seeds: [0, 1, 2], family: [iso_param], min_seeds: 3}   # asura.sweep.protocol
+    tune: {lr: [1.0e-3, 3.0e-3], seeds: [100, 101]}   # lr tuned per group first: asura.sweep.tuning
 
 ``extends`` merges the parent's mappings (overrides, variants, axes, search, pruner) one level deep, the
 child's entries replacing the parent's of the same name; any other value (and ``null``) replaces.
@@ -49,11 +51,13 @@ from asura.depth import eval_depths
 from asura.sweep.grid import Cell, Grid, Impossible, build_grid, config_hash, is_looped
 from asura.sweep.keys import SpecError, apply, field_type, get, parse_overrides, read_yaml, suggest
 from asura.sweep.metrics import DEFAULT_METRIC, MetricError, MetricSpec, incomparable, parse_metric
+from asura.sweep.protocol import Protocol, check_family, parse_protocol
 from asura.sweep.search import PrunerSpec, SearchSpec, parse_pruner, parse_search
+from asura.sweep.tuning import TuneSpec, parse_tune
 
 TOP_KEYS = (
     "base", "overrides", "variants", "axes", "seeds", "search", "metric", "pruner",
-    "baselines", "reference", "storage", "study_name", "description", "extends",
+    "baselines", "reference", "storage", "study_name", "description", "extends", "protocol", "tune",
 )  # fmt: skip
 
 
@@ -75,6 +79,8 @@ class SweepSpec:
     base_config: Config = field(repr=False)
     grid: Grid = field(default_factory=Grid, repr=False)  # empty for a search
     extra_overrides: dict = field(default_factory=dict)  # from outside the file: study preset, then command line
+    protocol: Protocol | None = None  # asura.sweep.protocol; None: every verdict is exploratory
+    tune: TuneSpec | None = None  # asura.sweep.tuning; None: every group trains at train.lr
 
 
 @dataclass(frozen=True)
@@ -263,12 +269,22 @@ def load_spec(
     if storage is not None and (not isinstance(storage, str) or "://" not in storage):
         raise SpecError(f"storage must be an SQLAlchemy URL like sqlite:///path.db, got {storage!r}")
     reference = None if raw.get("reference") is None else str(raw["reference"])
+    protocol = parse_protocol(raw.get("protocol"), tuple(seeds), metric.entry.bounds)
+    if protocol is not None and search is not None:
+        raise SpecError("protocol needs a grid sweep (variants/axes/seeds): a search is exploratory by design")
+    tune = parse_tune(raw.get("tune"), tuple(seeds))
+    if tune is not None and search is not None:
+        raise SpecError("tune needs a grid sweep (variants/axes/seeds); a search tunes by itself")
+    pruner = parse_pruner(raw.get("pruner", {}))
+    if protocol is not None and pruner is not None:
+        raise SpecError("protocol with a pruner: a pruned trial would drop a pre-registered seed; set pruner: null")
 
     if search is None:
         grid = build_grid(base_cfg, variants, axes, tuple(seeds), kinds)  # builds and validates every trial
         if reference is not None and reference not in grid.groups:
             raise SpecError(f"reference={reference!r} is not a group; {suggest(reference, sorted(grid.groups))}")
         probes = _grid_probes(grid)
+        check_family(protocol, list(grid.groups), reference)
     else:
         grid, probes = Grid(), _search_probes(search, base_cfg)
     _check_depth(metric, probes)
@@ -282,7 +298,7 @@ def load_spec(
         seeds=tuple(seeds),
         search=search,
         metric=metric,
-        pruner=parse_pruner(raw.get("pruner", {})),
+        pruner=pruner,
         baselines=kinds,
         reference=reference,
         storage=storage,
@@ -290,6 +306,8 @@ def load_spec(
         base_config=base_cfg,
         grid=grid,
         extra_overrides=extra,
+        protocol=protocol,
+        tune=tune,
     )
 
 
