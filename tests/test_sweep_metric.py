@@ -185,7 +185,7 @@ def test_trial_child_gets_huge_pages_unless_the_user_set_tunables(tmp_path, monk
 
         def __init__(self, cmd, env, **kw):
             seen.append(env)
-            (tmp_path / "w" / "metrics.jsonl").write_text('{"step": 1, "eval/d1/ce": 1.0}\n')
+            (tmp_path / "w" / "metrics.jsonl").write_text('{"step": 500, "eval/d1/ce": 1.0}\n')  # Config's steps
 
         def poll(self):
             return 0
@@ -196,3 +196,25 @@ def test_trial_child_gets_huge_pages_unless_the_user_set_tunables(tmp_path, monk
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     trainer.subprocess_trial(Config(), tmp_path / "w", lambda step, depths: None)
     assert [e["GLIBC_TUNABLES"] for e in seen] == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2"]
+
+
+def test_a_trial_stopped_early_by_a_signal_is_not_complete(tmp_path, monkeypatch):
+    """train.py exits 0 after SIGTERM (it saves and stops): a trial whose last eval is before
+    train.steps failed, so a resumed sweep reruns it instead of tabulating a half-trained run."""
+    import subprocess
+
+    from asura.config.schema import Config
+    from asura.sweep import trainer
+
+    class Child:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            (tmp_path / "w" / "metrics.jsonl").write_text('{"step": 150, "eval/d1/ce": 1.0}\n')
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    with pytest.raises(RuntimeError, match=r"train\.py stopped at step 150 of 500"):
+        trainer.subprocess_trial(Config(), tmp_path / "w", lambda step, depths: None)

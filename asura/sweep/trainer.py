@@ -113,6 +113,8 @@ def subprocess_trial(cfg: Config, workdir: Path, on_eval: OnEval, poll_s: float 
             raise RuntimeError(f"train.py exited {proc.returncode}: {tail[0][:300]}")
         if last is None:
             raise RuntimeError(f"no eval event in {workdir / 'metrics.jsonl'}; is train.eval_every <= train.steps?")
+        if last[0] != cfg.train.steps:  # exit 0 after a signal: saved and stopped early, not finished
+            raise RuntimeError(f"train.py stopped at step {last[0]} of {cfg.train.steps} (a signal?); not complete")
         return {"final": last[1], "step": last[0]}
     finally:
         if proc.poll() is None:
