@@ -259,3 +259,11 @@ def test_metric_vs_flops_error_bars_are_the_ci_and_axes_are_labelled():
 
 def _bars_of(container) -> list[float]:
     return [abs(seg[1][1] - seg[0][1]) for seg in container.lines[2][0].get_segments()]
+
+
+def test_the_report_command_names_a_repository_dir_relative_to_its_root():
+    """So a report regenerated from committed records in another clone reads the same."""
+    from asura.sweep.report import report_command
+
+    assert report_command(REPO / "results" / "x", "ce") == "python -m asura.sweep report results/x --metric ce"
+    assert report_command("/elsewhere/x") == "python -m asura.sweep report /elsewhere/x"

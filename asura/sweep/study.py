@@ -220,7 +220,7 @@ def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None,
         say(f"== study {study.name}: {spec.path.name} -> {wd}")
         run_sweep(spec, wd, workers=workers or plan.workers, command=f"{command}  # study {study.name}")
         for metric in study.reports:
-            write_report(wd, metric, command=f"python -m asura.sweep report {wd} --metric {metric}")
+            write_report(wd, metric)  # the default command names wd relative to the repository
         if study.extrapolate is not None:
             e = study.extrapolate
             cmd = (f"python -m asura.sweep extrapolate {wd} --factor {e.factor} --modes {','.join(e.modes)} "
