@@ -329,3 +329,41 @@ def test_a_users_task_is_imported_checked_and_split(examples_on_path):
 def test_a_users_task_that_cannot_serve_is_one_line(examples_on_path, name, needle):
     with pytest.raises(ValueError, match=needle):
         tasks.get_task(name)
+
+
+# ------------------------------------------------------------ a range of training difficulties
+
+
+def test_a_training_range_draws_every_difficulty_and_keeps_the_split():
+    """data.min_difficulty: each training example's difficulty is drawn from the range (uniformly),
+    the held-out split still holds at every length, and the documents vary in length."""
+    from asura.config.load import with_overrides
+    from asura.config.schema import Config
+    from asura.data import host
+
+    cfg = with_overrides(Config(), {"data.task": "addition", "data.difficulty": 4, "data.min_difficulty": 2})
+    docs = host.task_documents(cfg, stream=tasks.TRAIN_STREAM, difficulty=4, n_examples=3000, min_difficulty=2)
+    prompts = [_prompt(docs.to_doc(i)) for i in range(3000)]
+    widths = [len(p.split("+")[0]) for p in prompts]
+    counts = {w: widths.count(w) for w in set(widths)}
+    sd = (3000 * (1 / 3) * (2 / 3)) ** 0.5  # a binomial count per difficulty: 5 sigma
+    assert set(counts) == {2, 3, 4} and all(abs(c - 1000) < 5 * sd for c in counts.values())
+    assert not any(tasks.is_held_out(tasks.get_task("addition"), p, tasks.HELD_OUT) for p in prompts)
+    assert not docs.fixed_len and docs.max_doc_tokens == tasks.get_task("addition").max_len(4)
+    fixed = host.task_documents(cfg, stream=tasks.TRAIN_STREAM, difficulty=4, n_examples=50)
+    assert fixed.fixed_len and all(len(_prompt(fixed.to_doc(i)).split("+")[0]) == 4 for i in range(50))
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        (["data.min_difficulty=5", "data.difficulty=4"], "data.min_difficulty=5 exceeds data.difficulty=4"),
+        (["data.task=parity", "data.difficulty=10", "data.min_difficulty=3"], "parity at data.min_difficulty=3 has 8"),
+    ],
+)
+def test_a_training_range_that_cannot_serve_is_one_line(over, needle):
+    from asura.config.load import ConfigError, load_config
+    from asura.data import pipeline
+
+    with pytest.raises((ConfigError, ValueError), match=re.escape(needle)):
+        pipeline.check_compatible(load_config(None, over))

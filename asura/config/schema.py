@@ -90,6 +90,9 @@ class DataConfig:
     task: str = "pointer_chase"  # see asura.data.tasks registry
     difficulty: int = 3  # task knob (hops, digits, length, ...)
     eval_difficulty: int = 0  # 0 = same as difficulty; raise it to test extrapolation
+    # > 0: training draws each example's difficulty uniformly from min_difficulty..difficulty (eval
+    # stays at eval_difficulty or difficulty): train on short problems, test on longer ones
+    min_difficulty: int = 0
     held_out: float = 0.125  # task problems kept for eval only, by a hash of the problem (asura.data.tasks)
     path: str = ""  # text: ArrayRecord shard glob from `python -m asura.data.prepare`
     tokenizer: str = "byte"  # byte | path to tokenizers JSON | tiktoken:<encoding>

@@ -113,6 +113,12 @@ def validate(cfg: Config) -> None:
 
     _positive(cfg, "data.seq_len", "data.difficulty")
     _positive(cfg, "data.eval_difficulty", "data.num_epochs", "data.prefetch", "data.worker_count", allow_zero=True)
+    _positive(cfg, "data.min_difficulty", allow_zero=True)
+    if cfg.data.min_difficulty > cfg.data.difficulty:
+        raise ConfigError(
+            f"data.min_difficulty={cfg.data.min_difficulty} exceeds data.difficulty={cfg.data.difficulty} (the range's "
+            "top); 0 trains at data.difficulty alone"
+        )
     if cfg.data.source == "text" and not cfg.data.path:
         raise ConfigError("data.source=text needs data.path (an ArrayRecord glob from `python -m asura.data.prepare`)")
 

@@ -56,23 +56,27 @@ def grain():
 # ------------------------------------------------------------ documents
 
 
-def _task_doc(index, *, task, difficulty, seed, stream, held_out):
-    tokens_L, answer_L = tasks_lib.make_example(task, difficulty, seed, stream, index, held_out).encode()
+def _task_doc(index, *, task, difficulty, seed, stream, held_out, min_difficulty):
+    ex = tasks_lib.make_example(task, difficulty, seed, stream, index, held_out, min_difficulty)
+    tokens_L, answer_L = ex.encode()
     return {"tokens": tokens_L, "scored": answer_L.astype(np.int32)}
 
 
-def task_documents(cfg, *, stream: int, difficulty: int, n_examples: int) -> Documents:
-    """Examples 0..n_examples-1 of one seed stream; tasks are generated per index, so any n works."""
+def task_documents(cfg, *, stream: int, difficulty: int, n_examples: int, min_difficulty: int = 0) -> Documents:
+    """Examples 0..n_examples-1 of one seed stream; tasks are generated per index, so any n works.
+    ``min_difficulty`` > 0 draws each example's difficulty from min_difficulty..difficulty."""
     task = tasks_lib.get_task(cfg.data.task)
     tasks_lib.check_fits(task, difficulty, cfg.data.seq_len)
+    ranged = 0 < min_difficulty < difficulty
     to_doc = functools.partial(
-        _task_doc, task=task, difficulty=difficulty, seed=cfg.train.seed, stream=stream, held_out=cfg.data.held_out
-    )
+        _task_doc, task=task, difficulty=difficulty, seed=cfg.train.seed, stream=stream, held_out=cfg.data.held_out,
+        min_difficulty=min_difficulty if ranged else 0,
+    )  # fmt: skip
     return Documents(
         records=grain().MapDataset.range(n_examples),
         to_doc=to_doc,
-        max_doc_tokens=task.max_len(difficulty),
-        fixed_len=True,
+        max_doc_tokens=task.max_len(difficulty),  # max_len grows with difficulty: the range's top bounds it
+        fixed_len=not ranged,
     )
 
 

@@ -60,6 +60,7 @@ def _task_check(cfg, process_count: int) -> None:
     task = tasks.get_task(d.task)
     tasks.check_fits(task, d.difficulty, d.seq_len)
     tasks.check_held_out(task, d.difficulty, d.held_out)
+    tasks.check_min_difficulty(task, d.min_difficulty)
     if d.eval_difficulty:
         tasks.check_fits(task, d.eval_difficulty, d.seq_len, what="data.eval_difficulty")
         tasks.check_held_out(task, d.eval_difficulty, d.held_out, what="data.eval_difficulty")
@@ -68,7 +69,8 @@ def _task_check(cfg, process_count: int) -> None:
 def _task_train_iterator(cfg, process_index: int, process_count: int):
     from asura.data import host, tasks
 
-    docs = host.task_documents(cfg, stream=tasks.TRAIN_STREAM, difficulty=cfg.data.difficulty, n_examples=TASK_EPOCH)
+    docs = host.task_documents(cfg, stream=tasks.TRAIN_STREAM, difficulty=cfg.data.difficulty, n_examples=TASK_EPOCH,
+                               min_difficulty=cfg.data.min_difficulty)  # fmt: skip
     return host.train_iterator(cfg, docs, process_index=process_index, process_count=process_count)
 
 

@@ -16,7 +16,9 @@ Held-out problems, by construction: a problem's identity is its prompt (which fi
 and a hash of (task, prompt) puts a fixed fraction ``data.held_out`` of all problems in the eval
 split. The train stream skips eval-split problems and the eval stream draws only them (the next
 draw of the same example generator), so no eval problem is ever trained on, at any seed or step
-count. A harder ``data.eval_difficulty`` is a second, generalisation split (lengths never trained).
+count. A harder ``data.eval_difficulty`` is a second, generalisation split (lengths never trained);
+``data.min_difficulty`` trains on a range of difficulties (each example's drawn from it), so a
+model can see short problems of every length up to ``data.difficulty`` and be tested past it.
 
 Your own task: ``data.task=my_pkg.my_module:MyTask`` names a ``Task`` subclass (imported when the
 config is checked); it gets the same split.
@@ -323,12 +325,15 @@ def is_held_out(task: Task, prompt: str, held_out: float) -> bool:
 
 
 def make_example(
-    task: Task, difficulty: int, seed: int, stream: int, index: int, held_out: float = HELD_OUT
+    task: Task, difficulty: int, seed: int, stream: int, index: int, held_out: float = HELD_OUT, min_difficulty: int = 0
 ) -> Example:
     """Example `index` of a stream: the first draw of its generator that lies in the stream's split
-    (held-out problems for EVAL_STREAM, the rest for every other stream)."""
+    (held-out problems for EVAL_STREAM, the rest for every other stream). With 0 < min_difficulty <
+    difficulty the example's difficulty is drawn first, uniformly from min_difficulty..difficulty."""
     want = stream == EVAL_STREAM
     rng = example_rng(seed, stream, index)
+    if 0 < min_difficulty < difficulty:
+        difficulty = int(rng.integers(min_difficulty, difficulty + 1))
     for _ in range(MAX_DRAWS):
         ex = task.generate(rng, difficulty)
         if is_held_out(task, ex.prompt, held_out) == want:
@@ -338,6 +343,20 @@ def make_example(
         f"task {task.name} at difficulty {difficulty}: no {side} problem in {MAX_DRAWS} draws; it has too few "
         f"distinct problems for data.held_out={held_out}"
     )
+
+
+def check_min_difficulty(task: Task, min_difficulty: int) -> None:
+    """A training range must not start where so few problems exist that the held-out split could
+    take them all (the train stream would find none)."""
+    if min_difficulty <= 0:
+        return
+    task.check_difficulty(min_difficulty)
+    n = task.n_problems(min_difficulty)
+    if n is not None and n < MIN_HELD_OUT:
+        raise ValueError(
+            f"task {task.name} at data.min_difficulty={min_difficulty} has {n} distinct problems, fewer than "
+            f"{MIN_HELD_OUT}: the held-out split could leave none to train on; raise data.min_difficulty"
+        )
 
 
 def check_held_out(task: Task, difficulty: int, held_out: float, what: str = "data.difficulty") -> None:
