@@ -39,6 +39,17 @@ STALE_S = 120.0  # a lock not rewritten for this long is taken over (a preempted
 CONFIRM_S = 1.0
 
 
+def pid_alive(pid: int) -> bool:
+    """Does a process with this pid exist on this host (one we may not signal counts)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LockBusy(StorageError):
     """The workdir is held by a live trainer; one line."""
 
@@ -83,15 +94,7 @@ class ObjectLock:
             here, pid = h.get("host") == socket.gethostname(), int(h.get("pid", 0))
         except (ValueError, AttributeError, TypeError):
             return True
-        if not here or pid == os.getpid():
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return not here or pid == os.getpid() or pid_alive(pid)
 
     def check_free(self) -> None:
         """LockBusy now if a live trainer holds it; touches nothing."""

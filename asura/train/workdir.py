@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asura.storage.lock import pid_alive
 from asura.storage.paths import StorageError, is_remote, write_whole
 
 
@@ -67,16 +68,6 @@ def make_workdir(workdir) -> None:
         Path(os.fspath(workdir)).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. under /proc, or a parent root cannot write
         raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class WorkdirLock:
@@ -137,7 +128,7 @@ class WorkdirLock:
                 os.close(fd)
                 raise
             host, pid = [*self._holder().split(), "", "0"][:2]
-            if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                 os.close(fd)
                 raise WorkdirError(f"workdir {self.path.parent} is in use by pid {pid} on {host}") from None
         try:
