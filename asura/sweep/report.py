@@ -57,6 +57,7 @@ from asura.sweep.stats import (
     PAIRED,
     clip_interval,
     compare_seeds,
+    decimals,
     describe,
     holm,
     learned_rates,
@@ -260,7 +261,7 @@ def _verdict(r: dict, spec: MetricSpec, corrected: bool, exploratory: bool) -> s
         parts.append(f"learned {r['learned']}, Fisher {'Holm ' if corrected else ''}p = {f:.2g}")
     parts.append(f"n = {t.n_a} seeds" if t.method == PAIRED else f"n = {t.n_a} vs {t.n_b} seeds")
     how = ", ".join(parts)
-    dec = max(0, 1 - math.floor(math.log10(t.half_width))) if t.half_width and t.half_width > 0 else 4
+    dec = decimals(t.half_width or 0.0)
     unit = f" {spec.label}"
     if p < ALPHA:
         better = r["group"] if (t.diff < 0) == (spec.direction == "minimize") else r["reference"]

@@ -117,7 +117,7 @@ class SeedComparison:
     verdict: str  # the comparison in words, one line
 
 
-def _decimals(half_width: float) -> int:
+def decimals(half_width: float) -> int:
     """Decimals that show the half-width to 2 significant digits (0.0812 -> 3, 0.8 -> 2, 12 -> 0)."""
     if half_width <= 0 or not math.isfinite(half_width):
         return 4
@@ -211,7 +211,7 @@ def compare_seeds(
     p, t = float(res.pvalue), float(res.statistic)
     hw = t_quantile(df, confidence) * se
     significant = p < alpha
-    dec = _decimals(hw)
+    dec = decimals(hw)
     test = f"{tag}{method} {_p(p)}, {n_text}"
     if significant:
         better = name_a if _better(diff, direction) else name_b
@@ -285,6 +285,7 @@ __all__ = [
     "Summary",
     "clip_interval",
     "compare_seeds",
+    "decimals",
     "describe",
     "holm",
     "learned_rates",
