@@ -120,7 +120,7 @@ def test_p_hop_takes_exactly_p_distinct_hops(p):
     for i in range(40):
         letters = tasks.make_example(task, p, seed=3, stream=0, index=i).prompt.rstrip("?")
         assert len(letters) == 256 and set(letters) <= set("abcd")
-        chain = [len(letters) - 1] + hop_chain(letters, p)
+        chain = [len(letters) - 1, *hop_chain(letters, p)]
         assert len(chain) == p + 1 and all(a > b for a, b in itertools.pairwise(chain)), chain
 
 
@@ -142,7 +142,7 @@ def test_addition_lsb_operands_have_exactly_n_digits():
     for d in (1, 2, 5):
         for i in range(200):
             a, b = tasks.make_example(task, d, 0, 0, i).prompt.rstrip("=").split("+")
-            assert len(a) == len(b) == d and (d == 1 or a[-1] != "0" and b[-1] != "0")
+            assert len(a) == len(b) == d and (d == 1 or (a[-1] != "0" and b[-1] != "0"))
 
 
 def test_difficulty_scales_length():

@@ -280,7 +280,7 @@ class PHop(Task):
         super().check_difficulty(difficulty)
         if difficulty > self.length - 2:
             raise ValueError(
-                f"task {self.name}: difficulty (hops) must be <= {self.length - 2} (n = {self.length}), got {difficulty}"
+                f"task {self.name}: difficulty (hops) must be <= {self.length - 2} (n={self.length}), got {difficulty}"
             )
 
     def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
