@@ -111,6 +111,27 @@ def test_vanilla_matches_plain_transformer():
     np.testing.assert_allclose(aux["accuracy"], acc, **TOL)
 
 
+@pytest.mark.parametrize(("n_layers", "n"), [(1, 3), (2, 3), (2, 2)])
+def test_looped_with_every_trick_off_is_a_tied_weight_vanilla_stack(n_layers, n):
+    """Saunshi et al.'s (k ⊗ L): a k-layer block looped L times is a kL-layer vanilla model whose
+    consecutive k-layer groups share weights. With every trick off, asura's looped model must be
+    exactly that: the plain reference run over the block's layers repeated n times (also at a depth
+    below max_iterations, through the same traced-depth program)."""
+    cfg = dataclasses.replace(VANILLA, n_layers=n_layers, iterations=3, max_iterations=3)
+    model = build(cfg, 7, scale=0.3)
+    batch = make_batch(8, packed=True)
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert set(p) == {"blocks", "embed", "final_norm"}, "every trick off leaves no per-iteration parameter"
+    blocks = list(p["blocks"].values())
+    tied = {**p, "blocks": dict(enumerate(blocks * n))}
+    ref = jax.jit(lambda q, tok: ref_forward(q, cfg, tok, batch["segment_ids"]))(tied, batch["inputs"])
+    graphdef, state = nnx.split(model)
+    got = jax.jit(lambda st, tok, n: nnx.merge(graphdef, st)(tok, n=n, segment_ids_BT=batch["segment_ids"]))(
+        state, batch["inputs"], jnp.int32(n)
+    )
+    np.testing.assert_allclose(got, ref, **TOL)  # TOL: fp32, another op order, <= 6 layers deep
+
+
 # ------------------------------------------------------------- traced depth
 @pytest.fixture(scope="module")
 def looped():
