@@ -75,6 +75,10 @@ def test_shipped_plans_validate_every_spec(capsys):
         main(["study", str(REPO / "configs" / "studies" / f"{name}.yaml"), "--dry-run"])
     out = capsys.readouterr().out
     assert out.count("demo_ablation: 30 trials") == 2 and out.count("text_iso_baselines: 15 trials") == 2
+    protocol_plan = REPO / "configs" / "studies" / "cpu_protocol.yaml"
+    main(["study", str(protocol_plan), "--dry-run", "--only", "demo_iso_baselines"])
+    # 6 groups x 3 lrs x 2 tuning seeds run first: the count a user budgets by includes them
+    assert "demo_iso_baselines: 48 trials + 36 lr-tuning trials" in capsys.readouterr().out
     from asura.sweep.study import check_plan
 
     for _study, spec in check_plan(load_plan(REPO / "configs" / "studies" / "gpu.yaml")):
