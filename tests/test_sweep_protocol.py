@@ -164,6 +164,17 @@ def test_a_report_regenerates_from_the_records_alone_and_a_study_resumes_from_th
     (clone / manifest.RECORDS / "add__seed=3.json").unlink()
     run_sweep(spec, clone, trial_fn=trial)
     assert CALLS == ["add|3"]
+    # Records from before a config field existed (the field missing, the hash of the older schema):
+    # at its default the run is the same and does not rerun; set away from its default, it does.
+    for name, field in (("full__seed=1.json", "rope_theta"), ("add__seed=2.json", "injection")):
+        path = clone / manifest.RECORDS / name
+        rec = json.loads(path.read_text())
+        del rec["config"]["model"][field]
+        rec["config_hash"] = "0ld5chema000"
+        path.write_text(json.dumps(rec))
+    CALLS.clear()
+    run_sweep(spec, clone, trial_fn=trial)
+    assert CALLS == ["add|2"]  # model.injection=add is not the default: not provably the same run
 
 
 # ------------------------------------------------------------------ the learning rate, tuned per arm
