@@ -213,11 +213,16 @@ def test_a_bad_tuning_grid_is_one_line_at_load(tmp_path, tune, needle):
         load_spec(spec_with(tmp_path, None, seeds=range(5), tune=tune))
 
 
-def test_each_arm_trains_at_the_lr_it_scored_best_with_on_its_tuning_seeds(tmp_path):
+def test_each_arm_trains_at_the_lr_it_scored_best_with_on_its_tuning_seeds(tmp_path, capsys):
     tune = {"lr": [1e-2, 1e-3, 3e-3], "seeds": [100, 101]}
     spec = spec_with(tmp_path, {"seeds": [0, 1, 2, 3, 4]}, seeds=range(5), tune=tune)
     CALLS.clear()
     wd = run_sweep(spec, tmp_path / "run", trial_fn=lr_trial)
+    said = [line for line in capsys.readouterr().out.splitlines() if " to run -> " in line]
+    assert [s.split(": ")[1].split(" ->")[0] for s in said] == [  # the tuning trials are not the sweep's own
+        "18 trials, 0 done, 18 to run",
+        "15 trials, 0 done, 15 to run",
+    ]
     tuning = [c for c in CALLS if c.split("|")[2] in ("100", "101")]
     assert len(tuning) == 3 * 3 * 2 and CALLS[: len(tuning)] == tuning  # every group x lr x seed, first
     main = CALLS[len(tuning) :]
