@@ -69,6 +69,8 @@ def ref_forward(p, cfg, tok, seg):
     cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
 
     def rot(x):  # B T N H
+        if cfg.position == "none":  # NoPE: no rotation; the causal mask alone orders tokens
+            return x
         a, b = x[..., : H // 2], x[..., H // 2 :]
         return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
 
@@ -89,11 +91,13 @@ def ref_forward(p, cfg, tok, seg):
     return ln(x, p["final_norm"]) @ p["embed"].T
 
 
-def test_vanilla_matches_plain_transformer():
-    model = build(VANILLA, 1, scale=0.3)
+@pytest.mark.parametrize("position", ["rope", "none"])
+def test_vanilla_matches_plain_transformer(position):
+    cfg = dataclasses.replace(VANILLA, position=position)
+    model = build(cfg, 1, scale=0.3)
     batch = make_batch(2, packed=True)
     p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    ref = jax.jit(lambda p, tok: ref_forward(p, VANILLA, tok, batch["segment_ids"]))(p, batch["inputs"])
+    ref = jax.jit(lambda p, tok: ref_forward(p, cfg, tok, batch["segment_ids"]))(p, batch["inputs"])
     graphdef, state = nnx.split(model)
 
     @jax.jit
