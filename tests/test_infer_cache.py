@@ -38,8 +38,9 @@ ALL_ON = ModelConfig(
 # The other choice of every flag the decode path touches: additive injection, LoRA, SwiGLU,
 # RMSNorm, untied head, multi-query attention (one kv head), no per-iteration norms, no RoPE.
 OTHERS = dataclasses.replace(
-    ALL_ON, injection="add", adapter="lora", mlp="swiglu", norm="rmsnorm", tie_embeddings=False, n_kv_heads=1, position="none",
+    ALL_ON, injection="add", adapter="lora", mlp="swiglu", norm="rmsnorm", tie_embeddings=False, n_kv_heads=1,
     iter_norm=False, post_norm=False, qk_norm=False, guidance="none", adapter_targets=("q", "k", "v", "gate"),
+    position="none",
 )  # fmt: skip
 MAX_DEPTH = 5  # past max_iterations=3: extrapolation last / cycle
 

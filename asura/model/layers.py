@@ -153,7 +153,8 @@ class Attention(nnx.Module):
         self.k_norm = Norm(cfg, H, rngs=rngs, name="head_dim") if cfg.qk_norm else None
 
     def qkv(self, x_BTD: jax.Array, positions_BT, t=None) -> QKV:
-        """Queries, keys and values of x (after qk-norm and RoPE, unless model.position=none): what a KV cache stores (asura.infer)."""
+        """Queries, keys and values of x after qk-norm and RoPE (none if model.position=none): what a KV
+        cache stores (asura.infer)."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         N, K, H = cfg.n_heads, cfg.kv_heads, cfg.d_head
