@@ -35,6 +35,13 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "grai
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def shown_path(path: str | Path) -> Path:
+    """A path as reports and commands show it: relative to the repository root when inside it, so a
+    report regenerated from the committed records in another clone reads the same."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else Path(path)
+
+
 def git_commit(repo: Path = REPO_ROOT) -> str:
     """``git rev-parse HEAD`` of ``repo`` (+ " (uncommitted changes)" when tracked files outside results/
     differ), else "unknown"."""

@@ -502,9 +502,7 @@ def _plots(rows: list[dict], manifests: list[dict], plot_dir: Path, metric: Metr
 def report_command(sweep_dir: Path, metric: str | None = None) -> str:
     """The command that rebuilds this report; a dir inside the repository is named relative to its
     root, so a report regenerated from the committed records in another clone reads the same."""
-    path = Path(sweep_dir).resolve()
-    shown = path.relative_to(manifest.REPO_ROOT) if path.is_relative_to(manifest.REPO_ROOT) else sweep_dir
-    args = ["python", "-m", "asura.sweep", "report", str(shown)]
+    args = ["python", "-m", "asura.sweep", "report", str(manifest.shown_path(sweep_dir))]
     return shlex.join([*args, "--metric", metric] if metric else args)
 
 
