@@ -117,6 +117,11 @@ def test_verdicts_come_from_the_protocol_seeds_and_family_only(tmp_path):
     assert "- confirmatory seeds: [0, 1, 2, 3, 4, 5, 6, 7]; minimum per arm: 8" in text
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["protocol"]["protocol"] == {"seeds": list(range(8)), "family": ["add"], "min_seeds": 8, "learned": None}
+    # Another metric than the primary one: the same family and correction, but nothing confirmatory.
+    add = {r["group"]: r for r in write_report(out, "objective")["rows"]}["add"]
+    assert not add["confirmatory"] and add["verdict"].startswith("exploratory: ") and add["p_holm"] == add["p"]
+    text = (out / "REPORT_objective.md").read_text()
+    assert "is not the primary metric: **every verdict below is exploratory**" in text
 
 
 def test_a_changed_protocol_is_refused_and_a_late_one_is_marked(tmp_path):
