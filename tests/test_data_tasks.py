@@ -1,6 +1,7 @@
 """Embedded tasks: every answer is checked by an independent solver that parses the generated text."""
 
 import hashlib
+import itertools
 import re
 import subprocess
 import sys
@@ -23,7 +24,28 @@ def solve_pointer_chase(prompt: str) -> str:
     return var, hops
 
 
+def hop_chain(letters: str, p: int) -> list[int]:
+    """The 0-indexed positions p-hop induction visits (Saunshi et al. 2025, Definition A.1), found
+    by scanning back from each position for the nearest earlier copy of its letter; stops at a dead
+    end (find = 0)."""
+    at, chain = len(letters) - 1, []
+    for _ in range(p):
+        back = letters.rfind(letters[at], 0, at)  # the previous occurrence, or -1
+        if back < 0:
+            break
+        at = back + 1
+        chain.append(at)
+    return chain
+
+
 def solve(name: str, prompt: str) -> str:
+    if name in ("p_hop", "p_hop_64"):
+        raise AssertionError("p_hop needs p: see solve_with")
+    if name == "nary_addition":
+        return str(sum(int(x) for x in prompt.rstrip("=").split("+")))
+    if name == "addition_lsb":
+        a, b = prompt.rstrip("=").split("+")
+        return str(int(a[::-1]) + int(b[::-1]))[::-1]
     if name == "pointer_chase":
         return solve_pointer_chase(prompt)[0]
     if name == "addition":
@@ -39,13 +61,22 @@ def solve(name: str, prompt: str) -> str:
     raise AssertionError(name)
 
 
+def solve_with(name: str, prompt: str, difficulty: int) -> str:
+    if name in ("p_hop", "p_hop_64"):
+        letters = prompt.rstrip("?")
+        chain = hop_chain(letters, difficulty)
+        assert len(chain) == difficulty, "the answer must exist"
+        return letters[chain[-1]]
+    return solve(name, prompt)
+
+
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
 @pytest.mark.parametrize("difficulty", [1, 3, 6])
 def test_answers_match_independent_solver(name, difficulty):
     task = tasks.get_task(name)
     for i in range(200):
         ex = tasks.make_example(task, difficulty, seed=7, stream=tasks.TRAIN_STREAM, index=i)
-        assert ex.answer == solve(name, ex.prompt), (name, ex.text)
+        assert ex.answer == solve_with(name, ex.prompt, difficulty), (name, ex.text)
         tokens_L, answer_L = ex.encode()
         assert len(tokens_L) <= task.max_len(difficulty)
         assert tokens_L.max() < task.vocab_size_needed
@@ -63,8 +94,59 @@ def test_pointer_chase_needs_exactly_k_hops(k):
         assert ex.prompt.count(";") == 2 * k  # query chain + one distractor chain of k statements each
 
 
+@pytest.mark.parametrize(
+    ("letters", "p", "answer"),
+    [
+        ("abcb", 1, "c"),  # b's previous copy is at 2: land on 3, a c
+        ("abcb", 2, None),  # no c before position 3
+        ("abab", 2, "b"),  # b -> 3 (a) -> 2 (b)
+        ("abab", 3, None),
+        ("abb", 5, "b"),  # v_2 = v_3: find_1(v, 3) = 3, a fixed point the definition allows
+        ("cdbcabda", 3, "d"),  # a at 8 -> 6 (b) -> 4 (c) -> 2 (d)
+        ("cdbcabda", 4, None),  # no d before position 2
+    ],
+)
+def test_p_hop_follows_definition_a1_on_hand_worked_sequences(letters, p, answer):
+    assert tasks.hop(letters, p) == answer
+    chain = hop_chain(letters, p)
+    assert (letters[chain[-1]] if len(chain) == p else None) == answer
+
+
+@pytest.mark.parametrize("p", [1, 4, 16, 32])
+def test_p_hop_takes_exactly_p_distinct_hops(p):
+    """The generator's chain never stalls on a fixed point (v_{i-1} = v_i), so the answer is p
+    hops away, not fewer; and the hop after the last lands somewhere else or nowhere."""
+    task = tasks.get_task("p_hop")
+    for i in range(40):
+        letters = tasks.make_example(task, p, seed=3, stream=0, index=i).prompt.rstrip("?")
+        assert len(letters) == 256 and set(letters) <= set("abcd")
+        chain = [len(letters) - 1, *hop_chain(letters, p)]
+        assert len(chain) == p + 1 and all(a > b for a, b in itertools.pairwise(chain)), chain
+
+
+def test_paper_examples_format_as_the_papers_write_them():
+    nary = tasks.get_task("nary_addition")  # Saunshi et al. 2025, section 2.1
+    prompt = nary.format_question("315+120+45+824", 4)
+    assert prompt == "315+120+045+824=" and solve("nary_addition", prompt) == "1304"
+    lsb = tasks.get_task("addition_lsb")  # McLeish et al. 2024: 98282+3859172=2787472, all reversed
+    prompt = lsb.format_question("28289+2719583", 5)
+    assert prompt == "98282+3859172=" and solve("addition_lsb", prompt) == "2787472"
+    with pytest.raises(ValueError, match="is not of the form"):
+        nary.format_question("1000+1", 2)  # a 4-digit operand was never trained on
+    with pytest.raises(ValueError, match="is not of the form"):
+        tasks.get_task("p_hop_64").format_question("abce", 1)  # not in the alphabet
+
+
+def test_addition_lsb_operands_have_exactly_n_digits():
+    task = tasks.get_task("addition_lsb")
+    for d in (1, 2, 5):
+        for i in range(200):
+            a, b = tasks.make_example(task, d, 0, 0, i).prompt.rstrip("=").split("+")
+            assert len(a) == len(b) == d and (d == 1 or (a[-1] != "0" and b[-1] != "0"))
+
+
 def test_difficulty_scales_length():
-    for name in tasks.TASKS:
+    for name in set(tasks.TASKS) - {"p_hop", "p_hop_64"}:  # p-hop: n is fixed, p is the difficulty
         task = tasks.get_task(name)
         lens = [len(tasks.make_example(task, d, 0, 0, 0).text) for d in (2, 4, 8)]
         assert lens[0] < lens[1] < lens[2], name
@@ -83,7 +165,10 @@ def test_random_access_deterministic_and_streams_disjoint():
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown data.task 'nope'; valid: addition, modular_arith, parity"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown data.task 'nope'; valid: addition, addition_lsb, modular_arith, nary_addition, p_hop",
+    ):
         tasks.get_task("nope")
 
 
@@ -212,7 +297,13 @@ def test_example_rng_per_thread():
 # ------------------------------------------------------------ held-out problems
 
 # Small problem spaces, so that a run's training draws cover most of them: a leak would show.
-SMALL = {"addition": 2, "parity": 10, "reverse": 3, "modular_arith": 3, "pointer_chase": 1}
+SMALL = {
+    "addition": 2, "parity": 10, "reverse": 3, "modular_arith": 3, "pointer_chase": 1, "p_hop": 4, "p_hop_64": 4,
+    "nary_addition": 1, "addition_lsb": 2,
+}  # fmt: skip
+# p-hop has 4**64 problems or more: a chance collision is impossible and generation is slower, so
+# fewer documents check that the train stream draws only training problems.
+N_TRAIN = {"p_hop": 4_000, "p_hop_64": 8_000}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -227,9 +318,14 @@ def test_no_eval_problem_is_ever_trained_on(name):
     d = SMALL[name]
     seen: dict[int, set[str]] = {}
     for seed in (0, 1):
-        cfg = with_overrides(Config(), {"data.task": name, "data.difficulty": d, "train.seed": seed})
-        train = host.task_documents(cfg, stream=tasks.TRAIN_STREAM, difficulty=d, n_examples=80_000)
-        seen[seed] = {_prompt(train.to_doc(i)) for i in range(80_000)}
+        seq_len = max(64, tasks.get_task(name).max_len(d))
+        cfg = with_overrides(
+            Config(), {"data.task": name, "data.difficulty": d, "train.seed": seed, "data.seq_len": seq_len}
+        )
+        n = N_TRAIN.get(name, 80_000)
+        train = host.task_documents(cfg, stream=tasks.TRAIN_STREAM, difficulty=d, n_examples=n)
+        seen[seed] = {_prompt(train.to_doc(i)) for i in range(n)}
+        assert not any(held_out_by_spec(name, p) for p in seen[seed])
         ev = host.task_documents(cfg, stream=tasks.EVAL_STREAM, difficulty=d, n_examples=2_000)
         eval_prompts = {_prompt(ev.to_doc(i)) for i in range(2_000)}
         assert all(held_out_by_spec(name, p) for p in eval_prompts)

@@ -69,6 +69,8 @@ def ref_forward(p, cfg, tok, seg):
     cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
 
     def rot(x):  # B T N H
+        if cfg.position == "none":  # NoPE: no rotation; the causal mask alone orders tokens
+            return x
         a, b = x[..., : H // 2], x[..., H // 2 :]
         return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
 
@@ -89,11 +91,13 @@ def ref_forward(p, cfg, tok, seg):
     return ln(x, p["final_norm"]) @ p["embed"].T
 
 
-def test_vanilla_matches_plain_transformer():
-    model = build(VANILLA, 1, scale=0.3)
+@pytest.mark.parametrize("position", ["rope", "none"])
+def test_vanilla_matches_plain_transformer(position):
+    cfg = dataclasses.replace(VANILLA, position=position)
+    model = build(cfg, 1, scale=0.3)
     batch = make_batch(2, packed=True)
     p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    ref = jax.jit(lambda p, tok: ref_forward(p, VANILLA, tok, batch["segment_ids"]))(p, batch["inputs"])
+    ref = jax.jit(lambda p, tok: ref_forward(p, cfg, tok, batch["segment_ids"]))(p, batch["inputs"])
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -109,6 +113,27 @@ def test_vanilla_matches_plain_transformer():
     np.testing.assert_allclose(aux["ce"], want, **TOL)
     acc = ((ref.argmax(-1) == batch["targets"]) * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     np.testing.assert_allclose(aux["accuracy"], acc, **TOL)
+
+
+@pytest.mark.parametrize(("n_layers", "n"), [(1, 3), (2, 3), (2, 2)])
+def test_looped_with_every_trick_off_is_a_tied_weight_vanilla_stack(n_layers, n):
+    """Saunshi et al.'s (k ⊗ L): a k-layer block looped L times is a kL-layer vanilla model whose
+    consecutive k-layer groups share weights. With every trick off, asura's looped model must be
+    exactly that: the plain reference run over the block's layers repeated n times (also at a depth
+    below max_iterations, through the same traced-depth program)."""
+    cfg = dataclasses.replace(VANILLA, n_layers=n_layers, iterations=3, max_iterations=3)
+    model = build(cfg, 7, scale=0.3)
+    batch = make_batch(8, packed=True)
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert set(p) == {"blocks", "embed", "final_norm"}, "every trick off leaves no per-iteration parameter"
+    blocks = list(p["blocks"].values())
+    tied = {**p, "blocks": dict(enumerate(blocks * n))}
+    ref = jax.jit(lambda q, tok: ref_forward(q, cfg, tok, batch["segment_ids"]))(tied, batch["inputs"])
+    graphdef, state = nnx.split(model)
+    got = jax.jit(lambda st, tok, n: nnx.merge(graphdef, st)(tok, n=n, segment_ids_BT=batch["segment_ids"]))(
+        state, batch["inputs"], jnp.int32(n)
+    )
+    np.testing.assert_allclose(got, ref, **TOL)  # TOL: fp32, another op order, <= 6 layers deep
 
 
 # ------------------------------------------------------------- traced depth

@@ -81,6 +81,18 @@ def test_dry_run_lists_the_grid(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_dry_run_lists_the_lr_tuning_phase_first(tmp_path, capsys):
+    spec = write_spec(tmp_path, variants={"full": {}}, seeds=[0, 1])
+    spec.write_text(spec.read_text() + "tune: {lr: [0.001, 0.01], seeds: [100]}\n")
+    main([str(spec), "--dry-run", "--workdir", str(tmp_path / "run")])
+    assert capsys.readouterr().out.splitlines() == [
+        "full|lr=0.001|seed=100  [tune]",
+        "full|lr=0.01|seed=100  [tune]",
+        "full|seed=0  [trial]",
+        "full|seed=1  [trial]",
+    ]
+
+
 def test_module_entry_point_is_one_line(tmp_path):
     """The real `python -m` path: exit 2, one stderr line, no usage block."""
     p = subprocess.run(

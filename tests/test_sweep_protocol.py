@@ -117,6 +117,11 @@ def test_verdicts_come_from_the_protocol_seeds_and_family_only(tmp_path):
     assert "- confirmatory seeds: [0, 1, 2, 3, 4, 5, 6, 7]; minimum per arm: 8" in text
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["protocol"]["protocol"] == {"seeds": list(range(8)), "family": ["add"], "min_seeds": 8, "learned": None}
+    # Another metric than the primary one: the same family and correction, but nothing confirmatory.
+    add = {r["group"]: r for r in write_report(out, "objective")["rows"]}["add"]
+    assert not add["confirmatory"] and add["verdict"].startswith("exploratory: ") and add["p_holm"] == add["p"]
+    text = (out / "REPORT_objective.md").read_text()
+    assert "is not the primary metric: **every verdict below is exploratory**" in text
 
 
 def test_a_changed_protocol_is_refused_and_a_late_one_is_marked(tmp_path):
@@ -164,6 +169,17 @@ def test_a_report_regenerates_from_the_records_alone_and_a_study_resumes_from_th
     (clone / manifest.RECORDS / "add__seed=3.json").unlink()
     run_sweep(spec, clone, trial_fn=trial)
     assert CALLS == ["add|3"]
+    # Records from before a config field existed (the field missing, the hash of the older schema):
+    # at its default the run is the same and does not rerun; set away from its default, it does.
+    for name, field in (("full__seed=1.json", "rope_theta"), ("add__seed=2.json", "injection")):
+        path = clone / manifest.RECORDS / name
+        rec = json.loads(path.read_text())
+        del rec["config"]["model"][field]
+        rec["config_hash"] = "0ld5chema000"
+        path.write_text(json.dumps(rec))
+    CALLS.clear()
+    run_sweep(spec, clone, trial_fn=trial)
+    assert CALLS == ["add|2"]  # model.injection=add is not the default: not provably the same run
 
 
 # ------------------------------------------------------------------ the learning rate, tuned per arm
@@ -202,11 +218,16 @@ def test_a_bad_tuning_grid_is_one_line_at_load(tmp_path, tune, needle):
         load_spec(spec_with(tmp_path, None, seeds=range(5), tune=tune))
 
 
-def test_each_arm_trains_at_the_lr_it_scored_best_with_on_its_tuning_seeds(tmp_path):
+def test_each_arm_trains_at_the_lr_it_scored_best_with_on_its_tuning_seeds(tmp_path, capsys):
     tune = {"lr": [1e-2, 1e-3, 3e-3], "seeds": [100, 101]}
     spec = spec_with(tmp_path, {"seeds": [0, 1, 2, 3, 4]}, seeds=range(5), tune=tune)
     CALLS.clear()
     wd = run_sweep(spec, tmp_path / "run", trial_fn=lr_trial)
+    said = [line for line in capsys.readouterr().out.splitlines() if " to run -> " in line]
+    assert [s.split(": ")[1].split(" ->")[0] for s in said] == [  # the tuning trials are not the sweep's own
+        "18 trials, 0 done, 18 to run",
+        "15 trials, 0 done, 15 to run",
+    ]
     tuning = [c for c in CALLS if c.split("|")[2] in ("100", "101")]
     assert len(tuning) == 3 * 3 * 2 and CALLS[: len(tuning)] == tuning  # every group x lr x seed, first
     main = CALLS[len(tuning) :]

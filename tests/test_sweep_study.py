@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import pytest
 import yaml
 from test_sweep_helpers import REPO, write_spec
 
+from asura.sweep import extrapolation
 from asura.sweep.__main__ import main
-from asura.sweep.extrapolation import CACHE, summarise
+from asura.sweep.extrapolation import RESULTS, summarise
 from asura.sweep.stats import describe
 from asura.sweep.study import PrepareFailed, load_plan, run_plan
 
@@ -75,6 +77,10 @@ def test_shipped_plans_validate_every_spec(capsys):
         main(["study", str(REPO / "configs" / "studies" / f"{name}.yaml"), "--dry-run"])
     out = capsys.readouterr().out
     assert out.count("demo_ablation: 30 trials") == 2 and out.count("text_iso_baselines: 15 trials") == 2
+    protocol_plan = REPO / "configs" / "studies" / "cpu_protocol.yaml"
+    main(["study", str(protocol_plan), "--dry-run", "--only", "demo_iso_baselines"])
+    # 6 groups x 3 lrs x 2 tuning seeds run first: the count a user budgets by includes them
+    assert "demo_iso_baselines: 48 trials + 36 lr-tuning trials" in capsys.readouterr().out
     from asura.sweep.study import check_plan
 
     for _study, spec in check_plan(load_plan(REPO / "configs" / "studies" / "gpu.yaml")):
@@ -104,8 +110,10 @@ def test_study_trains_reports_extrapolates_and_resumes(tmp_path):
     assert (wd / "REPORT.md").exists() and (wd / "REPORT_ce.md").exists() and (wd / "EXTRAPOLATION.md").exists()
     assert sum(s.startswith("extrapolate ") for s in said) == 2 * 3  # 2 trials x 3 modes
 
-    for tdir in sorted((wd / "trials").iterdir()):
-        cache = json.loads((tdir / CACHE).read_text())
+    results = sorted((wd / RESULTS).iterdir())  # committed with the records, one per cell
+    assert [p.name for p in results] == ["looped__seed=0.json", "looped__seed=1.json"]
+    for path in results:
+        cache = json.loads(path.read_text())
         by_mode = {k.split(":")[0]: v["rows"] for k, v in cache.items()}
         assert sorted(map(int, by_mode["none"])) == [1, 2]  # none stops at max_iterations
         assert sorted(map(int, by_mode["last"])) == sorted(map(int, by_mode["cycle"])) == [1, 2, 3, 4]
@@ -131,6 +139,13 @@ def test_study_trains_reports_extrapolates_and_resumes(tmp_path):
     said.clear()
     run_plan(plan, command="test again", say=said.append)  # everything done: nothing retrained or re-evaluated
     assert not [s for s in said if s.startswith("extrapolate ")]
+    # Another clone: no checkpoints, only what is committed; the same command rewrites the same file.
+    before = (wd / "EXTRAPOLATION.md").read_bytes()
+    shutil.rmtree(wd / "trials")
+    (wd / "EXTRAPOLATION.md").unlink()
+    opts = extrapolation.Options(factor=2)
+    extrapolation.run(wd, opts, extrapolation.command(wd, opts))
+    assert (wd / "EXTRAPOLATION.md").read_bytes() == before
     ledger = json.loads((plan.out / "studies.json").read_text())
     assert [r["command"] for r in ledger["ex"]["runs"]] == ["test", "test again"]
 
@@ -161,3 +176,24 @@ def test_a_prepare_that_fails_at_run_time_is_one_line(tmp_path):
     assert "\n" not in msg and f"preparing {target} (builtin 'pydoc') failed with exit 2: " in msg, msg
     assert "is an existing file" in msg and "Traceback" not in msg
     assert not (plan.out / "x" / "trials").exists()
+
+
+def test_extrapolation_skips_tuning_trials_and_cuts_intervals_to_the_range(tmp_path):
+    """The lr-tuning trials are not the sweep's cells: no evaluation, no row (a tuning cell here has no
+    checkpoint and no result, so evaluating it would fail). Exact-match intervals stay in [0, 1]."""
+    from asura.sweep import manifest
+
+    cfg = {"model": {"iterations": 1, "max_iterations": 1}, "depth": {"schedule": "fixed"}}
+    for trial, (key, role) in enumerate([("a|seed=0", "trial"), ("a|lr=0.01|seed=100", "tune")]):
+        rec = {"trial": trial, "key": key, "group": key.rsplit("|", 1)[0], "seed": 0, "role": role,
+               "status": "complete", "config": cfg}  # fmt: skip
+        manifest.write_record(tmp_path, rec)
+    result = {"step": 10, "rows": {"1": {"exact_match": 0.5, "ce": 1.0}, "2": {"exact_match": 0.1, "ce": 2.0}}}
+    path = extrapolation.result_path(tmp_path, "a|seed=0")
+    path.parent.mkdir()
+    path.write_text(json.dumps({"last:1,2:": {**result, "commit": "abc"}}))
+    records = extrapolation.evaluate_sweep(tmp_path, factor=2, modes=("last",), say=lambda s: pytest.fail(s))
+    assert [r["key"] for r in records] == ["a|seed=0"] and records[0]["commit"] == "abc"
+    assert extrapolation._cell(describe([0.0, 1.0]), "exact_match") == "0.500 [0.000, 1.000]"
+    assert extrapolation._cell(describe([10.0, 11.0]), "ce") == "10.500 ± 6.353"  # inside [0, inf): as is
+    assert extrapolation._cell(describe([1.0, 2.0]), "ce") == "1.500 [0.000, 7.853]"

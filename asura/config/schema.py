@@ -46,6 +46,7 @@ class ModelConfig:
     z_loss: float = 1e-4  # PaLM z-loss coefficient on logsumexp^2; 0 = off
     ce_chunk: int = 0  # vocabulary chunk for streaming cross-entropy; 0 = whole vocabulary
     tie_embeddings: bool = True
+    position: str = "rope"  # rope | none (NoPE: the causal mask alone orders tokens; Fan et al. 2024 loop it)
     rope_theta: float = 10000.0
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
@@ -181,6 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": ("gelu", "swiglu"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.injection": ("projconcat", "add", "none"),
+    "model.position": ("rope", "none"),
     "model.guidance": ("none", "linear", "uniform", "explicit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),

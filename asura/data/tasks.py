@@ -11,6 +11,10 @@ Difficulty knobs (``data.difficulty``):
   parity         n bits; answer is the XOR of all bits
   reverse        n letters; answer is the string reversed
   modular_arith  n terms of ``+``/``-`` digits mod 10 (sequential state tracking)
+  p_hop          p hops of induction over 256 letters from {a,b,c,d} (Saunshi et al. 2025); ``p_hop_64``: 64
+  nary_addition  n operands of 3 digits, ``315+120+045+824=1304`` (Saunshi et al. 2025)
+  addition_lsb   n digits per operand, least significant digit first (length generalisation:
+                 McLeish et al. 2024, Fan et al. 2024)
 
 Held-out problems, by construction: a problem's identity is its prompt (which fixes the answer),
 and a hash of (task, prompt) puts a fixed fraction ``data.held_out`` of all problems in the eval
@@ -246,7 +250,152 @@ class ModularArith(Task):
         return 10 ** (difficulty + 1) * 2**difficulty
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (PointerChase, Addition, Parity, Reverse, ModularArith)}
+class PHop(Task):
+    """p-hop induction (Saunshi et al. 2025, "Reasoning with latent thoughts", arXiv 2502.17416,
+    Definition A.1, after Sanford et al. 2024): over a sequence v_1..v_n of letters,
+
+        find_1(v, i) = max({0} ∪ {j <= i : v_{j-1} = v_i})      (1-indexed)
+        find_p(v, i) = find_1(v, find_{p-1}(v, i)),    hop_p(v) = v_{find_p(v, n)}
+
+    i.e. from the last letter, jump to the letter just after its previous occurrence, p times; the
+    answer is the letter reached. The paper: alphabet 4, n = 256, p in {16, 32} (``p_hop``;
+    ``p_hop_64`` is n = 64 for CPU-sized models). ``data.difficulty`` is p.
+
+    Instances are built as the paper's appendix A.1 says ("first picking the sequence of p-hops
+    randomly and then shuffling them around in a sequence with filler tokens ... sample the
+    remaining characters ... while respecting the p-hop order"): the chain's landing positions
+    i_1 > ... > i_p are a random p-subset of 2..n-1, each i_k preceded by the letter it is reached
+    from, consecutive chain letters distinct, and every filler between i_k and i_{k-1} avoids the
+    letter being searched for there, so the answer exists and takes exactly p hops (no fixed
+    point v_{i-1} = v_i shortens the chain). Prompt: the n letters then ``?``; answer: one letter.
+    """
+
+    name = "p_hop"
+    marker = "?"
+    alphabet = "abcd"
+    length = 256
+    question_form = "letters a-d (the last one is the query), e.g. abcabdcb"
+
+    def check_difficulty(self, difficulty: int) -> None:
+        super().check_difficulty(difficulty)
+        if difficulty > self.length - 2:
+            raise ValueError(
+                f"task {self.name}: difficulty (hops) must be <= {self.length - 2} (n={self.length}), got {difficulty}"
+            )
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        n, p, a = self.length, difficulty, len(self.alphabet)
+        v = np.full(n + 1, -1, dtype=np.int64)  # 1-indexed; -1 = a filler, drawn last
+        avoid = np.full(n + 1, -1, dtype=np.int64)  # the letter a filler must not be: the one searched for there
+        lands = np.sort(rng.choice(np.arange(2, n), size=p, replace=False))[::-1]  # i_1 > ... > i_p
+        shift = rng.integers(1, a, size=p)  # non-zero: a landing letter differs from the one it was reached by
+        v[n] = rng.integers(a)  # the query, t_0
+        prev_i, prev_t = n, int(v[n])
+        for i, s in zip(lands, shift):
+            v[i - 1] = prev_t  # the occurrence the hop finds; always free: every earlier write is at >= i
+            if v[i] < 0:  # i_k is taken only when it is the previous hop's occurrence (then its letter differs)
+                v[i] = (prev_t + s) % a
+            avoid[i + 1 : prev_i] = prev_t  # nothing between the occurrence and the hop's start matches
+            prev_i, prev_t = int(i), int(v[i])
+        uniform, off = rng.integers(a, size=n + 1), rng.integers(1, a, size=n + 1)
+        fill = np.where(avoid >= 0, (avoid + off) % a, uniform)  # before the chain: anything
+        v = np.where(v >= 0, v, fill)[1:]
+        letters = "".join(self.alphabet[t] for t in v)
+        return Example(self._prompt(letters), letters[lands[-1] - 1])
+
+    def _prompt(self, letters: str) -> str:
+        return letters + self.marker
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        if not re.fullmatch(f"[{self.alphabet}]{{2,}}", body) or hop(body, difficulty) is None:
+            return None
+        return self._prompt(body)
+
+    def max_len(self, difficulty: int) -> int:
+        return self.length + 3
+
+    def n_problems(self, difficulty: int) -> int:
+        return len(self.alphabet) ** self.length
+
+
+class PHop64(PHop):
+    name = "p_hop_64"
+    length = 64
+
+
+def hop(letters: str, p: int) -> str | None:
+    """hop_p of Definition A.1 (Saunshi et al. 2025), literally; None where find_p is 0."""
+    i = len(letters)  # 1-indexed position of the query
+    for _ in range(p):
+        i = max([0] + [j for j in range(2, i + 1) if letters[j - 2] == letters[i - 1]])
+        if i == 0:
+            return None
+    return letters[i - 1]
+
+
+class NaryAddition(Task):
+    """n-ary addition (Saunshi et al. 2025, section 2.1 and appendix A.1): "adding n numbers with 3
+    digits each", each operand uniform in [0, 999] and zero padded, no chain of thought; their
+    example input ``315 + 120 + 045 + 824 =``, output ``1304``. Here without the spaces (one byte
+    per token). ``data.difficulty`` is n; the paper trains on a mixture of n in {2, 4, 8, 16, 32}
+    (``data.min_difficulty`` draws n uniformly from a range instead) and evaluates n = 8..32."""
+
+    name = "nary_addition"
+    digits = 3
+    question_form = "NUMBER+NUMBER+... with numbers of at most 3 digits, e.g. 315+120+45"
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        operands = [int(x) for x in rng.integers(0, 10**self.digits, size=difficulty)]
+        return Example(self._prompt(operands), str(sum(operands)))
+
+    def _prompt(self, operands: list[int]) -> str:
+        return "+".join(f"{x:0{self.digits}d}" for x in operands) + self.marker
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        if not re.fullmatch(f"[0-9]{{1,{self.digits}}}(\\+[0-9]{{1,{self.digits}}})*", body):
+            return None
+        return self._prompt([int(x) for x in body.split("+")])
+
+    def max_len(self, difficulty: int) -> int:
+        return (self.digits + 1) * difficulty + len(str((10**self.digits - 1) * difficulty)) + 1
+
+    def n_problems(self, difficulty: int) -> int:
+        return 10 ** (self.digits * difficulty)
+
+
+class AdditionLSB(Task):
+    """Addition written least significant digit first, the format of the length-generalisation
+    papers (McLeish et al. 2024, arXiv 2405.17399: ``98282+3859172=2787472``, every number
+    reversed, no padding; Fan et al. 2024, arXiv 2409.15647). ``data.difficulty`` n: both operands
+    have exactly n digits (leading digit non-zero for n > 1, so the length is real); the answer has
+    n or n + 1. Train on a range (``data.min_difficulty``) and evaluate longer operands
+    (``data.eval_difficulty``): the length split."""
+
+    name = "addition_lsb"
+    question_form = "A+B in the usual digit order, e.g. 123+989 (the prompt writes them reversed)"
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        lo = 0 if difficulty == 1 else 10 ** (difficulty - 1)
+        a, b = (int(x) for x in rng.integers(lo, 10**difficulty, size=2))
+        return Example(self._prompt(a, b), str(a + b)[::-1])
+
+    def _prompt(self, a: int, b: int) -> str:
+        return f"{str(a)[::-1]}+{str(b)[::-1]}{self.marker}"
+
+    def _parse(self, body: str, difficulty: int) -> str | None:
+        m = re.fullmatch(r"([0-9]+)\+([0-9]+)", body)
+        return None if m is None else self._prompt(int(m[1]), int(m[2]))
+
+    def max_len(self, difficulty: int) -> int:
+        return 3 * difficulty + 4
+
+    def n_problems(self, difficulty: int) -> int:
+        return 100 if difficulty == 1 else (9 * 10 ** (difficulty - 1)) ** 2
+
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (PointerChase, Addition, Parity, Reverse, ModularArith, PHop, PHop64, NaryAddition, AdditionLSB)
+}
 
 
 def get_task(name: str) -> Task:

@@ -153,7 +153,8 @@ class Attention(nnx.Module):
         self.k_norm = Norm(cfg, H, rngs=rngs, name="head_dim") if cfg.qk_norm else None
 
     def qkv(self, x_BTD: jax.Array, positions_BT, t=None) -> QKV:
-        """Queries, keys and values of x (after qk-norm and RoPE): what a KV cache stores (asura.infer)."""
+        """Queries, keys and values of x after qk-norm and RoPE (none if model.position=none): what a KV
+        cache stores (asura.infer)."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         N, K, H = cfg.n_heads, cfg.kv_heads, cfg.d_head
@@ -163,8 +164,9 @@ class Attention(nnx.Module):
         v_BTKH = self.v(x_BTD, t).reshape(B, T, K, H)
         if cfg.qk_norm:  # per-head norm before RoPE
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-        q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-        k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
+        if cfg.position == "rope":
+            q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
+            k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
         q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
         return QKV(q_BTNH, k_BTKH, v_BTKH)
 

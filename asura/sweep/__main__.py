@@ -24,6 +24,7 @@ from typing import NamedTuple, NoReturn
 
 from asura.config.cli import fail
 from asura.sweep.keys import SpecError, format_overrides
+from asura.sweep.tuning import tuning_cells
 
 PROG = "python -m asura.sweep"
 
@@ -81,7 +82,8 @@ def _study(argv: list[str]) -> None:
         plan = load_plan(args.plan)
         if args.dry_run:
             for study, spec in check_plan(plan, only):
-                print(f"{study.name}: {len(spec.grid.cells)} trials -> {plan.out / study.name}")
+                tuning = f" + {len(tuning_cells(spec.grid.cells, spec.tune))} lr-tuning trials" if spec.tune else ""
+                print(f"{study.name}: {len(spec.grid.cells)} trials{tuning} -> {plan.out / study.name}")
             return
         index = run_plan(plan, only, args.workers, command=_command(["study", *argv]))
     except SpecError as e:
@@ -144,7 +146,8 @@ def _dry_run(spec) -> None:
         s = spec.search
         print(f"search: {s.method}, {s.n_trials} trials over {[p.key for p in s.params]}; metric {spec.metric.label}")
         return
-    for c in spec.grid.cells:
+    tuning = tuning_cells(spec.grid.cells, spec.tune) if spec.tune else ()
+    for c in (*tuning, *spec.grid.cells):  # the run's order: the lr-tuning phase first
         print(f"{c.key}  [{c.role}]" + (f"  aliases={list(c.aliases)}" if c.aliases else ""))
     for i in spec.grid.impossible:
         print(f"{i.group}  [impossible] {i.reason}")

@@ -3,10 +3,13 @@ depths 1 .. factor × its trained depth under each extrapolation mode, without r
 
     python -m asura.sweep extrapolate DIR [--factor 4] [--modes none,last,cycle] [--metric exact_match]
 
-Per trial the results are cached in ``trials/<id>/extrapolation.json`` (keyed by checkpoint step,
-mode and depths), so a rerun only evaluates what is missing. ``DIR/EXTRAPOLATION.md`` and
-``DIR/plots/extrapolation.png`` then show, per (group, mode) and depth, the mean over seeds with
-its 95% CI. Mode ``none`` cannot run past ``model.max_iterations``: those cells are "-", never 0.
+Per cell the results are kept in ``DIR/extrapolation/<cell>.json`` (keyed by mode, depths and
+batches; with the checkpoint step and the commit that evaluated it), committed with the study's
+records: a rerun only evaluates what is missing, and with every result present it rewrites
+EXTRAPOLATION.md from them alone, no checkpoint needed. Only the sweep's own cells are evaluated,
+not its lr-tuning trials. ``DIR/EXTRAPOLATION.md`` and ``DIR/plots/extrapolation.png`` then show,
+per (group, mode) and depth, the mean over seeds with its 95% CI cut to the metric's range. Mode
+``none`` cannot run past ``model.max_iterations``: those cells are "-", never 0.
 The numbers are asura.analysis.depth.evaluate_depths' (the training eval: ``ce`` is the final
 iteration's cross-entropy, ``exact_match`` the answer exact match), on each trial's own eval set.
 """
@@ -19,10 +22,12 @@ from pathlib import Path
 
 from asura.analysis.units import axis_label
 from asura.sweep import manifest
+from asura.sweep.metrics import METRICS as METRIC_REGISTRY
 from asura.sweep.report import EmptySweep, latest_per_cell, read_meta
-from asura.sweep.stats import CONFIDENCE, describe
+from asura.sweep.stats import CONFIDENCE, clip_interval, describe
+from asura.sweep.tuning import ROLE as TUNE_ROLE
 
-CACHE = "extrapolation.json"
+RESULTS = "extrapolation"  # DIR/extrapolation/<cell>.json, committed with the records
 MODES = ("none", "last", "cycle")
 METRICS = {"ce": "minimize", "accuracy": "maximize", "exact_match": "maximize"}
 
@@ -77,32 +82,49 @@ def _evaluate_trial(trial_dir: Path, depths_by_mode: dict[str, list[int]], batch
     return out
 
 
+def result_path(sweep_dir: Path, key: str) -> Path:
+    """DIR/extrapolation/<cell key as a file name>.json: the record's file name, in its own dir."""
+    return Path(sweep_dir) / RESULTS / manifest.record_path(sweep_dir, key).name
+
+
 def evaluate_sweep(
     sweep_dir: str | Path, factor: int = 4, modes=MODES, batches: int | None = None, say=print
 ) -> list[dict]:
-    """Evaluate (or read from cache) every complete trial; returns one record per (trial, mode)."""
+    """Evaluate (or read from the committed results) every complete cell of the sweep's own; returns
+    one record per (cell, mode)."""
     d = Path(sweep_dir)
-    cells = [m for m in latest_per_cell(manifest.read_all(d)) if m["status"] == "complete"]
+    cells = [
+        m for m in latest_per_cell(manifest.read_all(d)) if m["status"] == "complete" and m.get("role") != TUNE_ROLE
+    ]
     if not cells:
         raise EmptySweep(f"sweep dir {d} has no complete trials to extrapolate")
     out = []
     for m in cells:
-        tdir = d / "trials" / f"{int(m['trial']):04d}"
-        cache_path = tdir / CACHE
-        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        path = result_path(d, m["key"])
+        results = json.loads(path.read_text()) if path.exists() else {}
         cfg = m["config"]
         depths = {mode: [n for n in trial_depths(cfg, factor) if runnable(cfg, mode, n)] for mode in modes}
         keys = {mode: f"{mode}:{','.join(map(str, ds))}:{batches or ''}" for mode, ds in depths.items()}
-        missing = {mode: ds for mode, ds in depths.items() if keys[mode] not in cache}
+        missing = {mode: ds for mode, ds in depths.items() if keys[mode] not in results}
         if missing:
+            tdir = d / "trials" / f"{int(m['trial']):04d}"
             for mode, ds in missing.items():
                 say(f"extrapolate {m['key']} mode={mode} depths 1..{max(ds)}")
+            commit = manifest.git_commit()
             for mode, result in _evaluate_trial(tdir, missing, batches).items():
-                cache[keys[mode]] = result
-            manifest.write_json(cache_path, cache)
+                results[keys[mode]] = {**result, "commit": commit}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            manifest.write_json(path, results)
         out += [{"key": m["key"], "group": m["group"], "seed": m["seed"], "mode": mode, "config": cfg,
-                 **cache[keys[mode]]} for mode in modes]  # fmt: skip
+                 **results[keys[mode]]} for mode in modes]  # fmt: skip
     return out
+
+
+def command(sweep_dir: str | Path, opts: Options) -> str:
+    """The CLI command that runs (or, with every result committed, only rewrites) this extrapolation."""
+    return (f"python -m asura.sweep extrapolate {manifest.shown_path(sweep_dir)} --factor {opts.factor} "
+            f"--modes {','.join(opts.modes)} --metrics {','.join(opts.metrics)}"
+            + (f" --batches {opts.batches}" if opts.batches else ""))  # fmt: skip
 
 
 def run(sweep_dir: str | Path, opts: Options, command: str, say=print) -> Path:
@@ -128,10 +150,16 @@ def summarise(records: list[dict], metric: str, factor: int) -> list[dict]:
     return list(rows.values())
 
 
-def _cell(s) -> str:
+def _cell(s, metric: str) -> str:
     if s.n == 0:
         return "-"
-    return f"{s.mean:.3f}" if s.half_width is None else f"{s.mean:.3f} ± {s.half_width:.3f}"
+    if s.half_width is None:
+        return f"{s.mean:.3f}"
+    bounds = METRIC_REGISTRY[metric].bounds if metric in METRIC_REGISTRY else (None, None)
+    low, high = clip_interval(s.mean - s.half_width, s.mean + s.half_width, bounds)
+    if (low, high) == (s.mean - s.half_width, s.mean + s.half_width):
+        return f"{s.mean:.3f} ± {s.half_width:.3f}"
+    return f"{s.mean:.3f} [{low:.3f}, {high:.3f}]"  # cut to the metric's range (exact match stays in [0, 1])
 
 
 def _table(rows: list[dict], metric: str) -> list[str]:
@@ -140,7 +168,7 @@ def _table(rows: list[dict], metric: str) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n_seeds = max((s.n for s in r["depths"].values()), default=0)
-        cells = [_cell(r["depths"][n]) if n in r["depths"] else "-" for n in range(1, top + 1)]
+        cells = [_cell(r["depths"][n], metric) if n in r["depths"] else "-" for n in range(1, top + 1)]
         out.append(f"| {r['group']} | {r['mode']} | {r['trained_depth']} | {n_seeds} | " + " | ".join(cells) + " |")
     return out
 
@@ -184,20 +212,22 @@ def plot(rows: list[dict], metric: str, path: Path) -> Path:
 
 
 def write(sweep_dir: str | Path, records: list[dict], factor: int, metrics=("exact_match", "ce"),
-          command: str = "", commit: str | None = None) -> Path:  # fmt: skip
+          command: str = "") -> Path:  # fmt: skip
     d = Path(sweep_dir)
     meta = read_meta(d)
+    commits = sorted({r.get("commit", "unknown") for r in records})
     out = [f"# Depth extrapolation: {meta.get('study_name', d.name)}", ""]
     out += [
         f"Each complete trial's final checkpoint, evaluated at depths 1 .. {factor}× its trained depth on its "
         "own eval set, under each extrapolation mode (chosen at evaluation time, no retraining): `none` runs "
         "only the trained iteration slots (cells past max_iterations are `-`), `last` reuses the last slot's "
         "per-iteration parameters for every extra iteration, `cycle` cycles through the slots. Cells: mean ± "
-        f"{CONFIDENCE:.0%} CI over seeds (Student t).",
+        f"{CONFIDENCE:.0%} CI over seeds (Student t; cut to the metric's range, then shown as [low, high]). "
+        "The sweep's own cells only: its lr-tuning trials are not evaluated.",
         "",
         f"Command: `{command}`" if command else "",
         "",
-        f"Git commit: `{commit or manifest.git_commit()}`",
+        f"Evaluated at git commit(s): {', '.join(f'`{c}`' for c in commits) or 'unknown'}",
         "",
     ]
     for metric in metrics:

@@ -35,6 +35,13 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "grai
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def shown_path(path: str | Path) -> Path:
+    """A path as reports and commands show it: relative to the repository root when inside it, so a
+    report regenerated from the committed records in another clone reads the same."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else Path(path)
+
+
 def git_commit(repo: Path = REPO_ROOT) -> str:
     """``git rev-parse HEAD`` of ``repo`` (+ " (uncommitted changes)" when tracked files outside results/
     differ), else "unknown"."""
@@ -191,9 +198,38 @@ def read_all(sweep_dir: Path) -> list[dict]:
 def done_cells(sweep_dir: Path, cells) -> set[str]:
     """Keys of the cells whose record is complete and was run with the cell's config: a study resumed
     from committed records (another machine, no optuna database) does not rerun them."""
-    want = {c.key: config_hash(c.config) for c in cells}
+    by_key = {c.key: c for c in cells}
     done = set()
     for m in read_all(sweep_dir):
-        if m.get("status") == "complete" and want.get(m["key"]) == m.get("config_hash"):
+        cell = by_key.get(m["key"])
+        if cell is None or m.get("status") != "complete":
+            continue
+        if m.get("config_hash") == config_hash(cell.config) or same_config(m.get("config") or {}, cell.config):
             done.add(m["key"])
     return done
+
+
+def same_config(recorded: dict, cfg: Config) -> bool:
+    """Was a record run with this config? Field by field, where a field the record predates counts
+    as the same only at its default (a field is added with the default that keeps the old behaviour),
+    so adding a config field does not orphan every committed record, and a field set away from its
+    default is never assumed. The name is not part of a run's identity."""
+
+    def walk(rec: dict, now: dict, default: dict) -> bool:
+        if set(rec) - set(now):  # a field that no longer exists: not provably the same run
+            return False
+        for k, v in now.items():
+            if k not in rec:
+                if v != default.get(k):
+                    return False
+            elif isinstance(v, dict) and isinstance(rec[k], dict):
+                if not walk(rec[k], v, default.get(k) or {}):
+                    return False
+            elif rec[k] != v:
+                return False
+        return True
+
+    now = json.loads(json.dumps(config_to_dict(cfg)))  # tuples as the record holds them: lists
+    default = json.loads(json.dumps(config_to_dict(Config())))
+    return walk({k: v for k, v in recorded.items() if k != "name"}, {k: v for k, v in now.items() if k != "name"},
+                default)  # fmt: skip

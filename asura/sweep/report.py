@@ -200,6 +200,7 @@ def _compare_rows(rows: list[dict], meta: dict, spec: MetricSpec) -> None:
     tested over all its complete seeds, corrected over all rows, and labelled exploratory. Below
     the minimum number of seeds no test is run ("too few seeds")."""
     protocol = registered_protocol(meta)
+    primary = protocol is not None and spec.label == meta.get("metric")
     min_seeds = protocol.min_seeds if protocol else MIN_SEEDS
     by = {r["group"]: r for r in rows}
     default_ref = meta.get("reference") or (rows[0]["group"] if rows else None)
@@ -222,7 +223,9 @@ def _compare_rows(rows: list[dict], meta: dict, spec: MetricSpec) -> None:
         b = {s: v for s, v in by[ref]["by_seed"].items() if keep(s)}
         t = compare_seeds(a, b, direction=spec.direction, names=(r["group"], ref), metric=spec.label,
                           kind=r["label"])  # fmt: skip
-        r["confirmatory"] = protocol is not None and (protocol.family is None or r["group"] in protocol.family)
+        r["in_family"] = protocol is not None and (protocol.family is None or r["group"] in protocol.family)
+        # Only the primary metric is confirmatory: a report on another metric (REPORT_ce.md) is exploratory.
+        r["confirmatory"] = r["in_family"] and primary
         r.update(delta=t.diff, delta_ci95=t.half_width, test=t.method, better=t.better, n_tested=min(len(a), len(b)))
         r["_t"] = t
         if r["n_tested"] < min_seeds:
@@ -232,11 +235,11 @@ def _compare_rows(rows: list[dict], meta: dict, spec: MetricSpec) -> None:
             continue
         r["p"] = t.p
         r["p_wilcoxon"] = signed_rank_p(a, b) if t.method != NO_TEST and set(a) == set(b) else None
-        if protocol is not None and protocol.learned is not None:
+        if primary and protocol.learned is not None:  # the threshold is on the primary metric
             lr = learned_rates(list(a.values()), list(b.values()), protocol.learned, spec.direction)
             r["learned"], r["p_fisher"] = f"{lr.k_a}/{lr.n_a} vs {lr.k_b}/{lr.n_b}", lr.p
         compared.append(r)
-    family = [r for r in compared if r["confirmatory"]] if protocol else compared
+    family = [r for r in compared if r.pop("in_family")] if protocol else compared
     for key in ("p", "p_wilcoxon", "p_fisher"):
         for g, q in holm({r["group"]: r[key] for r in family}).items():
             by[g][f"{key}_holm"] = q
@@ -335,7 +338,7 @@ def _legend() -> list[str]:
     ]
 
 
-def _protocol_md(meta: dict) -> list[str]:
+def _protocol_md(meta: dict, metric: str | None = None) -> list[str]:
     reg = meta.get("protocol")
     protocol = registered_protocol(meta)
     if protocol is None:
@@ -361,6 +364,10 @@ def _protocol_md(meta: dict) -> list[str]:
         "- rows outside the family and seeds outside the list are exploratory",
         "",
     ]
+    if metric is not None and metric != meta.get("metric"):
+        out += [f"This report's metric, `{metric}`, is not the primary metric: **every verdict below is exploratory** "
+                "(the family is still Holm-corrected together; the learned threshold belongs to the primary metric).",
+                ""]  # fmt: skip
     return out
 
 
@@ -502,9 +509,7 @@ def _plots(rows: list[dict], manifests: list[dict], plot_dir: Path, metric: Metr
 def report_command(sweep_dir: Path, metric: str | None = None) -> str:
     """The command that rebuilds this report; a dir inside the repository is named relative to its
     root, so a report regenerated from the committed records in another clone reads the same."""
-    path = Path(sweep_dir).resolve()
-    shown = path.relative_to(manifest.REPO_ROOT) if path.is_relative_to(manifest.REPO_ROOT) else sweep_dir
-    args = ["python", "-m", "asura.sweep", "report", str(shown)]
+    args = ["python", "-m", "asura.sweep", "report", str(manifest.shown_path(sweep_dir))]
     return shlex.join([*args, "--metric", metric] if metric else args)
 
 
@@ -540,7 +545,7 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
     out += ["", f"Report command: `{command}`", "", f"Trials ran at git commit(s): {ran}", ""]
     out += [f"Total trial wall time: {_wall(manifests)}.", ""]
     out += _environment_md(manifests)
-    out += _protocol_md(meta)
+    out += _protocol_md(meta, metric.label)
     out += _tuning_md(meta, manifests)
     out += ["## Results", "", *_table(rows, metric), "", *_legend(), ""]
     out += ["## Verdicts", ""]

@@ -323,7 +323,8 @@ def prepare(
             study.enqueue_trial({}, user_attrs={"cell": cell.key})
     finished = study.get_trials(deepcopy=False, states=DONE)
     if spec.search is None:
-        done_here = {t.user_attrs.get("cell") for t in finished} & set(taken)
+        keys = {c.key for c in spec.grid.cells}  # this phase's: the study also holds the tuning phase's trials
+        done_here = {t.user_attrs.get("cell") for t in finished} & set(taken) & keys
         total, done = len(spec.grid.cells), len(done_here | recorded)
     else:
         total, done = spec.search.n_trials, len(finished)

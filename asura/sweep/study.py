@@ -41,7 +41,7 @@ from pathlib import Path
 from asura.data.prepare import BUILTINS
 from asura.sweep.extrapolation import Options
 from asura.sweep.keys import SpecError, check_keys, field_type, read_yaml
-from asura.sweep.manifest import REPO_ROOT, git_commit, write_json
+from asura.sweep.manifest import REPO_ROOT, git_commit, shown_path, write_json
 
 PLAN_KEYS = ("out", "workers", "overrides", "prepare", "studies", "description")
 STUDY_KEYS = ("name", "spec", "reports", "extrapolate")
@@ -222,10 +222,7 @@ def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None,
         for metric in study.reports:
             write_report(wd, metric)  # the default command names wd relative to the repository
         if study.extrapolate is not None:
-            e = study.extrapolate
-            cmd = (f"python -m asura.sweep extrapolate {wd} --factor {e.factor} --modes {','.join(e.modes)} "
-                   f"--metrics {','.join(e.metrics)}" + (f" --batches {e.batches}" if e.batches else ""))  # fmt: skip
-            extrapolation.run(wd, e, cmd, say=say)
+            extrapolation.run(wd, study.extrapolate, extrapolation.command(wd, study.extrapolate), say=say)
         wall = time.time() - t0
         entry["wall_s"] += wall
         entry["runs"].append({"command": command, "commit": git_commit(), "wall_s": round(wall, 1),
@@ -234,15 +231,10 @@ def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None,
     return write_index(plan, ledger)
 
 
-def _shown(path: Path) -> Path:
-    """A path as the index shows it: relative to the repo root when inside it."""
-    return path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
-
-
 def write_index(plan: Plan, ledger: dict) -> Path:
     from asura.sweep.manifest import read_all
 
-    lines = [f"# Studies: {plan.path.name}", "", f"Plan: `{_shown(plan.path)}`.", ""]
+    lines = [f"# Studies: {plan.path.name}", "", f"Plan: `{shown_path(plan.path)}`.", ""]
     lines += ["| study | spec | trials complete | trial time (summed) | wall time (this command) | reports |"]
     lines += ["|---|---|---|---|---|---|"]
     total = trials_total = 0.0
@@ -256,7 +248,7 @@ def write_index(plan: Plan, ledger: dict) -> Path:
         trials_total += trial_s
         reports = [p.name for p in sorted(wd.glob("*.md")) if p.name.startswith(("REPORT", "EXTRAPOLATION"))]
         links = ", ".join(f"[{r}]({s.name}/{r})" for r in reports) or "-"
-        spec = _shown(s.spec)
+        spec = shown_path(s.spec)
         row = f"| {s.name} | `{spec}` | {done}/{len(ms)} | {trial_s / 60:.1f} min | {wall / 60:.1f} min | {links} |"
         lines.append(row)
     lines += [
