@@ -5,9 +5,9 @@ checkout's `.venv` (linked; `make demo` then finds it set up and trains). Comman
 order, as written, with `bash -c`, because later ones read what earlier ones wrote (runs/demo,
 data/pydoc, runs/sweep). Each command has an entry in CHECKS saying what running it must show; a
 README command without an entry fails the test, so a new command cannot go untested. Commands that
-do not end by themselves (a server, a study of several hours started in the background) run until
-they show that they work, and are then stopped. `$ command` lines in ```text blocks (the FLOP tables)
-are run too, and their output must equal the README's text.
+do not end by themselves (a server) run until they show that they work, and are then stopped.
+`$ command` lines in ```text blocks (the FLOP tables) are run too, and their output must equal the
+README's text.
 
 Slow (about 10 minutes on 2 cores): `make test-all` runs it, and so does CI (.ci/run), after the
 suite.
@@ -73,6 +73,19 @@ def _finished(workdir: str, step: int):
     return verify
 
 
+def _retrained_nothing(copy: Path) -> None:
+    """The study plan in a copy: no trial workdir made, and the reports' results rebuilt from the
+    committed records equal the committed ones."""
+    out = copy / "results" / "protocol"
+    assert not [d.name for d in out.iterdir() if (d / "trials").exists()]
+    for name in ("demo_iso_baselines", "hard_iso_baselines", "text_iso_baselines", "demo_ablation"):
+        new, old = ((base / "results" / "protocol" / name / "REPORT.md").read_text() for base in (copy, ROOT))
+        results = [t[t.index("## Results") : t.index("## Plots")] for t in (new, old)]
+        assert results[0] == results[1], name
+    new, old = ((b / "results/protocol/demo_extrapolation/EXTRAPOLATION.md").read_text() for b in (copy, ROOT))
+    assert new[new.index("## exact_match") :] == old[old.index("## exact_match") :]  # from the committed results
+
+
 CHECKS: dict[str, Check] = {
     "make demo": Check(expect=("done at step 600", "exact_match"), verify=_finished("runs/demo", 600)),
     "make test": Check(),  # the suite itself: CI runs it directly, before this test
@@ -109,9 +122,13 @@ CHECKS: dict[str, Check] = {
     ".venv/bin/jupyter execute notebooks/ablations.ipynb": Check(),
     "ASURA_NB_WORKDIR=runs/demo .venv/bin/jupyter execute notebooks/loop_depth.ipynb": Check(),
     ".venv/bin/tensorboard --logdir runs": Check(until="http://localhost:6006", verify=_tensorboard_lists_runs),
-    ".venv/bin/python -m asura.sweep study configs/studies/cpu.yaml --dry-run": Check(expect=("trials",)),
-    "nohup .venv/bin/python -m asura.sweep study configs/studies/cpu.yaml > results/study.log 2>&1 &": Check(
-        until="started", log="results/study.log", timeout=240
+    ".venv/bin/python -m asura.sweep study configs/studies/cpu_protocol.yaml --dry-run": Check(
+        expect=("demo_iso_baselines: 48 trials + 36 lr-tuning trials",)
+    ),
+    # In a clone every record is committed: nothing retrains (a trial would print "started"), every
+    # report is rebuilt from the records.
+    ".venv/bin/python -m asura.sweep study configs/studies/cpu_protocol.yaml": Check(
+        expect=("48 trials, 48 done, 0 to run", "index:"), timeout=600, verify=_retrained_nothing
     ),
     ".venv/bin/python -m asura.aot --config configs/demo.yaml --topology v5e:2x2 model.attention=pallas": Check(
         expect=("peak",)

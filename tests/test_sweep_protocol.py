@@ -228,6 +228,7 @@ def test_each_arm_trains_at_the_lr_it_scored_best_with_on_its_tuning_seeds(tmp_p
         "18 trials, 0 done, 18 to run",
         "15 trials, 0 done, 15 to run",
     ]
+    assert len(json.loads((wd / "sweep.json").read_text())["commands"]) == 1  # one invocation, two phases
     tuning = [c for c in CALLS if c.split("|")[2] in ("100", "101")]
     assert len(tuning) == 3 * 3 * 2 and CALLS[: len(tuning)] == tuning  # every group x lr x seed, first
     main = CALLS[len(tuning) :]

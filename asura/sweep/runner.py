@@ -444,6 +444,7 @@ def run_sweep(
         else:
             say_flushed("lr tuned per group: " + ", ".join(f"{g} {c['lr']:g}" for g, c in chosen.items()))
             spec = dataclasses.replace(spec, grid=Grid(tuned(spec.grid.cells, chosen), spec.grid.impossible))
+        command = None  # recorded by the first phase: one invocation, one entry in sweep.json's commands
     if spec is not None:
         _run_phase(spec, wd, workers, trial_fn, max_trials, fail_running, command)
     if report:
