@@ -122,6 +122,8 @@ def test_p_hop_takes_exactly_p_distinct_hops(p):
         assert len(letters) == 256 and set(letters) <= set("abcd")
         chain = [len(letters) - 1, *hop_chain(letters, p)]
         assert len(chain) == p + 1 and all(a > b for a, b in itertools.pairwise(chain)), chain
+        further = hop_chain(letters, p + 1)  # one hop more: nowhere, or somewhere new
+        assert len(further) == p or further[-1] < chain[-1]
 
 
 def test_paper_examples_format_as_the_papers_write_them():

@@ -180,6 +180,14 @@ def test_a_report_regenerates_from_the_records_alone_and_a_study_resumes_from_th
     CALLS.clear()
     run_sweep(spec, clone, trial_fn=trial)
     assert CALLS == ["add|2"]  # model.injection=add is not the default: not provably the same run
+    path = clone / manifest.RECORDS / "full__seed=4.json"  # a record with no config: never assumed the same
+    rec = json.loads(path.read_text())
+    del rec["config"]
+    rec["config_hash"] = "0ld5chema000"
+    path.write_text(json.dumps(rec))
+    CALLS.clear()
+    run_sweep(spec, clone, trial_fn=trial)
+    assert CALLS == ["projconcat|4"]
 
 
 # ------------------------------------------------------------------ the learning rate, tuned per arm
@@ -262,3 +270,19 @@ def test_choose_waits_for_every_lr_and_seed_and_breaks_ties_low():
     assert choose(best_high, tune, "minimize")["g"]["lr"] == 1e-2  # 0.8 < 2.0
     assert choose(best_high, tune, "maximize")["g"]["lr"] == 1e-3  # 2.0 > 0.8
     assert choose([*full[:2], rec(1e-2, 100, 3.0), rec(1e-2, 101, 3.0)], tune, "maximize")["g"]["lr"] == 1e-2
+
+
+def test_same_config_assumes_only_defaults_of_fields_a_record_predates():
+    from asura.config.load import config_to_dict, with_overrides
+    from asura.config.schema import Config
+
+    cfg = with_overrides(Config(), {"train.lr": 0.01})
+    rec = json.loads(json.dumps(config_to_dict(cfg)))
+    assert manifest.same_config(rec, cfg)
+    del rec["model"]["position"]  # a field added after the record, at its default: the same run
+    assert manifest.same_config(rec, cfg)
+    del rec["train"]["lr"]  # a field set away from its default: not provably the same
+    assert not manifest.same_config(rec, cfg)
+    # No config at all, or a whole section gone, proves nothing (even for an all-default config).
+    assert not manifest.same_config(None, Config()) and not manifest.same_config({}, Config())
+    assert not manifest.same_config({k: v for k, v in config_to_dict(Config()).items() if k != "train"}, Config())

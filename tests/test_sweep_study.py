@@ -191,9 +191,17 @@ def test_extrapolation_skips_tuning_trials_and_cuts_intervals_to_the_range(tmp_p
     result = {"step": 10, "rows": {"1": {"exact_match": 0.5, "ce": 1.0}, "2": {"exact_match": 0.1, "ce": 2.0}}}
     path = extrapolation.result_path(tmp_path, "a|seed=0")
     path.parent.mkdir()
-    path.write_text(json.dumps({"last:1,2:": {**result, "commit": "abc"}}))
+    source = {"trial": 0, "config_hash": None, "value": None}  # the record it was evaluated from
+    path.write_text(json.dumps({"last:1,2:": {**result, "commit": "abc", "record": source}}))
     records = extrapolation.evaluate_sweep(tmp_path, factor=2, modes=("last",), say=lambda s: pytest.fail(s))
     assert [r["key"] for r in records] == ["a|seed=0"] and records[0]["commit"] == "abc"
+    # The cell retrained since (a new record): its old result is not reused but evaluated again.
+    manifest.write_record(tmp_path, {"trial": 7, "key": "a|seed=0", "group": "a", "seed": 0, "role": "trial",
+                                     "status": "complete", "config": cfg})  # fmt: skip
+    said = []
+    with pytest.raises(Exception):  # noqa: B017  no checkpoint here: the attempt is what counts
+        extrapolation.evaluate_sweep(tmp_path, factor=2, modes=("last",), say=said.append)
+    assert said == ["extrapolate a|seed=0 mode=last depths 1..2"]
     assert extrapolation._cell(describe([0.0, 1.0]), "exact_match") == "0.500 [0.000, 1.000]"
     assert extrapolation._cell(describe([10.0, 11.0]), "ce") == "10.500 ± 6.353"  # inside [0, inf): as is
     assert extrapolation._cell(describe([1.0, 2.0]), "ce") == "1.500 [0.000, 7.853]"

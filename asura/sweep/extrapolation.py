@@ -4,7 +4,8 @@ depths 1 .. factor × its trained depth under each extrapolation mode, without r
     python -m asura.sweep extrapolate DIR [--factor 4] [--modes none,last,cycle] [--metric exact_match]
 
 Per cell the results are kept in ``DIR/extrapolation/<cell>.json`` (keyed by mode, depths and
-batches; with the checkpoint step and the commit that evaluated it), committed with the study's
+batches; with the record they came from, the checkpoint step and the commit that evaluated them;
+a result whose record has been replaced by a retrained one is evaluated again), committed with the study's
 records: a rerun only evaluates what is missing, and with every result present it rewrites
 EXTRAPOLATION.md from them alone, no checkpoint needed. Only the sweep's own cells are evaluated,
 not its lr-tuning trials. ``DIR/EXTRAPOLATION.md`` and ``DIR/plots/extrapolation.png`` then show,
@@ -17,6 +18,7 @@ iteration's cross-entropy, ``exact_match`` the answer exact match), on each tria
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,10 @@ def result_path(sweep_dir: Path, key: str) -> Path:
     return Path(sweep_dir) / RESULTS / manifest.record_path(sweep_dir, key).name
 
 
+def _belongs(result: dict | None, source: dict) -> bool:
+    return result is not None and result.get("record") == json.loads(json.dumps(source))
+
+
 def evaluate_sweep(
     sweep_dir: str | Path, factor: int = 4, modes=MODES, batches: int | None = None, say=print
 ) -> list[dict]:
@@ -105,14 +111,17 @@ def evaluate_sweep(
         cfg = m["config"]
         depths = {mode: [n for n in trial_depths(cfg, factor) if runnable(cfg, mode, n)] for mode in modes}
         keys = {mode: f"{mode}:{','.join(map(str, ds))}:{batches or ''}" for mode, ds in depths.items()}
-        missing = {mode: ds for mode, ds in depths.items() if keys[mode] not in results}
+        # A result belongs to one trained model: a cell retrained since (another config, a new trial)
+        # has a new record, and its old results are not reused.
+        source = {"trial": m["trial"], "config_hash": m.get("config_hash"), "value": m.get("value")}
+        missing = {mode: ds for mode, ds in depths.items() if not _belongs(results.get(keys[mode]), source)}
         if missing:
             tdir = d / "trials" / f"{int(m['trial']):04d}"
             for mode, ds in missing.items():
                 say(f"extrapolate {m['key']} mode={mode} depths 1..{max(ds)}")
             commit = manifest.git_commit()
             for mode, result in _evaluate_trial(tdir, missing, batches).items():
-                results[keys[mode]] = {**result, "commit": commit}
+                results[keys[mode]] = {**result, "commit": commit, "record": source}
             path.parent.mkdir(parents=True, exist_ok=True)
             manifest.write_json(path, results)
         out += [{"key": m["key"], "group": m["group"], "seed": m["seed"], "mode": mode, "config": cfg,
@@ -122,9 +131,20 @@ def evaluate_sweep(
 
 def command(sweep_dir: str | Path, opts: Options) -> str:
     """The CLI command that runs (or, with every result committed, only rewrites) this extrapolation."""
-    return (f"python -m asura.sweep extrapolate {manifest.shown_path(sweep_dir)} --factor {opts.factor} "
-            f"--modes {','.join(opts.modes)} --metrics {','.join(opts.metrics)}"
-            + (f" --batches {opts.batches}" if opts.batches else ""))  # fmt: skip
+    args = [
+        "python",
+        "-m",
+        "asura.sweep",
+        "extrapolate",
+        str(manifest.shown_path(sweep_dir)),
+        "--factor",
+        str(opts.factor),
+        "--modes",
+        ",".join(opts.modes),
+        "--metrics",
+        ",".join(opts.metrics),
+    ]
+    return shlex.join(args + (["--batches", str(opts.batches)] if opts.batches else []))  # fmt: skip
 
 
 def run(sweep_dir: str | Path, opts: Options, command: str, say=print) -> Path:

@@ -204,16 +204,17 @@ def done_cells(sweep_dir: Path, cells) -> set[str]:
         cell = by_key.get(m["key"])
         if cell is None or m.get("status") != "complete":
             continue
-        if m.get("config_hash") == config_hash(cell.config) or same_config(m.get("config") or {}, cell.config):
+        if m.get("config_hash") == config_hash(cell.config) or same_config(m.get("config"), cell.config):
             done.add(m["key"])
     return done
 
 
-def same_config(recorded: dict, cfg: Config) -> bool:
+def same_config(recorded: dict | None, cfg: Config) -> bool:
     """Was a record run with this config? Field by field, where a field the record predates counts
     as the same only at its default (a field is added with the default that keeps the old behaviour),
     so adding a config field does not orphan every committed record, and a field set away from its
-    default is never assumed. The name is not part of a run's identity."""
+    default is never assumed (so a field's default must never change). The name is not part of a
+    run's identity."""
 
     def walk(rec: dict, now: dict, default: dict) -> bool:
         if set(rec) - set(now):  # a field that no longer exists: not provably the same run
@@ -230,6 +231,8 @@ def same_config(recorded: dict, cfg: Config) -> bool:
         return True
 
     now = json.loads(json.dumps(config_to_dict(cfg)))  # tuples as the record holds them: lists
+    if not isinstance(recorded, dict) or set(now) - set(recorded) - {"name"}:
+        return False  # no config, or a whole section missing: nothing to compare, not the same run
     default = json.loads(json.dumps(config_to_dict(Config())))
     return walk({k: v for k, v in recorded.items() if k != "name"}, {k: v for k, v in now.items() if k != "name"},
                 default)  # fmt: skip

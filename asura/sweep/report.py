@@ -239,7 +239,7 @@ def _compare_rows(rows: list[dict], meta: dict, spec: MetricSpec) -> None:
             lr = learned_rates(list(a.values()), list(b.values()), protocol.learned, spec.direction)
             r["learned"], r["p_fisher"] = f"{lr.k_a}/{lr.n_a} vs {lr.k_b}/{lr.n_b}", lr.p
         compared.append(r)
-    family = [r for r in compared if r.pop("in_family")] if protocol else compared
+    family = [r for r in compared if r["in_family"]] if protocol else compared
     for key in ("p", "p_wilcoxon", "p_fisher"):
         for g, q in holm({r["group"]: r[key] for r in family}).items():
             by[g][f"{key}_holm"] = q
@@ -247,6 +247,7 @@ def _compare_rows(rows: list[dict], meta: dict, spec: MetricSpec) -> None:
         r["verdict"] = _verdict(r, spec, corrected=r in family, exploratory=not r["confirmatory"])
     for r in rows:
         r.pop("_t", None)
+        r.pop("in_family", None)
 
 
 def _verdict(r: dict, spec: MetricSpec, corrected: bool, exploratory: bool) -> str:
