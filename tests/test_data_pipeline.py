@@ -168,7 +168,7 @@ def test_eval_set_deterministic_disjoint_and_harder():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["data.task=nope"], "unknown data.task 'nope'; valid: addition, modular_arith"),
+        (["data.task=nope"], "unknown data.task 'nope'; valid: addition, addition_lsb, modular_arith"),
         (["data.difficulty=6"], "needs 52 tokens per example but data.seq_len=48"),
         (["data.eval_difficulty=9"], "data.eval_difficulty=9 needs 76 tokens"),
         (["model.vocab_size=100"], "data needs vocab_size >= 128 .* model.vocab_size=100"),

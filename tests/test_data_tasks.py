@@ -131,7 +131,7 @@ def test_paper_examples_format_as_the_papers_write_them():
     prompt = nary.format_question("315+120+45+824", 4)
     assert prompt == "315+120+045+824=" and solve("nary_addition", prompt) == "1304"
     lsb = tasks.get_task("addition_lsb")  # McLeish et al. 2024: 98282+3859172=2787472, all reversed
-    prompt = lsb.format_question("28289+2719583", 5)
+    prompt = lsb.format_question("98282+3859172", 5)
     assert prompt == "98282+3859172=" and solve("addition_lsb", prompt) == "2787472"
     with pytest.raises(ValueError, match="is not of the form"):
         nary.format_question("1000+1", 2)  # a 4-digit operand was never trained on

@@ -372,7 +372,7 @@ class AdditionLSB(Task):
     (``data.eval_difficulty``): the length split."""
 
     name = "addition_lsb"
-    question_form = "A+B in the usual digit order, e.g. 123+989 (the prompt writes them reversed)"
+    question_form = "A+B written least significant digit first, as the prompt is, e.g. 321+989 (123 + 989)"
 
     def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
         lo = 0 if difficulty == 1 else 10 ** (difficulty - 1)
@@ -383,8 +383,7 @@ class AdditionLSB(Task):
         return f"{str(a)[::-1]}+{str(b)[::-1]}{self.marker}"
 
     def _parse(self, body: str, difficulty: int) -> str | None:
-        m = re.fullmatch(r"([0-9]+)\+([0-9]+)", body)
-        return None if m is None else self._prompt(int(m[1]), int(m[2]))
+        return body + self.marker if re.fullmatch(r"[0-9]+\+[0-9]+", body) else None  # already in the task's order
 
     def max_len(self, difficulty: int) -> int:
         return 3 * difficulty + 4
