@@ -31,7 +31,8 @@ from asura.sweep.tuning import ROLE as TUNE_ROLE
 
 RESULTS = "extrapolation"  # DIR/extrapolation/<cell>.json, committed with the records
 MODES = ("none", "last", "cycle")
-METRICS = {"ce": "minimize", "accuracy": "maximize", "exact_match": "maximize"}
+# What evaluate_depths measures; each metric's direction and range come from the sweep's registry.
+METRICS = {name: METRIC_REGISTRY[name].direction for name in ("ce", "accuracy", "exact_match")}
 
 
 def trial_depths(cfg: dict, factor: int) -> list[int]:
@@ -90,7 +91,7 @@ def result_path(sweep_dir: Path, key: str) -> Path:
 
 
 def _belongs(result: dict | None, source: dict) -> bool:
-    return result is not None and result.get("record") == json.loads(json.dumps(source))
+    return result is not None and result.get("record") == source  # source's values come from JSON already
 
 
 def evaluate_sweep(
@@ -144,7 +145,7 @@ def command(sweep_dir: str | Path, opts: Options) -> str:
         "--metrics",
         ",".join(opts.metrics),
     ]
-    return shlex.join(args + (["--batches", str(opts.batches)] if opts.batches else []))  # fmt: skip
+    return shlex.join(args + (["--batches", str(opts.batches)] if opts.batches else []))
 
 
 def run(sweep_dir: str | Path, opts: Options, command: str, say=print) -> Path:
@@ -175,8 +176,7 @@ def _cell(s, metric: str) -> str:
         return "-"
     if s.half_width is None:
         return f"{s.mean:.3f}"
-    bounds = METRIC_REGISTRY[metric].bounds if metric in METRIC_REGISTRY else (None, None)
-    low, high = clip_interval(s.mean - s.half_width, s.mean + s.half_width, bounds)
+    low, high = clip_interval(s.mean - s.half_width, s.mean + s.half_width, METRIC_REGISTRY[metric].bounds)
     if (low, high) == (s.mean - s.half_width, s.mean + s.half_width):
         return f"{s.mean:.3f} ± {s.half_width:.3f}"
     return f"{s.mean:.3f} [{low:.3f}, {high:.3f}]"  # cut to the metric's range (exact match stays in [0, 1])
@@ -202,7 +202,6 @@ def plot(rows: list[dict], metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"last": "-", "cycle": "--", "none": ":"}
     colors: dict[str, str] = {}
-    lo, hi = (0.0, 1.0) if metric != "ce" else (0.0, float("inf"))
     # `none` equals the other modes wherever it runs (depth <= max_iterations): the table has it.
     shown = [r for r in rows if r["mode"] != "none"] or rows
     for r in shown:
@@ -214,8 +213,8 @@ def plot(rows: list[dict], metric: str, path: Path) -> Path:
                           **kw)  # fmt: skip
         colors.setdefault(r["group"], line.get_color())
         # the CI band, clipped to the metric's range (a t interval of a fraction can pass 0 or 1)
-        ax.fill_between(ns, [max(lo, y - e) for y, e in zip(ys, err)], [min(hi, y + e) for y, e in zip(ys, err)],
-                        color=line.get_color(), alpha=0.12, lw=0)  # fmt: skip
+        band = [clip_interval(y - e, y + e, METRIC_REGISTRY[metric].bounds) for y, e in zip(ys, err)]
+        ax.fill_between(ns, [b[0] for b in band], [b[1] for b in band], color=line.get_color(), alpha=0.12, lw=0)
     for t in sorted({r["trained_depth"] for r in rows}):
         ax.axvline(t, color="r", lw=1.0, ls="-.", label=f"trained depth {t}")
     ax.set_xlabel("evaluation depth (iterations)")
