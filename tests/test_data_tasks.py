@@ -39,7 +39,7 @@ def hop_chain(letters: str, p: int) -> list[int]:
 
 
 def solve(name: str, prompt: str) -> str:
-    if name in ("p_hop", "p_hop_64"):
+    if name.startswith("p_hop"):
         raise AssertionError("p_hop needs p: see solve_with")
     if name == "nary_addition":
         return str(sum(int(x) for x in prompt.rstrip("=").split("+")))
@@ -62,7 +62,7 @@ def solve(name: str, prompt: str) -> str:
 
 
 def solve_with(name: str, prompt: str, difficulty: int) -> str:
-    if name in ("p_hop", "p_hop_64"):
+    if name.startswith("p_hop"):
         letters = prompt.rstrip("?")
         chain = hop_chain(letters, difficulty)
         assert len(chain) == difficulty, "the answer must exist"
@@ -148,7 +148,7 @@ def test_addition_lsb_operands_have_exactly_n_digits():
 
 
 def test_difficulty_scales_length():
-    for name in set(tasks.TASKS) - {"p_hop", "p_hop_64"}:  # p-hop: n is fixed, p is the difficulty
+    for name in {n for n in tasks.TASKS if not n.startswith("p_hop")}:  # p-hop: n is fixed, p is the difficulty
         task = tasks.get_task(name)
         lens = [len(tasks.make_example(task, d, 0, 0, 0).text) for d in (2, 4, 8)]
         assert lens[0] < lens[1] < lens[2], name
@@ -301,11 +301,11 @@ def test_example_rng_per_thread():
 # Small problem spaces, so that a run's training draws cover most of them: a leak would show.
 SMALL = {
     "addition": 2, "parity": 10, "reverse": 3, "modular_arith": 3, "pointer_chase": 1, "p_hop": 4, "p_hop_64": 4,
-    "nary_addition": 1, "addition_lsb": 2,
+    "p_hop_32": 4, "p_hop_16": 4, "nary_addition": 1, "addition_lsb": 2,
 }  # fmt: skip
 # p-hop has 4**64 problems or more: a chance collision is impossible and generation is slower, so
 # fewer documents check that the train stream draws only training problems.
-N_TRAIN = {"p_hop": 4_000, "p_hop_64": 8_000}
+N_TRAIN = {"p_hop": 4_000, "p_hop_64": 8_000, "p_hop_16": 20_000}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

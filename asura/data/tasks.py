@@ -11,7 +11,7 @@ Difficulty knobs (``data.difficulty``):
   parity         n bits; answer is the XOR of all bits
   reverse        n letters; answer is the string reversed
   modular_arith  n terms of ``+``/``-`` digits mod 10 (sequential state tracking)
-  p_hop          p hops of induction over 256 letters from {a,b,c,d} (Saunshi et al. 2025); ``p_hop_64``: 64
+  p_hop          p hops of induction over 256 letters from {a,b,c,d} (Saunshi et al. 2025); ``p_hop_64``, ``_32``, ``_16``: shorter
   nary_addition  n operands of 3 digits, ``315+120+045+824=1304`` (Saunshi et al. 2025)
   addition_lsb   n digits per operand, least significant digit first (length generalisation:
                  McLeish et al. 2024, Fan et al. 2024)
@@ -259,7 +259,7 @@ class PHop(Task):
 
     i.e. from the last letter, jump to the letter just after its previous occurrence, p times; the
     answer is the letter reached. The paper: alphabet 4, n = 256, p in {16, 32} (``p_hop``;
-    ``p_hop_64`` is n = 64 for CPU-sized models). ``data.difficulty`` is p.
+    ``p_hop_64``, ``p_hop_32`` and ``p_hop_16`` are n = 64, 32, 16 for CPU-sized models). ``data.difficulty`` is p.
 
     Instances are built as the paper's appendix A.1 says ("first picking the sequence of p-hops
     randomly and then shuffling them around in a sequence with filler tokens ... sample the
@@ -321,6 +321,16 @@ class PHop(Task):
 class PHop64(PHop):
     name = "p_hop_64"
     length = 64
+
+
+class PHop32(PHop):
+    name = "p_hop_32"
+    length = 32
+
+
+class PHop16(PHop):
+    name = "p_hop_16"
+    length = 16
 
 
 def hop(letters: str, p: int) -> str | None:
@@ -393,7 +403,20 @@ class AdditionLSB(Task):
 
 
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (PointerChase, Addition, Parity, Reverse, ModularArith, PHop, PHop64, NaryAddition, AdditionLSB)
+    t.name: t
+    for t in (
+        PointerChase,
+        Addition,
+        Parity,
+        Reverse,
+        ModularArith,
+        PHop,
+        PHop64,
+        PHop32,
+        PHop16,
+        NaryAddition,
+        AdditionLSB,
+    )
 }
 
 
