@@ -267,3 +267,44 @@ def test_the_report_command_names_a_repository_dir_relative_to_its_root():
 
     assert report_command(REPO / "results" / "x", "ce") == "python -m asura.sweep report results/x --metric ce"
     assert report_command("/elsewhere/x") == "python -m asura.sweep report /elsewhere/x"
+
+
+def crossing_trial(cfg, workdir, on_eval) -> dict:
+    """`add` starts 0.1 ce behind `full` and gains 0.1 per eval (2 steps apart): level at step 4,
+    ahead from step 6 on."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    final = None
+    for step in range(2, 13, 2):
+        final = {}
+        for d in eval_depths(cfg):
+            m = fake_metrics(cfg, step, d)
+            gain = 0.2 - 0.05 * step if cfg.model.injection == "add" else 0.0
+            m["ce"] = 3.0 - 0.01 * step + gain + 0.001 * cfg.train.seed + 0.01 * d
+            final[d] = m
+        on_eval(step, final)
+    return {"final": final, "step": cfg.train.steps}
+
+
+def test_learning_curves_table_and_crossing_point_from_recorded_evals(tmp_path):
+    from asura.sweep.metrics import parse_metric
+    from asura.sweep.report import crossing, learning_curves
+
+    spec = write_spec(tmp_path, variants={"full": {}, "add": {"model.injection": "add"}}, seeds=[0, 1], pruner=None)
+    wd = run_sweep(spec, tmp_path / "run", trial_fn=crossing_trial)
+    ms = manifest.read_all(wd)
+    rows = group_rows(ms, json.loads((wd / "sweep.json").read_text()))
+    curves = learning_curves(rows, ms, parse_metric("ce"))
+    full, add = curves["full"], curves["add"]
+    assert full.steps == add.steps == [2, 4, 6, 8, 10, 12] and full.n == [2] * 6
+    # tokens per step: batch 8 x seq_len 32, from each trial's planned tokens
+    assert full.tokens_per_step == 8 * 32
+    trained = 2  # TINY iterations: the metric is read at the trained depth
+    want = [3.0 - 0.01 * s + (0.2 - 0.05 * s) + 0.0005 + 0.01 * trained for s in full.steps]
+    assert add.mean == pytest.approx(want)
+    # level at step 4 is not ahead (strictly better is required); ahead from step 6 for good
+    assert crossing(add, full, "minimize") == 6
+    assert crossing(full, add, "minimize") is None
+    assert crossing(add, full, "maximize") is None  # with the direction flipped, add is ahead only up to step 2
+    text = (wd / "REPORT.md").read_text()
+    assert "## Learning curves" in text and f"| 6 | 1.54K | {full.mean[2]:.4f} | {add.mean[2]:.4f} |" in text
+    assert "- `add` better than `full`: from step 6 (1.54K tokens)" in text

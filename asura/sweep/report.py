@@ -33,6 +33,7 @@ import json
 import math
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from asura.analysis.units import axis_label
@@ -448,26 +449,105 @@ def draw_ablation(ax, rows: list[dict], metric: MetricSpec):
     return ax
 
 
-def draw_learning_curves(ax, rows: list[dict], manifests: list[dict], metric: MetricSpec):
-    """Each group's metric at every eval step (mean over its complete seeds; band: min..max), so a
-    reader can see whether every arm had learned, or was still learning, when the sweep stopped."""
+@dataclass(frozen=True)
+class Curve:
+    """One group's eval metric during training, over its complete seeds, keyed by eval step."""
+
+    steps: list[int]
+    mean: list[float]
+    low: list[float]  # min over seeds
+    high: list[float]  # max over seeds
+    n: list[int]  # seeds with an eval at that step
+    tokens_per_step: float  # planned training tokens / steps (batch × seq_len)
+
+
+def learning_curves(rows: list[dict], manifests: list[dict], metric: MetricSpec) -> dict[str, Curve]:
+    """Each group's metric at every eval step, from the trials' recorded evals (the learning curve
+    the plot draws and the table and crossing points read)."""
     by_key = {m["key"]: m for m in latest_per_cell(manifests)}
+    out = {}
     for r in (r for r in rows if r["value"] is not None):
-        curves: dict[int, list[float]] = {}
+        per_step: dict[int, list[float]] = {}
+        tokens_per_step = math.nan
         for m in (by_key.get(k) for k in r.get("keys", ())):
             if m is None or m["status"] != "complete":
                 continue
             trained = int(m["config"]["model"]["iterations"])
+            tokens_per_step = m["train_tokens"] / int(m["config"]["train"]["steps"])
             for e in m.get("evals") or []:
                 with contextlib.suppress(MetricMissing):  # an eval that skipped this depth
-                    curves.setdefault(int(e["step"]), []).append(metric_value(metric, trained, e["depths"]))
-        if not curves:
+                    per_step.setdefault(int(e["step"]), []).append(metric_value(metric, trained, e["depths"]))
+        if per_step:
+            steps = sorted(per_step)
+            vals = [per_step[s] for s in steps]
+            out[r["group"]] = Curve(steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals],
+                                    [max(v) for v in vals], [len(v) for v in vals], tokens_per_step)  # fmt: skip
+    return out
+
+
+def crossing(curve: Curve, ref: Curve, direction: str) -> int | None:
+    """The first eval step from which ``curve``'s mean is better than ``ref``'s at every later step
+    both evaluated (a sustained crossing; descriptive, no test), else None. Compared at equal
+    training tokens only, so the two must train the same tokens per step."""
+    if not math.isclose(curve.tokens_per_step, ref.tokens_per_step):
+        return None
+    at = dict(zip(ref.steps, ref.mean))
+    common = [(s, m, at[s]) for s, m in zip(curve.steps, curve.mean) if s in at]
+    first = None
+    for s, m, r in common:
+        ahead = m < r if direction == "minimize" else m > r
+        first = (first if first is not None else s) if ahead else None
+    return first
+
+
+def _curves_md(rows: list[dict], curves: dict[str, Curve], metric: MetricSpec) -> list[str]:
+    """The learning curves as a table (mean over seeds at each eval step, with the tokens seen) and,
+    for each row, where its mean curve crosses its reference's for good."""
+    if not curves:
+        return []
+    groups = [r["group"] for r in rows if r["group"] in curves]
+    steps = sorted({s for g in groups for s in curves[g].steps})
+    tps = curves[groups[0]].tokens_per_step
+    head = ["step", "tokens", *groups]
+    out = ["## Learning curves", "", f"Eval `{metric.label}` at each eval step, mean over each group's complete seeds "
+           "(the trials' recorded evals; seeds outside the protocol included). Tokens = step × planned tokens "
+           "per step (a group that trains a different number per step shows its own in brackets).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for s in steps:
+        cells = []
+        for g in groups:
+            c = curves[g]
+            if s not in c.steps:
+                cells.append("-")
+                continue
+            i = c.steps.index(s)
+            own = "" if math.isclose(c.tokens_per_step, tps) else f" ({_si(s * c.tokens_per_step)})"
+            cells.append(f"{c.mean[i]:.4f}{own}")
+        out.append(f"| {s} | {_si(s * tps)} | " + " | ".join(cells) + " |")
+    out += ["", "Crossing points (descriptive: means, no test): the first eval step from which a group's mean "
+            "stays better than its reference's at every later step, at equal tokens.", ""]  # fmt: skip
+    for r in rows:
+        ref = r.get("reference")
+        if r["group"] not in curves or ref not in curves or ref == r["group"]:
             continue
-        steps = sorted(curves)
-        mean = [sum(curves[s]) / len(curves[s]) for s in steps]
-        (line,) = ax.plot(steps, mean, marker=".", label=r["group"])
-        ax.fill_between(steps, [min(curves[s]) for s in steps], [max(curves[s]) for s in steps],
-                        color=line.get_color(), alpha=0.15, lw=0)  # fmt: skip
+        c, rc = curves[r["group"]], curves[ref]
+        if not math.isclose(c.tokens_per_step, rc.tokens_per_step):
+            out.append(f"- `{r['group']}` vs `{ref}`: not compared (different tokens per step)")
+            continue
+        at = crossing(c, rc, metric.direction)
+        where = "never within this budget" if at is None else f"from step {at} ({_si(at * c.tokens_per_step)} tokens)"
+        if at is not None and at == min(set(c.steps) & set(rc.steps)):
+            where = f"at every eval (from step {at}, {_si(at * c.tokens_per_step)} tokens)"
+        out.append(f"- `{r['group']}` better than `{ref}`: {where}")
+    return [*out, ""]
+
+
+def draw_learning_curves(ax, curves: dict[str, Curve], metric: MetricSpec):
+    """Each group's metric at every eval step (mean over its complete seeds; band: min..max), so a
+    reader can see whether every arm had learned, or was still learning, when the sweep stopped."""
+    for g, c in curves.items():
+        (line,) = ax.plot(c.steps, c.mean, marker=".", label=g)
+        ax.fill_between(c.steps, c.low, c.high, color=line.get_color(), alpha=0.15, lw=0)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"eval {metric_axis(metric)}", fontsize=8)
     ax.set_title(f"eval {metric.label} during training: mean over seeds, band min..max", fontsize=9)
@@ -497,7 +577,7 @@ def _plots(rows: list[dict], manifests: list[dict], plot_dir: Path, metric: Metr
     fig.savefig(plot_dir / PLOTS[2][0], dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    draw_learning_curves(ax, rows, manifests, metric)
+    draw_learning_curves(ax, learning_curves(rows, manifests, metric), metric)
     fig.tight_layout()
     fig.savefig(plot_dir / PLOTS[3][0], dpi=120)
     plt.close(fig)
@@ -553,6 +633,7 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
     out += [f"- `{r['group']}` vs `{r['reference']}`: {r['verdict']}" for r in rows if r["label"] != "reference"]
     if all(r["label"] == "reference" for r in rows):
         out += ["- (only the reference ran)"]
+    out += ["", *_curves_md(rows, learning_curves(rows, manifests, metric), metric)]
     if plots:
         out += ["", "## Plots", ""]
         titles = dict(PLOTS)
