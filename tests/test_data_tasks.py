@@ -62,6 +62,10 @@ def solve(name: str, prompt: str) -> str:
 
 
 def solve_with(name: str, prompt: str, difficulty: int) -> str:
+    if name.endswith("_dense"):  # every prefix's hop, "." where it has none
+        letters = prompt.rstrip("?")
+        chains = [hop_chain(letters[:i], difficulty) for i in range(1, len(letters) + 1)]
+        return "".join(letters[c[-1]] if len(c) == difficulty else "." for c in chains)
     if name.startswith("p_hop"):
         letters = prompt.rstrip("?")
         chain = hop_chain(letters, difficulty)
@@ -124,6 +128,22 @@ def test_p_hop_takes_exactly_p_distinct_hops(p):
         assert len(chain) == p + 1 and all(a > b for a, b in itertools.pairwise(chain)), chain
         further = hop_chain(letters, p + 1)  # one hop more: nowhere, or somewhere new
         assert len(further) == p or further[-1] < chain[-1]
+
+
+@pytest.mark.parametrize(("letters", "p", "answer"), [("abab", 1, "..ba"), ("abab", 2, "...b"), ("abb", 1, "..b")])
+def test_p_hop_dense_answers_every_prefix(letters, p, answer):
+    # abab, p = 1: aba -> a's copy at 1, land on 2 (b); abab -> b's copy at 2, land on 3 (a).
+    # p = 2: aba -> 2 (b), no b before it; abab -> 3 (a) -> 2 (b). abb: the fixed point b -> 3.
+    assert tasks.every_prefix_hops(letters, p) == answer
+
+
+def test_p_hop_dense_is_p_hop_16_with_every_prefix_scored():
+    """Same sequences as p_hop_16 (same draw), the answer ending in p_hop_16's answer."""
+    dense, plain = tasks.get_task("p_hop_16_dense"), tasks.get_task("p_hop_16")
+    for i in range(50):
+        d, s = (tasks.make_example(t, 3, seed=1, stream=0, index=i, held_out=0.0) for t in (dense, plain))
+        assert d.prompt == s.prompt and len(d.answer) == 16 and d.answer[-1] == s.answer
+        assert len(d.text) <= dense.max_len(3)
 
 
 def test_paper_examples_format_as_the_papers_write_them():
@@ -301,7 +321,7 @@ def test_example_rng_per_thread():
 # Small problem spaces, so that a run's training draws cover most of them: a leak would show.
 SMALL = {
     "addition": 2, "parity": 10, "reverse": 3, "modular_arith": 3, "pointer_chase": 1, "p_hop": 4, "p_hop_64": 4,
-    "p_hop_32": 4, "p_hop_16": 4, "nary_addition": 1, "addition_lsb": 2,
+    "p_hop_32": 4, "p_hop_16": 4, "p_hop_16_dense": 4, "nary_addition": 1, "addition_lsb": 2,
 }  # fmt: skip
 # p-hop has 4**64 problems or more: a chance collision is impossible and generation is slower, so
 # fewer documents check that the train stream draws only training problems.

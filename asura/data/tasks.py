@@ -11,7 +11,8 @@ Difficulty knobs (``data.difficulty``):
   parity         n bits; answer is the XOR of all bits
   reverse        n letters; answer is the string reversed
   modular_arith  n terms of ``+``/``-`` digits mod 10 (sequential state tracking)
-  p_hop          p hops of induction over 256 letters from {a,b,c,d} (Saunshi et al. 2025); ``p_hop_64``, ``_32``, ``_16``: shorter
+  p_hop          p hops of induction over 256 letters from {a,b,c,d} (Saunshi et al. 2025); ``p_hop_64``,
+                 ``_32``, ``_16``: shorter; ``p_hop_16_dense``: every prefix's hop is the answer (Sanford et al. 2024)
   nary_addition  n operands of 3 digits, ``315+120+045+824=1304`` (Saunshi et al. 2025)
   addition_lsb   n digits per operand, least significant digit first (length generalisation:
                  McLeish et al. 2024, Fan et al. 2024)
@@ -274,6 +275,7 @@ class PHop(Task):
     marker = "?"
     alphabet = "abcd"
     length = 256
+    every_prefix = False  # True: the answer is hop_p of every prefix (see PHop16Dense)
     question_form = "letters a-d (the last one is the query), e.g. abcabdcb"
 
     def check_difficulty(self, difficulty: int) -> None:
@@ -301,6 +303,8 @@ class PHop(Task):
         fill = np.where(avoid >= 0, (avoid + off) % a, uniform)  # before the chain: anything
         v = np.where(v >= 0, v, fill)[1:]
         letters = "".join(self.alphabet[t] for t in v)
+        if self.every_prefix:
+            return Example(self._prompt(letters), every_prefix_hops(letters, p))
         return Example(self._prompt(letters), letters[lands[-1] - 1])
 
     def _prompt(self, letters: str) -> str:
@@ -312,7 +316,7 @@ class PHop(Task):
         return self._prompt(body)
 
     def max_len(self, difficulty: int) -> int:
-        return self.length + 3
+        return 2 * self.length + 2 if self.every_prefix else self.length + 3
 
     def n_problems(self, difficulty: int) -> int:
         return len(self.alphabet) ** self.length
@@ -331,6 +335,23 @@ class PHop32(PHop):
 class PHop16(PHop):
     name = "p_hop_16"
     length = 16
+
+
+class PHop16Dense(PHop16):
+    """p-hop with a target at every position, as Sanford et al. 2024 ("Transformers, parallel
+    computation, and logarithmic depth", ICML 2024) state the task: hop_p(X)_i for every prefix
+    X_1..X_i, ``.`` where no p-hop exists. The same sequences as ``p_hop_16``; the answer is the
+    16 per-prefix hops, the last of them ``p_hop_16``'s answer. One example then scores 16 tokens
+    instead of 1, which is what makes the task learnable at a CPU budget (issue #28): a change of
+    supervision, not of the sequences."""
+
+    name = "p_hop_16_dense"
+    every_prefix = True
+
+
+def every_prefix_hops(letters: str, p: int) -> str:
+    """hop_p of each prefix letters[:i], i = 1..n, ``.`` where find_p is 0 (no p-hop)."""
+    return "".join(hop(letters[:i], p) or "." for i in range(1, len(letters) + 1))
 
 
 def hop(letters: str, p: int) -> str | None:
@@ -414,6 +435,7 @@ TASKS: dict[str, type[Task]] = {
         PHop64,
         PHop32,
         PHop16,
+        PHop16Dense,
         NaryAddition,
         AdditionLSB,
     )

@@ -539,7 +539,7 @@ def _curves_md(rows: list[dict], curves: dict[str, Curve], metric: MetricSpec) -
         if at is not None and at == min(set(c.steps) & set(rc.steps)):
             where = f"at every eval (from step {at}, {_si(at * c.tokens_per_step)} tokens)"
         out.append(f"- `{r['group']}` better than `{ref}`: {where}")
-    return [*out, ""]
+    return out
 
 
 def draw_learning_curves(ax, curves: dict[str, Curve], metric: MetricSpec):
@@ -657,7 +657,7 @@ def _tuning_md(meta: dict, manifests: list[dict]) -> list[str]:
         c = chosen.get(g)
         cells = [f"{c['means'][lr]:.4f}" if c else "-" for lr in tune.lr]
         out.append("| " + " | ".join([g, *cells, f"{c['lr']:g}" if c else "incomplete"]) + " |")
-    return [*out, ""]
+    return out
 
 
 def _environment_md(manifests: list[dict]) -> list[str]:
