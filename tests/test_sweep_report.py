@@ -308,3 +308,36 @@ def test_learning_curves_table_and_crossing_point_from_recorded_evals(tmp_path):
     text = (wd / "REPORT.md").read_text()
     assert "## Learning curves" in text and f"| 6 | 1.54K | {full.mean[2]:.4f} | {add.mean[2]:.4f} |" in text
     assert "- `add` better than `full`: from step 6 (1.54K tokens)" in text
+
+
+def logging_trial(cfg, workdir, on_eval) -> dict:
+    """crossing_trial that also logs a training ce every step to metrics.jsonl, as train.py does:
+    train ce = 2.0 + 0.01 * step (full) or 2.5 (add), so the last eval interval (steps 11-12) means
+    2.115 for full and 2.5 for add."""
+    out = crossing_trial(cfg, workdir, on_eval)
+    with (workdir / "metrics.jsonl").open("w") as f:
+        for step in range(1, 13):
+            ce = 2.5 if cfg.model.injection == "add" else 2.0 + 0.01 * step
+            f.write(json.dumps({"step": step, "train/ce": ce}) + "\n")
+            f.write(json.dumps({"step": step, "eval/ce": 9.0}) + "\n")  # an eval line: not training ce
+    return out
+
+
+def test_records_carry_the_train_curve_and_the_report_the_gap(tmp_path):
+    spec = write_spec(tmp_path, variants={"full": {}, "add": {"model.injection": "add"}}, seeds=[0, 1], pruner=None)
+    wd = run_sweep(spec, tmp_path / "run", trial_fn=logging_trial)
+    full = next(m for m in manifest.read_all(wd) if m["group"] == "full" and m["seed"] == 0)
+    # windows (0, 2], (2, 4], ...: the mean of two logged steps each
+    assert [t["step"] for t in full["train"]] == [2, 4, 6, 8, 10, 12] and {t["n"] for t in full["train"]} == {2}
+    assert full["train"][0]["ce"] == pytest.approx(2.015) and full["train"][-1]["ce"] == pytest.approx(2.115)
+    text = (wd / "REPORT.md").read_text()
+    ev = 3.0 - 0.12 + 0.0005 + 0.02  # full at step 12, mean of seeds 0 and 1, depth 2
+    assert f"| full | 2 | 2.1150 | {ev:.4f} | {ev - 2.115:+.4f} |" in text
+    # A record from before the field: filled in from the trial's log when the sweep runs again.
+    path = manifest.record_path(wd, full["key"])
+    rec = json.loads(path.read_text())
+    del rec["train"]
+    path.write_text(json.dumps(rec))
+    assert manifest.add_train_curves(wd) == 1
+    assert json.loads(path.read_text())["train"] == full["train"]
+    assert manifest.add_train_curves(wd) == 0

@@ -131,6 +131,7 @@ def build(
     wall_s: float,
     error: str | None = None,
     extra_overrides: dict | None = None,
+    train: list | None = None,
 ) -> dict:
     return {
         "trial": trial,
@@ -142,6 +143,7 @@ def build(
         "value": value,
         "final": {str(d): m for d, m in (final or {}).items()},
         "evals": [{"step": s, "depths": {str(d): m for d, m in ds.items()}} for s, ds in evals],
+        "train": train or [],  # train_curve: the training ce beside each eval
         "wall_s": round(wall_s, 3),
         **accounting(cfg, steps_done),
         "config": config_to_dict(cfg),
@@ -149,6 +151,44 @@ def build(
         "commit": git_commit(),
         "environment": environment(),
     }
+
+
+def train_curve(workdir: Path, eval_steps: list[int]) -> list[dict]:
+    """The training side of the learning curve: at each eval step, the mean logged ``train/ce``
+    over the steps after the previous eval up to it (``n`` logged steps), from the trial's
+    metrics.jsonl (truncated to the checkpoint on resume, so each step counts once); [] without
+    one. Beside the eval ce it shows the generalisation gap."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    ce: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if isinstance(rec.get("train/ce"), int | float):
+            ce[int(rec["step"])] = float(rec["train/ce"])
+    out, prev = [], 0
+    for s in eval_steps:
+        window = [v for k, v in ce.items() if prev < k <= s]
+        if window:
+            out.append({"step": int(s), "ce": sum(window) / len(window), "n": len(window)})
+        prev = s
+    return out
+
+
+def add_train_curves(sweep_dir: Path) -> int:
+    """Fill in ``train`` for the complete records that predate it, from their trial's
+    metrics.jsonl where it is still on this machine; how many records changed."""
+    changed = 0
+    for path in sorted((Path(sweep_dir) / RECORDS).glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("train") or rec.get("status") != "complete":
+            continue
+        curve = train_curve(Path(sweep_dir) / "trials" / f"{rec['trial']:04d}", [e["step"] for e in rec["evals"]])
+        if curve:
+            rec["train"] = curve
+            write_json(path, rec)
+            changed += 1
+    return changed
 
 
 def _finite(x):

@@ -542,6 +542,28 @@ def _curves_md(rows: list[dict], curves: dict[str, Curve], metric: MetricSpec) -
     return out
 
 
+def _gap_md(rows: list[dict], manifests: list[dict], metric: MetricSpec) -> list[str]:
+    """Train vs eval ce at the end, per group, from the records' train curves (ce reports only:
+    ``train/ce`` is the training loss's final-iteration ce on the batches trained on)."""
+    if metric.label != "ce":
+        return []
+    by_key = {m["key"]: m for m in latest_per_cell(manifests)}
+    lines = []
+    for r in rows:
+        ms = [by_key.get(k) for k in r.get("keys", ())]
+        pairs = [(m["train"][-1]["ce"], read_value(m, metric)) for m in ms
+                 if m is not None and m["status"] == "complete" and m.get("train")]  # fmt: skip
+        if pairs:
+            tr, ev = (sum(x) / len(pairs) for x in zip(*pairs))
+            lines.append(f"| {r['group']} | {len(pairs)} | {tr:.4f} | {ev:.4f} | {ev - tr:+.4f} |")
+    if not lines:
+        return []
+    head = ["", "## Train vs eval", "", "Mean over complete seeds: train ce = the logged training ce averaged over the "
+            "last eval interval (the batches trained on), eval ce = the primary metric at the end; gap = eval − train.",
+            "", "| group | seeds | train ce | eval ce | gap |", "|---|---|---|---|---|"]  # fmt: skip
+    return [*head, *lines]
+
+
 def draw_learning_curves(ax, curves: dict[str, Curve], metric: MetricSpec):
     """Each group's metric at every eval step (mean over its complete seeds; band: min..max), so a
     reader can see whether every arm had learned, or was still learning, when the sweep stopped."""
@@ -633,7 +655,7 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
     out += [f"- `{r['group']}` vs `{r['reference']}`: {r['verdict']}" for r in rows if r["label"] != "reference"]
     if all(r["label"] == "reference" for r in rows):
         out += ["- (only the reference ran)"]
-    out += ["", *_curves_md(rows, learning_curves(rows, manifests, metric), metric)]
+    out += ["", *_curves_md(rows, learning_curves(rows, manifests, metric), metric), *_gap_md(rows, manifests, metric)]
     if plots:
         out += ["", "## Plots", ""]
         titles = dict(PLOTS)

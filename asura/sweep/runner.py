@@ -241,7 +241,7 @@ class Objective:
             m = manifest.build(
                 trial=trial.number, cell=info, cfg=cfg, status=status, metric=metric.label, value=value,
                 evals=evals, final=final, steps_done=steps_done, wall_s=wall_s, error=error,
-                extra_overrides=self.spec.extra_overrides,
+                extra_overrides=self.spec.extra_overrides, train=manifest.train_curve(wd, [s for s, _ in evals]),
             )  # fmt: skip
             manifest.write(wd, m)
             manifest.write_record(self.workdir, m)  # the committed copy: reports read these
@@ -447,6 +447,8 @@ def run_sweep(
         command = None  # recorded by the first phase: one invocation, one entry in sweep.json's commands
     if spec is not None:
         _run_phase(spec, wd, workers, trial_fn, max_trials, fail_running, command)
+    if (wd / manifest.RECORDS).exists():
+        manifest.add_train_curves(wd)  # records written before they carried the train curve
     if report:
         from asura.sweep.report import EmptySweep, write_report
 
