@@ -578,7 +578,7 @@ def draw_learning_curves(ax, curves: dict[str, Curve], metric: MetricSpec):
     return ax
 
 
-def _plots(rows: list[dict], manifests: list[dict], plot_dir: Path, metric: MetricSpec) -> list[Path]:
+def _plots(rows: list[dict], curves: dict[str, Curve], plot_dir: Path, metric: MetricSpec) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -599,7 +599,7 @@ def _plots(rows: list[dict], manifests: list[dict], plot_dir: Path, metric: Metr
     fig.savefig(plot_dir / PLOTS[2][0], dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    draw_learning_curves(ax, learning_curves(rows, manifests, metric), metric)
+    draw_learning_curves(ax, curves, metric)
     fig.tight_layout()
     fig.savefig(plot_dir / PLOTS[3][0], dpi=120)
     plt.close(fig)
@@ -626,7 +626,7 @@ def _wall(manifests: list[dict]) -> str:
     return f"{total:.1f} s ({hms}), summed over all {len(manifests)} trials ({counts}), retries included"
 
 
-def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
+def _report_md(rows, meta, metric, manifests, curves, plots, command, commit) -> str:
     out = [f"# Sweep report: {meta.get('study_name') or '(no sweep.json)'}", ""]
     out += [f"Metric: `{metric.label}`: {metric.entry.doc} ({metric.direction})."]
     if meta.get("metric") and meta["metric"] != metric.label:
@@ -655,7 +655,7 @@ def _report_md(rows, meta, metric, manifests, plots, command, commit) -> str:
     out += [f"- `{r['group']}` vs `{r['reference']}`: {r['verdict']}" for r in rows if r["label"] != "reference"]
     if all(r["label"] == "reference" for r in rows):
         out += ["- (only the reference ran)"]
-    out += ["", *_curves_md(rows, learning_curves(rows, manifests, metric), metric), *_gap_md(rows, manifests, metric)]
+    out += ["", *_curves_md(rows, curves, metric), *_gap_md(rows, manifests, metric)]
     if plots:
         out += ["", "## Plots", ""]
         titles = dict(PLOTS)
@@ -737,8 +737,9 @@ def write_report(
     _write_csv(d / f"summary{sfx}.csv", rows, GROUP_COLS)
     (d / f"summary{sfx}.md").write_text(_markdown(rows, meta, spec))
     files = [d / "trials.csv", d / f"summary{sfx}.csv", d / f"summary{sfx}.md"]
-    plots = _plots(rows, manifests, d / f"plots{sfx}", spec) if rows else []
-    report = _report_md(rows, meta, spec, manifests, plots, command or report_command(d, metric),
+    curves = learning_curves(rows, manifests, spec)  # the plot and the table read the same curves
+    plots = _plots(rows, curves, d / f"plots{sfx}", spec) if rows else []
+    report = _report_md(rows, meta, spec, manifests, curves, plots, command or report_command(d, metric),
                         commit or manifest.git_commit())  # fmt: skip
     (d / f"REPORT{sfx}.md").write_text(report)
     return {"rows": rows, "files": [*files, *plots, d / f"REPORT{sfx}.md"]}
