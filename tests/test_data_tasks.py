@@ -43,6 +43,8 @@ def solve(name: str, prompt: str) -> str:
         raise AssertionError("p_hop needs p: see solve_with")
     if name == "nary_addition":
         return str(sum(int(x) for x in prompt.rstrip("=").split("+")))
+    if name == "nary_addition_lsb":
+        return solve("nary_addition", prompt)[::-1]
     if name == "addition_lsb":
         a, b = prompt.rstrip("=").split("+")
         return str(int(a[::-1]) + int(b[::-1]))[::-1]
@@ -150,6 +152,8 @@ def test_paper_examples_format_as_the_papers_write_them():
     nary = tasks.get_task("nary_addition")  # Saunshi et al. 2025, section 2.1
     prompt = nary.format_question("315+120+45+824", 4)
     assert prompt == "315+120+045+824=" and solve("nary_addition", prompt) == "1304"
+    nary_lsb = tasks.get_task("nary_addition_lsb")  # the same problems, the sum least significant digit first
+    assert nary_lsb.format_question("315+120+45+824", 4) == prompt and solve("nary_addition_lsb", prompt) == "4031"
     lsb = tasks.get_task("addition_lsb")  # McLeish et al. 2024: 98282+3859172=2787472, all reversed
     prompt = lsb.format_question("98282+3859172", 5)
     assert prompt == "98282+3859172=" and solve("addition_lsb", prompt) == "2787472"
@@ -189,7 +193,7 @@ def test_random_access_deterministic_and_streams_disjoint():
 def test_unknown_task_lists_valid_names():
     with pytest.raises(
         ValueError,
-        match=r"unknown data.task 'nope'; valid: addition, addition_lsb, modular_arith, nary_addition, p_hop",
+        match=r"unknown data.task 'nope'; valid: addition, addition_lsb, modular_arith, nary_addition, nary_addition_lsb, p_hop",
     ):
         tasks.get_task("nope")
 
@@ -321,7 +325,8 @@ def test_example_rng_per_thread():
 # Small problem spaces, so that a run's training draws cover most of them: a leak would show.
 SMALL = {
     "addition": 2, "parity": 10, "reverse": 3, "modular_arith": 3, "pointer_chase": 1, "p_hop": 4, "p_hop_64": 4,
-    "p_hop_32": 4, "p_hop_16": 4, "p_hop_16_dense": 4, "nary_addition": 1, "addition_lsb": 2,
+    "p_hop_32": 4, "p_hop_16": 4, "p_hop_16_dense": 4, "nary_addition": 1, "nary_addition_lsb": 1,
+    "addition_lsb": 2,
 }  # fmt: skip
 # p-hop has 4**64 problems or more: a chance collision is impossible and generation is slower, so
 # fewer documents check that the train stream draws only training problems.

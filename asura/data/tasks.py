@@ -13,7 +13,8 @@ Difficulty knobs (``data.difficulty``):
   modular_arith  n terms of ``+``/``-`` digits mod 10 (sequential state tracking)
   p_hop          p hops of induction over 256 letters from {a,b,c,d} (Saunshi et al. 2025); ``p_hop_64``,
                  ``_32``, ``_16``: shorter; ``p_hop_16_dense``: every prefix's hop is the answer (Sanford et al. 2024)
-  nary_addition  n operands of 3 digits, ``315+120+045+824=1304`` (Saunshi et al. 2025)
+  nary_addition  n operands of 3 digits, ``315+120+045+824=1304`` (Saunshi et al. 2025);
+                 ``nary_addition_lsb``: the same sum written least significant digit first (``4031``)
   addition_lsb   n digits per operand, least significant digit first (length generalisation:
                  McLeish et al. 2024, Fan et al. 2024)
 
@@ -394,6 +395,21 @@ class NaryAddition(Task):
         return 10 ** (self.digits * difficulty)
 
 
+class NaryAdditionLSB(NaryAddition):
+    """``nary_addition`` with the sum written least significant digit first (the operands as the
+    paper writes them): ``315+120+045+824=`` -> ``4031``. The CPU-sized form of Saunshi et al.'s
+    task (issue #28): with the usual order the first answer digit needs every carry at once, and no
+    model learned the usual order in the pilots' budget (docs/papers.md); in this order each digit
+    needs one column and the carry into it, the order the length-generalisation papers use. A
+    change of output order, not of the problems."""
+
+    name = "nary_addition_lsb"
+
+    def generate(self, rng: np.random.Generator, difficulty: int) -> Example:
+        usual = super().generate(rng, difficulty)
+        return Example(usual.prompt, usual.answer[::-1])
+
+
 class AdditionLSB(Task):
     """Addition written least significant digit first, the format of the length-generalisation
     papers (McLeish et al. 2024, arXiv 2405.17399: ``98282+3859172=2787472``, every number
@@ -437,6 +453,7 @@ TASKS: dict[str, type[Task]] = {
         PHop16,
         PHop16Dense,
         NaryAddition,
+        NaryAdditionLSB,
         AdditionLSB,
     )
 }
