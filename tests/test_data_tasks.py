@@ -193,7 +193,8 @@ def test_random_access_deterministic_and_streams_disjoint():
 def test_unknown_task_lists_valid_names():
     with pytest.raises(
         ValueError,
-        match=r"unknown data.task 'nope'; valid: addition, addition_lsb, modular_arith, nary_addition, nary_addition_lsb, p_hop",
+        match=r"unknown data.task 'nope'; valid: addition, addition_lsb, modular_arith, nary_addition, "
+        r"nary_addition_lsb, p_hop",
     ):
         tasks.get_task("nope")
 
