@@ -36,11 +36,12 @@ ALL_ON = ModelConfig(
     adapter_targets=("q", "k", "v", "o", "up", "down"), guidance="linear", qk_norm=True, attention="xla",
 )  # fmt: skip
 # The other choice of every flag the decode path touches: additive injection, LoRA, SwiGLU,
-# RMSNorm, untied head, multi-query attention (one kv head), no per-iteration norms, no RoPE.
+# RMSNorm, untied head, multi-query attention (one kv head), no per-iteration norms, no RoPE,
+# the loop started from h_0 = 0.
 OTHERS = dataclasses.replace(
     ALL_ON, injection="add", adapter="lora", mlp="swiglu", norm="rmsnorm", tie_embeddings=False, n_kv_heads=1,
-    iter_norm=False, post_norm=False, qk_norm=False, guidance="none", adapter_targets=("q", "k", "v", "gate"),
-    position="none",
+    loop_start="zero", iter_norm=False, post_norm=False, qk_norm=False, guidance="none",
+    adapter_targets=("q", "k", "v", "gate"), position="none",
 )  # fmt: skip
 MAX_DEPTH = 5  # past max_iterations=3: extrapolation last / cycle
 

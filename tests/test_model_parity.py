@@ -49,8 +49,11 @@ def build(cfg, seed, scale=1.0):
 
 
 # ----------------------------------------------------------- independent reference
-def ref_forward(p, cfg, tok, seg):
-    """Plain pre-LN GPT: layernorm, tanh-GeLU MLP, rotate-half RoPE, tied head."""
+def ref_forward(p, cfg, tok, seg, inject_n=0):
+    """Plain pre-LN GPT: layernorm, tanh-GeLU MLP, rotate-half RoPE, tied head.
+
+    inject_n > 0: Fan et al.'s looped model instead, the blocks applied inject_n times to h + e
+    (additive input injection) from h_0 = 0 (cfg.loop_start=zero) or h_0 = e (embed)."""
 
     def ln(x, w):
         mu = x.mean(-1, keepdims=True)
@@ -75,8 +78,13 @@ def ref_forward(p, cfg, tok, seg):
         return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
 
     mask = (np.arange(T)[:, None] >= np.arange(T)[None]) & (seg_np[:, :, None] == seg_np[:, None, :])
-    x = p["embed"][tok]
-    for blk in p["blocks"].values():
+
+    def stack(x):
+        for blk in p["blocks"].values():
+            x = layer(x, blk)
+        return x
+
+    def layer(x, blk):
         a = blk["attn"]
         y = ln(x, blk["ln1"])
         q = rot((y @ a["q"]["kernel"]).reshape(B, T, cfg.n_heads, H))
@@ -87,8 +95,16 @@ def ref_forward(p, cfg, tok, seg):
         o = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(s, -1), v).reshape(B, T, -1)
         x = x + o @ a["o"]["kernel"]
         m = blk["mlp"]
-        x = x + jax.nn.gelu(ln(x, blk["ln2"]) @ m["up"]["kernel"], approximate=True) @ m["down"]["kernel"]
-    return ln(x, p["final_norm"]) @ p["embed"].T
+        return x + jax.nn.gelu(ln(x, blk["ln2"]) @ m["up"]["kernel"], approximate=True) @ m["down"]["kernel"]
+
+    e = p["embed"][tok]
+    if inject_n:
+        h = jnp.zeros_like(e) if cfg.loop_start == "zero" else e
+        for _ in range(inject_n):
+            h = stack(h + e)
+    else:
+        h = stack(e)
+    return ln(h, p["final_norm"]) @ p["embed"].T
 
 
 @pytest.mark.parametrize("position", ["rope", "none"])
@@ -134,6 +150,36 @@ def test_looped_with_every_trick_off_is_a_tied_weight_vanilla_stack(n_layers, n)
         state, batch["inputs"], jnp.int32(n)
     )
     np.testing.assert_allclose(got, ref, **TOL)  # TOL: fp32, another op order, <= 6 layers deep
+
+
+@pytest.mark.parametrize("loop_start", ["embed", "zero"])
+def test_additive_injection_matches_reference_from_either_start(loop_start):
+    """Input injection as Fan et al. 2024 (h_t = blocks(h_{t-1} + e)), every other trick off, NoPE:
+    from h_0 = 0 (loop_start=zero, theirs) or h_0 = e (embed, asura's default), at every depth of
+    one traced-depth program. With zero, depth 1 is the vanilla model on e."""
+    cfg = dataclasses.replace(
+        VANILLA, iterations=3, max_iterations=3, injection="add", position="none", loop_start=loop_start
+    )
+    model = build(cfg, 11, scale=0.3)
+    batch = make_batch(12, packed=True)
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda st, tok, n: nnx.merge(graphdef, st)(tok, n=n, segment_ids_BT=batch["segment_ids"]))
+    for n in range(1, 4):
+        ref = ref_forward(p, cfg, batch["inputs"], batch["segment_ids"], inject_n=n)
+        np.testing.assert_allclose(fwd(state, batch["inputs"], jnp.int32(n)), ref, **TOL)  # fp32, <= 6 layers
+    if loop_start == "zero":
+        vanilla = ref_forward(p, dataclasses.replace(cfg, injection="none"), batch["inputs"], batch["segment_ids"])
+        np.testing.assert_allclose(fwd(state, batch["inputs"], jnp.int32(1)), vanilla, **TOL)
+
+
+def test_zero_start_needs_injection():
+    from asura.config import ConfigError
+    from asura.config.schema import Config
+    from asura.config.validate import validate
+
+    with pytest.raises(ConfigError, match=r"loop_start=zero needs model.injection=add\|projconcat"):
+        validate(Config(model=dataclasses.replace(VANILLA, loop_start="zero")))
 
 
 # ------------------------------------------------------------- traced depth

@@ -73,8 +73,8 @@ def _telemetry_step(model, batch, n, max_depth, with_h0):
     h_SBTD = model.latents(
         tokens_BT, n=n, positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"], max_depth=max_depth
     )
-    # h_0 = e: the loop's initial carry is the embedding (see asura.model.looped).
-    h0_BTD = model.embed[...][tokens_BT].astype(h_SBTD.dtype) if with_h0 else None
+    # h_0: the loop's initial carry (the embedding, or zeros with model.loop_start=zero).
+    h0_BTD = model.h0(model.embed[...][tokens_BT].astype(h_SBTD.dtype)) if with_h0 else None
     return tel_lib.scan_telemetry(h_SBTD, batch["targets"], h0_BTD, model.head)
 
 

@@ -33,6 +33,7 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     injection: str = "projconcat"  # projconcat | add | none
+    loop_start: str = "embed"  # h_0, read by iteration 1: embed (h_0 = e) | zero (Fan et al. 2024; needs injection)
     iter_norm: bool = True  # per-iteration output norm h_t = LN_t(v)
     post_norm: bool = True  # per-iteration post-block norm PostLN[t]
     adapter: str = "none"  # registry: asura.model.adapter_registry
@@ -182,6 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": ("gelu", "swiglu"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.injection": ("projconcat", "add", "none"),
+    "model.loop_start": ("embed", "zero"),
     "model.position": ("rope", "none"),
     "model.guidance": ("none", "linear", "uniform", "explicit"),
     "model.dtype": ("float32", "bfloat16", "float16"),

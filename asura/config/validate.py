@@ -64,6 +64,9 @@ def validate(cfg: Config) -> None:
             f"model.iterations={m.iterations} exceeds model.max_iterations={m.max_iterations}; "
             "raise max_iterations or set model.extrapolation=last|cycle"
         )
+    if m.loop_start == "zero" and m.injection == "none":
+        # h_0 = 0 and nothing injected: no iteration would ever see the tokens
+        raise ConfigError("model.loop_start=zero needs model.injection=add|projconcat (with none no iteration reads e)")
     if m.adapter != "none":
         _positive(cfg, "model.adapter_rank", "model.adapter_rank2")
         if not m.adapter_targets:

@@ -173,7 +173,7 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
             return h_BCD, (k_LBCKH, v_LBCKH)
 
         kv_xs = (None, None) if fresh else (cache.k_RLBTKH, cache.v_RLBTKH)  # a fresh cache is never read
-        h_BCD, (k_new, v_new) = jax.lax.scan(body, e_BCD, (jnp.arange(S), *kv_xs))
+        h_BCD, (k_new, v_new) = jax.lax.scan(body, model.h0(e_BCD), (jnp.arange(S), *kv_xs))
     else:  # one shared slot read by every step; the last step's k/v is carried out
         kc_LBTKH, vc_LBTKH = cache.k_RLBTKH[0], cache.v_RLBTKH[0]
 
@@ -182,7 +182,7 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
             return new, None
 
         zeros = jnp.zeros(kv_shape, dt)
-        (h_BCD, k_last, v_last), _ = jax.lax.scan(body, (e_BCD, zeros, zeros), jnp.arange(S))
+        (h_BCD, k_last, v_last), _ = jax.lax.scan(body, (model.h0(e_BCD), zeros, zeros), jnp.arange(S))
         k_new, v_new = k_last[None], v_last[None]
     at = (0, 0, 0, off, 0, 0)
     new_cache = KVCache(

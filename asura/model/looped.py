@@ -126,6 +126,11 @@ class LoopedLM(nnx.Module):
             raise ValueError(f"depth n={static_n} exceeds max_depth={max_depth}")
         return S
 
+    def h0(self, e_BTD: jax.Array) -> jax.Array:
+        """The state the first iteration reads. embed: h_0 = e, so with injection=add iteration 1
+        sees 2e; zero: iteration 1 sees the injected e alone (Fan et al. 2024's looped model)."""
+        return jnp.zeros_like(e_BTD) if self.cfg.loop_start == "zero" else e_BTD
+
     def iteration(self, h_BTD, e_BTD, s, positions_BT, segment_ids_BT, policy: str = "none"):
         """One loop step with per-iteration parameters at slot s: h_{t-1} -> h_t."""
 
@@ -219,7 +224,7 @@ class LoopedLM(nnx.Module):
             "keep_latents": keep_latents,
         }
         zero = jnp.zeros((), f32(self.dtype))
-        carry = LoopCarry(e_BTD, zero, zero)
+        carry = LoopCarry(self.h0(e_BTD), zero, zero)
         no_bptt = isinstance(bptt_k, int) and bptt_k <= 0
         if unroll:
             carry, ys = self._unrolled(carry, S, n, bptt_k, no_bptt, ctx)
