@@ -2,6 +2,7 @@
 
     python -m asura.evaluate --workdir runs/demo --depths 1-8 --extrapolation last [--step S|best|latest]
         [--task-difficulty D] [--data PATH] [--batches N] [--json OUT]
+        [--exit RULE[:T1,T2,...] ...] [--exit-depth N] [--exit-kv copy|full]
 
 Prints a table of the metrics that fit the data (asura.train.evaluate.shown_metrics, labels from
 its SHOWN: tasks ce and em, byte-level text ce, acc and bpb, other text ce, acc and ppl) and (with
@@ -11,6 +12,13 @@ token, and bits_per_byte = ce / ln 2 only where it is bits per byte: byte-level 
 scores only its answer tokens, so its ce is not per byte of anything). The evaluation is
 asura.analysis.depth.evaluate_depths (the training code path; one compiled program for every
 depth of the sweep).
+
+Per-token halting (--exit, repeatable; rules: asura.model.exits): a second table, per rule and
+threshold at depth --exit-depth (default: the trained depth), of the mean exit depth per token, the
+executed forward FLOPs per token (asura.flops.executed_flops) as a fraction of that fixed depth's,
+and the metrics with every token scored at its exit (asura.analysis.depth.evaluate_exits); the
+JSON gets them as "exits". --exit-kv: what later iterations read from an exited token
+(asura.model.halting: copy, what the KV-cached decoder computes; full, every token runs on).
 
 Data: the checkpoint's own eval set by default; --task-difficulty D sets data.eval_difficulty
 (tasks only: test length generalisation); --data PATH evaluates text shards from
@@ -56,7 +64,49 @@ def parser() -> OneLineParser:
     p.add_argument("--data", default=None, help="text shards from python -m asura.data.prepare")
     p.add_argument("--batches", type=int, default=None, help="eval batches (default: train.eval_batches)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument(
+        "--exit",
+        action="append",
+        default=[],
+        metavar="RULE[:T1,T2]",
+        help="per-token halting: an exit rule (asura.model.exits) and thresholds (default: the rule's)",
+    )
+    p.add_argument("--exit-depth", type=int, default=None, help="depth the exit rules run to (default: trained depth)")
+    p.add_argument("--exit-kv", default="copy", help="copy | full (asura.model.halting)")
     return p
+
+
+def parse_exits(values: list[str], kv: str) -> list:
+    """['latent:0.03,0.1', 'kl'] -> HaltSpecs, one per threshold (one-line errors)."""
+    from asura.model.exits import EXIT_RULES
+    from asura.model.halting import KV_MODES, HaltSpec
+
+    if kv not in KV_MODES:
+        fail(f"--exit-kv={kv!r} is not valid; choose one of {', '.join(KV_MODES)}", PROG)
+    specs = []
+    for v in values:
+        rule, _, ths = v.partition(":")
+        if rule not in EXIT_RULES:
+            fail(f"--exit {v!r}: {EXIT_RULES.invalid(rule)}", PROG)
+        try:
+            taus = [float(x) for x in ths.split(",")] if ths else [None]
+        except ValueError:
+            fail(f"--exit {v!r}: thresholds must be numbers, e.g. {rule}:0.01,0.1", PROG)
+        if None in taus and EXIT_RULES[rule].default_threshold is None:
+            fail(f"--exit {v!r}: rule {rule!r} has no default threshold; give one, e.g. {rule}:2", PROG)
+        specs += [HaltSpec(rule, t, kv=kv) for t in taus]
+    return specs
+
+
+def exit_table(rows: list[dict]) -> str:
+    cols = ("exit rule", 12), ("threshold", 9), ("mean depth", 10), ("FLOPs/token", 11), ("vs fixed", 8)
+    lines = ["  ".join(f"{c:>{w}}" for c, w in (*cols, ("em", 6), ("ce", 7)))]
+    for r in rows:
+        lines.append(
+            f"{r['rule']:>12}  {r['threshold']:>9.3g}  {r['mean_depth']:>10.3f}  {r['flops_per_token']:>11.4g}  "
+            f"{r['flops_ratio']:>8.1%}  {r['exact_match']:>6.3f}  {r['ce']:>7.4f}"
+        )
+    return "\n".join(lines)
 
 
 def eval_config(cfg, args):
@@ -122,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             positive(flag, value, PROG)
     depths = parse_depths(args.depths) if args.depths is not None else None
+    specs = parse_exits(args.exit, args.exit_kv)
+    if args.exit_depth is not None:
+        positive("--exit-depth", args.exit_depth, PROG)
+        check_depth_limit("--exit-depth", args.exit_depth, PROG)
     if args.json is not None:
         check_json_path(args.json)
 
-    loaded = load_model(args, PROG, depths or [])
+    loaded = load_model(args, PROG, [*(depths or []), *([args.exit_depth] if args.exit_depth else [])])
     cfg = eval_config(loaded.cfg, args)
     depths = depths or list(range(1, cfg.model.max_iterations + 1))
     from asura.analysis.depth import evaluate_depths
@@ -147,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{loaded.workdir} step {loaded.step}, extrapolation {cfg.model.extrapolation}, "
           f"max_iterations {cfg.model.max_iterations}, {len(batches)} batches")  # fmt: skip
     print(table(cfg, rows))
+    exit_rows = []
+    if specs:
+        from asura.analysis.depth import evaluate_exits
+
+        n_exit = args.exit_depth or cfg.model.iterations
+        exit_rows = evaluate_exits(loaded.model, cfg, batches, n_exit, specs)
+        print(f"per-token halting to depth {n_exit} (kv={args.exit_kv}); FLOPs vs every token at depth {n_exit}")
+        print(exit_table(exit_rows))
     if args.json is not None:
         d = cfg.data
         data = {
@@ -159,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "workdir": str(loaded.workdir), "step": loaded.step, "extrapolation": cfg.model.extrapolation,
             "max_iterations": cfg.model.max_iterations, "trained_depth": cfg.model.iterations, "data": data,
-            "depths": rows,
+            "depths": rows, **({"exits": exit_rows} if specs else {}),
         }  # fmt: skip
         from asura.storage.paths import is_remote, to_path, write_whole
 

@@ -46,7 +46,7 @@ from asura.config.schema import Config, ModelConfig
 from asura.depth import depth_distribution, expected_depth, grad_iterations
 from asura.model.adapter_registry import ADAPTERS
 
-__all__ = ["expected_depth", "flop_count", "param_count", "summary"]
+__all__ = ["executed_flops", "expected_depth", "flop_count", "param_count", "summary"]
 
 
 # ----------------------------------------------------------------- parameters
@@ -185,6 +185,17 @@ def forward_flops(cfg: Config, n: int, causal: bool = True) -> int:
     m = cfg.model
     heads = n if m.guidance != "none" else 1
     return n * iteration_flops(m, cfg.data.seq_len, causal) + heads * head_flops(m)
+
+
+def executed_flops(cfg: Config, depth_pmf: dict[int, float], rule_head: bool = False, causal: bool = True) -> float:
+    """Forward FLOPs per token when each token runs its own number of iterations (per-token halting,
+    asura.model.halting): the expectation over the measured depth pmf {depth: fraction of tokens}.
+    A token pays its iterations and one head; an exit rule that reads the output distribution
+    (``rule_head``: kl, entropy, argmax) applies the head after every iteration the token runs."""
+    m = cfg.model
+    it, head = iteration_flops(m, cfg.data.seq_len, causal), head_flops(m)
+    per_depth = {d: d * (it + head) if rule_head else d * it + head for d in depth_pmf}
+    return sum(p * per_depth[d] for d, p in depth_pmf.items())
 
 
 def train_flops(cfg: Config, n: int, causal: bool = True) -> int:

@@ -11,6 +11,7 @@ from asura.baselines import BaselineImpossible, iso_flop_depth, iso_flop_width, 
 from asura.config import config_from_dict, load_config, with_overrides
 from asura.flops import (
     depth_distribution,
+    executed_flops,
     flop_count,
     forward_flops,
     khatri_rao_flops_per_step,
@@ -110,6 +111,19 @@ def test_looped_golden():
     assert flop_count(cfg).train == train
     # ABBA's per-step Khatri–Rao factor cost: r1·r2·(m+n) per adapted linear per iteration.
     assert khatri_rao_flops_per_step(cfg, 3) == 3 * 6 * 544
+
+
+def test_executed_flops_under_halting():
+    """Per-token halting: each token pays its own iterations and one head (a logit-reading exit rule,
+    a head per iteration); hand-worked from the golden iteration and head counts above."""
+    cfg = load_config(None, LOOPED)
+    iteration, head = 115072, 2 * 64 * 256
+    pmf = {1: 0.25, 2: 0.25, 3: 0.5}  # mean depth 2.25
+    assert executed_flops(cfg, pmf) == pytest.approx(2.25 * iteration + head)
+    assert executed_flops(cfg, pmf, rule_head=True) == pytest.approx(2.25 * (iteration + head))
+    # every token at the full depth: a plain forward with one head (guidance off)
+    plain = with_overrides(cfg, {"model.guidance": "none"})
+    assert executed_flops(plain, {3: 1.0}) == forward_flops(plain, 3)
 
 
 def test_depth_expectation_and_bptt():

@@ -128,6 +128,28 @@ def test_evaluate_other_data(demo, tmp_path, capsys):
     assert res["data"]["source"] == "text" and res["depths"][0]["bits_per_byte"] > 0
 
 
+def test_evaluate_exit_rules(demo, tmp_path, capsys):
+    """--exit: per rule and threshold the exit depths, executed FLOPs and metrics; steps:k is depth k."""
+    out_json = tmp_path / "exits.json"
+    argv = ["--workdir", str(demo), "--batches", "1", "--depths", "1,2,3", "--exit", "steps:1,2", "--exit",
+            "latent:0.5", "--exit", "kl", "--json", str(out_json)]  # fmt: skip
+    rc, out, err = run(evaluate_cli.main, argv, capsys)
+    assert rc == 0, err
+    assert "per-token halting to depth 3 (kv=copy)" in out
+    res = json.loads(out_json.read_text())
+    fixed, exits = {r["depth"]: r for r in res["depths"]}, res["exits"]
+    assert [(r["rule"], r["threshold"]) for r in exits] == [("steps", 1), ("steps", 2), ("latent", 0.5), ("kl", 1e-3)]
+    for r in exits[:2]:  # exit after k iterations = depth k: the same metrics, depth k everywhere
+        k = int(r["threshold"])
+        assert r["depth_pmf"] == {str(k): 1.0} and r["mean_depth"] == k and r["mean_depth_scored"] == k
+        for m in ("ce", "accuracy", "exact_match"):
+            assert r[m] == pytest.approx(fixed[k][m], rel=1e-6, abs=1e-7), m
+    assert exits[0]["flops_ratio"] < exits[1]["flops_ratio"] < 1
+    for r in exits:
+        assert sum(r["depth_pmf"].values()) == pytest.approx(1.0)
+        assert 1 <= r["mean_depth"] <= 3
+
+
 def test_evaluate_refusals(demo, tmp_path, capsys):
     ok = ["--workdir", str(demo)]
     for argv, match in (
@@ -142,6 +164,11 @@ def test_evaluate_refusals(demo, tmp_path, capsys):
         ([*ok, "--data", str(tmp_path), "--task-difficulty", "3"], "choose one"),
         ([*ok, "--json", str(tmp_path / "no" / "x.json")], "its directory does not exist"),
         ([*ok, "--bogus"], "unrecognized arguments: --bogus"),
+        ([*ok, "--exit", "nope"], "exit rule='nope' is not valid; choose one of never, steps"),
+        ([*ok, "--exit", "latent:x"], "thresholds must be numbers"),
+        ([*ok, "--exit", "steps"], "rule 'steps' has no default threshold"),
+        ([*ok, "--exit", "kl", "--exit-kv", "swap"], "--exit-kv='swap' is not valid; choose one of copy, full"),
+        ([*ok, "--exit", "kl", "--exit-depth", "9"], "depth 9 exceeds model.max_iterations=4"),
     ):
         refused(evaluate_cli.main, argv, capsys, match)
 

@@ -94,6 +94,8 @@ CHECKS: dict[str, Check] = {
     ),
     ".venv/bin/python -m asura.evaluate --workdir runs/demo --task-difficulty 3 "
     "--json runs/demo/eval_3digit.json": Check(verify=_json_depths("runs/demo/eval_3digit.json", 4)),
+    ".venv/bin/python -m asura.evaluate --workdir runs/demo --exit steps:2 --exit latent:0.1,0.3 "
+    "--exit kl:1e-3,0.1": Check(expect=("per-token halting to depth 3 (kv=copy)", "vs fixed")),
     '.venv/bin/python -m asura.generate --workdir runs/demo --depth 3 --question "12+34"': Check(
         expect=("prompt '12+34=' from --question",)
     ),

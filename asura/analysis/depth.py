@@ -96,3 +96,49 @@ def batches_telemetry(model, batches: list[dict], n: int, h0: str = "embedding")
     tel = tel_lib.concat([model_telemetry(model, b, n, h0) for b in batches])
     stacked = {k: np.concatenate([np.asarray(b[k]) for b in batches], axis=0) for k in _KEYS}
     return tel, stacked
+
+
+@nnx.jit(static_argnames=("max_depth",))
+def _exit_step(model, batch, n, max_depth, halt):
+    _, aux = model.loss(batch, n=n, max_depth=max_depth, with_pred=True, halt=halt)
+    metrics = {"ce": aux["ce"], "accuracy": aux["accuracy"], "tokens": aux["tokens"]}
+    return metrics, aux["pred"], aux["depth_BT"]
+
+
+def evaluate_exits(model, cfg, batches: list[dict], n: int, specs) -> list[dict]:
+    """Per exit rule and threshold (asura.model.halting.HaltSpec) at depth n: ce, accuracy and
+    exact_match with every token scored at its own exit (asura.train.evaluate's meanings), the
+    exit depths (mean over the real tokens, prompt included: each one runs through the loop; and
+    over the scored tokens), their pmf, and the executed forward FLOPs per token
+    (asura.flops.executed_flops) next to the fixed depth n's. One program per rule serves every
+    threshold (the threshold is a traced leaf of the spec). cfg: the run's Config (its seq_len
+    prices attention)."""
+    from asura.data.packing import exact_match
+    from asura.flops import executed_flops
+
+    top = scan_length(model.cfg, [n])
+    dev = [_device_batch(b) for b in batches]
+    fixed = executed_flops(cfg, {n: 1.0})
+    rows = []
+    for spec in specs:
+        ce = acc = tokens = correct = examples = 0.0
+        counts, scored_depth, scored = np.zeros(top + 1), 0.0, 0.0
+        for host, b in zip(batches, dev, strict=True):
+            metrics, pred_BT, depth_BT = _exit_step(model, b, jnp.int32(n), top, spec)
+            t = float(metrics["tokens"])
+            ce, acc, tokens = ce + float(metrics["ce"]) * t, acc + float(metrics["accuracy"]) * t, tokens + t
+            c, e = exact_match(np.asarray(pred_BT), host)
+            correct, examples = correct + float(c), examples + float(e)
+            depth_BT, mask_BT = np.asarray(depth_BT), np.asarray(host["loss_mask"]) > 0
+            counts += np.bincount(depth_BT[np.asarray(host["segment_ids"]) > 0], minlength=top + 1)
+            scored_depth, scored = scored_depth + float(depth_BT[mask_BT].sum()), scored + float(mask_BT.sum())
+        pmf = {d: float(c / counts.sum()) for d, c in enumerate(counts) if c > 0}
+        flops = executed_flops(cfg, pmf, rule_head=spec.entry.needs_logits)
+        rows.append({
+            "rule": spec.rule, "threshold": float(spec.tau), "kv": spec.kv, "depth": n,
+            "ce": ce / max(tokens, 1.0), "accuracy": acc / max(tokens, 1.0),
+            "exact_match": correct / max(examples, 1.0), "n_examples": int(examples),
+            "mean_depth": sum(d * p for d, p in pmf.items()), "mean_depth_scored": scored_depth / max(scored, 1.0),
+            "depth_pmf": pmf, "flops_per_token": flops, "flops_ratio": flops / fixed,
+        })  # fmt: skip
+    return rows

@@ -18,7 +18,9 @@ that never satisfies it runs to the full depth n.
 
 Caveat: exits are simulated on one full-depth forward pass, so a token's later
 positions attend to full-depth keys/values of earlier tokens even when those
-exited early; a real early-exit decoder (Huginn's KV-cache policies) differs.
+exited early (asura.model.halting's kv=full); a real early-exit decoder differs. The
+loop itself halts per token in asura.model.halting (rules: asura.model.exits), whose
+kv=copy is what the KV-cached decoder computes: ``python -m asura.evaluate --exit``.
 """
 
 from __future__ import annotations

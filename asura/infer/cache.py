@@ -23,6 +23,11 @@ Invariants a contributor must keep:
 * `prefill` (a fresh cache) runs the model's configured attention (model.attention: xla, cudnn,
   pallas) on the chunk exactly as training does; later chunks attend over the cache with a
   masked einsum (XLA, any backend): the attention kernels have no cache-offset mask.
+* Per-token halting (``halt``, asura.model.halting, kv=copy): the loop goes on while t < n and
+  some chunk token is active; an exited token's keys/values of its last computed iteration are
+  what later iterations read (the chunk's own, and slot t >= its exit of per_iteration, which it
+  fills with them), so its later iterations are never computed. Same semantics as the model's
+  forward under halting.
 * A cache is filled at one depth: per_iteration slots t >= n are left empty, so decode at the
   depth the prefill used. Capacity: length + C <= T, checked by `CachedModel` (inside a jit,
   lax.dynamic_update_slice would clamp silently).
@@ -39,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from asura.infer.policies import POLICIES
+from asura.model import halting
 from asura.model.attention import attention
 from asura.model.carry import concrete_depth, default_positions, depth_index, poison
 from asura.parallel.logical import constrain
@@ -71,6 +77,7 @@ class KVCache:
 class Step(NamedTuple):
     logits_BCV: jax.Array  # fp32 logits of every chunk position (the final iteration's)
     cache: KVCache
+    depth_BC: jax.Array | None = None  # under halting: the iterations each chunk token ran
 
 
 def init_cache(model, batch: int, max_len: int, policy: str = "per_iteration", max_depth: int | None = None) -> KVCache:
@@ -121,8 +128,10 @@ def _positions(seg_BC, prev_seg_B, next_pos_B) -> jax.Array:
     return default_positions(seg_BC, B, C) + continues_BC * next_pos_B[:, None]
 
 
-def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, fresh: bool) -> Step:
+def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, fresh: bool, halt=None) -> Step:
     cfg = model.cfg
+    if halt is not None and halt.kv != "copy":
+        raise ValueError("the KV-cached decoder halts with kv=copy only (kv=full computes every iteration)")
     pol = POLICIES[cache.policy]
     S = cache.scan_len
     B, C = tokens_BC.shape
@@ -146,25 +155,70 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
     causal_CC = jnp.arange(C)[:, None] >= jnp.arange(C)[None, :]
     chunk_vis_BCC = causal_CC[None] & (seg_BC[:, :, None] == seg_BC[:, None, :])
 
-    def attend_fn(kc_LBTKH, vc_LBTKH):
+    def attend_fn(kc_LBTKH, vc_LBTKH, hs=None):
         def attend(layer, p):
+            k_BCKH, v_BCKH = p.k_BTKH, p.v_BTKH
+            if hs is not None:  # halting: an exited chunk token offers its last computed k/v
+                a_BC11 = hs.active_BT[:, :, None, None]
+                k_BCKH = jnp.where(a_BC11, k_BCKH, hs.k_LBTKH[layer].astype(k_BCKH.dtype))
+                v_BCKH = jnp.where(a_BC11, v_BCKH, hs.v_LBTKH[layer].astype(v_BCKH.dtype))
             if fresh:  # the training call: configured impl, causal within the chunk, segments as given
                 return attention(
-                    p.q_BTNH, p.k_BTKH, p.v_BTKH, segment_ids_BT=segment_ids_BC, causal=True,
+                    p.q_BTNH, k_BCKH, v_BCKH, segment_ids_BT=segment_ids_BC, causal=True,
                     impl=cfg.attention, block_q=cfg.attn_block_q, block_k=cfg.attn_block_k,
                 )  # fmt: skip
             return cached_attention(
-                p.q_BTNH, kc_LBTKH[layer], vc_LBTKH[layer], p.k_BTKH, p.v_BTKH, cache_vis_BCT, chunk_vis_BCC
+                p.q_BTNH, kc_LBTKH[layer], vc_LBTKH[layer], k_BCKH, v_BCKH, cache_vis_BCT, chunk_vis_BCC
             )
 
         return attend
 
-    def run(h_BCD, t, kc_LBTKH, vc_LBTKH):
-        it = model.iteration_cached(h_BCD, e_BCD, model.slot(t), pos_BC, attend_fn(kc_LBTKH, vc_LBTKH))
+    def run(h_BCD, t, kc_LBTKH, vc_LBTKH, hs=None):
+        it = model.iteration_cached(h_BCD, e_BCD, model.slot(t), pos_BC, attend_fn(kc_LBTKH, vc_LBTKH, hs))
         return it.h_BTD, jnp.stack(it.k_LBTKH).astype(dt), jnp.stack(it.v_LBTKH).astype(dt)
 
     kv_shape = (cfg.n_layers, B, C, cfg.kv_heads, cfg.d_head)
-    if pol.per_iteration:  # slot t in, the step's k/v out (scan input/output; skipped steps write zeros)
+    depth_BC = None
+    if halt is not None:
+        hs0 = halting.init(halt, model.h0(e_BCD), cfg.vocab_size, kv_shape, dt)
+
+        def halt_step(c, t, kc_LBTKH, vc_LBTKH):
+            """Iteration t for the active chunk tokens; (h, halt state) with k/v of each token's last."""
+            h_BCD, hs = c
+            h_new, k_LBCKH, v_LBCKH = run(h_BCD, t, kc_LBTKH, vc_LBTKH, hs)
+            return halting.advance(halt, hs, h_BCD, h_new, model.head, t, (k_LBCKH, v_LBCKH))
+
+        def live(c, t):
+            return (t < n_arr) & halting.any_active(c[1])
+
+    if halt is not None and pol.per_iteration:
+        # slot t gets each token's last computed k/v: this step's if it ran it, its exit's if not
+
+        def body(c, xs):
+            t, kc_LBTKH, vc_LBTKH = xs
+
+            def stop(c):
+                keep = t < n_arr  # slots past the depth stay empty, as without halting
+                return c, (jnp.where(keep, c[1].k_LBTKH, 0), jnp.where(keep, c[1].v_LBTKH, 0))
+
+            def go(c):
+                c = halt_step(c, t, kc_LBTKH, vc_LBTKH)
+                return c, (c[1].k_LBTKH, c[1].v_LBTKH)
+
+            return jax.lax.cond(live(c, t), go, stop, c)
+
+        kv_xs = (None, None) if fresh else (cache.k_RLBTKH, cache.v_RLBTKH)
+        (h_BCD, hs), (k_new, v_new) = jax.lax.scan(body, (model.h0(e_BCD), hs0), (jnp.arange(S), *kv_xs))
+        depth_BC = hs.depth_BT
+    elif halt is not None:  # shared_last: each token's last computed k/v goes to the one slot
+        kc_LBTKH, vc_LBTKH = cache.k_RLBTKH[0], cache.v_RLBTKH[0]
+
+        def body(c, t):
+            return jax.lax.cond(live(c, t), lambda c: halt_step(c, t, kc_LBTKH, vc_LBTKH), lambda c: c, c), None
+
+        (h_BCD, hs), _ = jax.lax.scan(body, (model.h0(e_BCD), hs0), jnp.arange(S))
+        k_new, v_new, depth_BC = hs.k_LBTKH[None], hs.v_LBTKH[None], hs.depth_BT
+    elif pol.per_iteration:  # slot t in, the step's k/v out (scan input/output; skipped steps write zeros)
 
         def body(h_BCD, xs):
             t, kc_LBTKH, vc_LBTKH = xs
@@ -196,35 +250,38 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
         S,
     )
     logits = model.head(h_BCD)
-    return Step(logits if valid is None else poison(logits, valid), new_cache)
+    return Step(logits if valid is None else poison(logits, valid), new_cache, depth_BC)
 
 
-def prefill(model, cache: KVCache, tokens_BT, n, *, segment_ids_BT=None, positions_BT=None) -> Step:
+def prefill(model, cache: KVCache, tokens_BT, n, *, segment_ids_BT=None, positions_BT=None, halt=None) -> Step:
     """Fill `cache` from index 0 with a (left-padded) prompt at depth n (traceable; n may be traced).
 
     Runs the model's configured attention over the prompt, as training does; segment ids (0 =
     padding) and positions default to one document per row starting at position 0.
     """
-    return _extend(model, cache, tokens_BT, n, segment_ids_BT, positions_BT, fresh=True)
+    return _extend(model, cache, tokens_BT, n, segment_ids_BT, positions_BT, fresh=True, halt=halt)
 
 
-def extend(model, cache: KVCache, tokens_BC, n, *, segment_ids_BC=None, positions_BC=None) -> Step:
+def extend(model, cache: KVCache, tokens_BC, n, *, segment_ids_BC=None, positions_BC=None, halt=None) -> Step:
     """Append C tokens to every row (decode: C = 1) at depth n; they continue each row's last
     segment unless segment ids are given (traceable; n may be traced)."""
-    return _extend(model, cache, tokens_BC, n, segment_ids_BC, positions_BC, fresh=False)
+    return _extend(model, cache, tokens_BC, n, segment_ids_BC, positions_BC, fresh=False, halt=halt)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("fresh",), donate_argnames=("cache",))
-def _extend_jit(graphdef, state, cache, tokens, n, segment_ids, positions, fresh):
-    return _extend(nnx.merge(graphdef, state), cache, tokens, n, segment_ids, positions, fresh)
+def _extend_jit(graphdef, state, cache, tokens, n, segment_ids, positions, fresh, halt=None):
+    return _extend(nnx.merge(graphdef, state), cache, tokens, n, segment_ids, positions, fresh, halt)
 
 
 class CachedModel:
     """Jitted prefill / extend for one model. n is traced: each (cache, chunk) shape compiles once
-    for every depth. The cache passed in is donated (updated in place); use the one returned."""
+    for every depth. The cache passed in is donated (updated in place); use the one returned.
+    halt: per-token halting (asura.model.halting.HaltSpec, kv=copy); Step.depth_BC reports it."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, halt=None):
+        if halt is not None and halt.kv != "copy":
+            raise ValueError("the KV-cached decoder halts with kv=copy only (kv=full computes every iteration)")
+        self.model, self.halt = model, halt
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
 
@@ -243,12 +300,28 @@ class CachedModel:
         self._check(cache, tokens_BT, n, True)
         tokens_BT = jnp.asarray(tokens_BT)
         return _extend_jit(
-            self.graphdef, self.state, cache, tokens_BT, jnp.int32(n), segment_ids_BT, positions_BT, fresh=True
+            self.graphdef,
+            self.state,
+            cache,
+            tokens_BT,
+            jnp.int32(n),
+            segment_ids_BT,
+            positions_BT,
+            fresh=True,
+            halt=self.halt,
         )
 
     def extend(self, cache: KVCache, tokens_BC, n, *, segment_ids_BC=None, positions_BC=None) -> Step:
         self._check(cache, tokens_BC, n, False)
         tokens_BC = jnp.asarray(tokens_BC)
         return _extend_jit(
-            self.graphdef, self.state, cache, tokens_BC, jnp.int32(n), segment_ids_BC, positions_BC, fresh=False
+            self.graphdef,
+            self.state,
+            cache,
+            tokens_BC,
+            jnp.int32(n),
+            segment_ids_BC,
+            positions_BC,
+            fresh=False,
+            halt=self.halt,
         )

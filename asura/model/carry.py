@@ -19,7 +19,7 @@ class LoopCarry(NamedTuple):
     h_BTD: jax.Array  # latent after the last step run
     objective: jax.Array  # Σ_t w_t · (ce_t + z · lse²_t) so far (0 without scoring)
     z_term: jax.Array  # Σ_t w_t · z · lse²_t so far
-    state: Any = ()  # per-token state seam (halting); passed through today
+    state: Any = ()  # per-token state: asura.model.halting.Halt under halting, else ()
 
 
 class LoopResult(NamedTuple):
@@ -31,6 +31,7 @@ class LoopResult(NamedTuple):
     h_SBTD: jax.Array | None  # per-step latents with keep_latents (h_{n-1} repeated for t >= n)
     S: int  # static loop length
     n: jax.Array  # depth as a traced int32, clipped to [1, S] (outputs are NaN when n was outside)
+    depth_BT: jax.Array | None = None  # under halting: iterations each token ran (its exit depth)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ carries    the carry entering each step; the backward recomputes one step at a t
 sqrt       the carry at every chunk boundary (chunk = ceil(sqrt(S))); the backward recomputes a
            chunk's carries, then steps back through it one recomputed step at a time (``sqrt``).
 
+A stop condition ``cont(carry)`` (per-token halting: some token still active) ends the loop
+before n; the trip count is recorded in the forward and the backward starts from it.
+
 Truncated backprop: steps t < lo are frozen (no gradient into them or through them), so the
 backward loop stops at lo. Per-step outputs ys have S rows; rows t >= n hold ``skip_y(carry_n)``,
 what a skipped step emits in the scanned loop.
@@ -131,18 +134,32 @@ def _hoist(fun: Callable, *args) -> Hoisted:
     return Hoisted(fn, floats, others, jax.tree.unflatten(out_tree, closed.out_avals))
 
 
+def _is_float0(x) -> bool:
+    return x.dtype == jax.dtypes.float0
+
+
+def _add_ct(a, b):
+    """Cotangents add; an integer carry leaf (halting's flags and counts) has float0 ones, which do not."""
+    return a if _is_float0(a) else a + b
+
+
 def sqrt_chunk(S: int) -> int:
     return max(1, math.ceil(math.sqrt(S)))
 
 
-def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str, lo=0):
-    """Run ``carry, y_t = step(carry, t)`` for t = 0 .. n-1 (n traced, 1 <= n <= S).
+def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str, lo=0, cont: Callable | None = None):
+    """Run ``carry, y_t = step(carry, t)`` for t = 0 .. n-1 (n traced, 1 <= n <= S), and while
+    ``cont(carry)`` holds when given (a function of the carry alone).
 
-    Returns (carry_n, ys) with ys stacked over S rows (rows t >= n: ``skip_y(carry_n)``).
+    Returns (carry_out, ys) with ys stacked over S rows (rows t >= trips: ``skip_y(carry_out)``).
     Gradients flow through steps t >= lo only.
     """
     if store not in STORES:
         raise ValueError(f"store must be one of {STORES}, got {store!r}")
+    if cont is not None:
+        hc = _hoist(cont, carry)
+        if hc.floats or hc.others:
+            raise ValueError("dynamic_loop: cont must be a function of the carry alone (it closes over traced values)")
     t0 = jnp.int32(0)
     # Every traced value the step closes over becomes an argument of the custom_vjp: floats take
     # cotangents, integers (tokens, positions) take none. A custom_vjp that closes over a tracer
@@ -200,29 +217,32 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
                 c_next, y = f(c, t, fl_)
             return t + 1, c_next, _set(ys, t, y), kept
 
-        _, c, ys, kept = jax.lax.while_loop(lambda s: s[0] < n, body, (t0, c0, ys0, kept0))
+        def go(s):
+            return s[0] < n if cont is None else (s[0] < n) & cont(s[1])
+
+        trips, c, ys, kept = jax.lax.while_loop(go, body, (t0, c0, ys0, kept0))
         if keep == "residuals":  # the step-invariant residuals, once (XLA drops the rest of this step)
             once = residuals(c0, t0, fl_) if res_plan.indices("const") else []
             if once and [(x.shape, x.dtype) for x in once] != [(a.shape, a.dtype) for a in res_plan.avals]:
                 raise AssertionError("step residuals traced at t = 0 differ from the planned ones")
             kept = (kept, [once[i] for i in res_plan.indices("const")])
-        return c, _fill_skipped(ys, g(c, sfl_), n, S), kept
+        return c, _fill_skipped(ys, g(c, sfl_), trips, S), kept, trips
 
     @jax.custom_vjp
     def loop(c0, fl_, sfl_, n, lo):
-        c, ys, _ = forward(c0, fl_, sfl_, n, None)
+        c, ys, _, _ = forward(c0, fl_, sfl_, n, None)
         return c, ys
 
     def loop_fwd(c0, fl_, sfl_, n, lo):
-        c, ys, kept = forward(c0, fl_, sfl_, n, store)
-        return (c, ys), (kept, c, fl_, sfl_, n, lo)
+        c, ys, kept, trips = forward(c0, fl_, sfl_, n, store)
+        return (c, ys), (kept, c, fl_, sfl_, trips, lo)  # the backward runs over the steps that ran
 
     def step_back(pull, g_c, g_y, g_fl):
         d_c, d_fl = pull((g_c, g_y))
         return d_c, jax.tree.map(jnp.add, g_fl, d_fl)
 
     def loop_bwd(res, cts):
-        kept, c_n, fl_, sfl_, n, lo = res
+        kept, c_n, fl_, sfl_, n, lo = res  # n: the steps that ran (< the depth when cont stopped it)
         g_c, g_ys = cts
         # Rows t >= n came from skip_y(carry_n): their cotangent flows into carry_n.
         skipped = jnp.arange(S) >= n
@@ -231,7 +251,7 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
         )
         _, skip_pull = jax.vjp(lambda c_, p: g(c_, (p, sfl_[1])), c_n, sfl_[0])
         d_c, g_sfl = skip_pull(g_skip)
-        g_c = jax.tree.map(jnp.add, g_c, d_c)
+        g_c = jax.tree.map(_add_ct, g_c, d_c)
         g_fl = jax.tree.map(jnp.zeros_like, fl_[0])
 
         if store in ("residuals", "carries"):
@@ -276,7 +296,7 @@ def dynamic_loop(step: Callable, skip_y: Callable, carry, n, S: int, store: str,
 
             _, g_c, g_fl = jax.lax.while_loop(lambda s: s[0] * C + C > lo, chunk_body, ((n - 1) // C, g_c, g_fl))
         # Frozen steps (t < lo) pass no gradient back to the initial carry.
-        g_c = jax.tree.map(lambda x: jnp.where(lo > 0, jnp.zeros_like(x), x), g_c)
+        g_c = jax.tree.map(lambda x: x if _is_float0(x) else jnp.where(lo > 0, jnp.zeros_like(x), x), g_c)
         # integer consts, n and lo take no cotangent
         return g_c, (g_fl, [None] * len(fl_[1])), (g_sfl, [None] * len(sfl_[1])), None, None
 

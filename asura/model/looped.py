@@ -32,10 +32,12 @@ is tested against). Truncated backprop (bptt_k = k > 0) runs steps t < n − k u
 stop_gradient. Latent guidance is a `Scoring` passed in: the loop adds w_S[t] · score(h_t)
 to the carry, so memory does not grow with n.
 
-Seams for what comes next:
-* per-token state (learned halting): `LoopCarry.state` is carried through every step
-  untouched today; a halting step updates it (e.g. cumulative halt probability [B, T]) and
-  the skip branch passes it through like h.
+Per-token halting (``halt=HaltSpec``, asura.model.halting): `LoopCarry.state` holds each token's
+active flag, depth and exit-rule state; a token stops when its rule fires, and the loop runs while
+t < n and any token is active (both drivers and asura.infer read the same condition). With no
+HaltSpec the state is empty and the program is the one above.
+
+Seams:
 * a KV cache (generation, asura.infer): `iteration_cached` is `iteration` with the attention
   supplied by the caller (it attends over cached keys/values) and each layer's new k/v
   returned; both run `_iterate`, the one sequence of per-iteration ops, and asura.infer
@@ -54,7 +56,8 @@ from flax import nnx
 from asura.compat import nnx_list
 from asura.config.schema import ModelConfig
 from asura.depth import scan_length
-from asura.model import remat
+from asura.model import halting, remat
+from asura.model.attention import attention
 from asura.model.block import Block
 from asura.model.carry import (
     Iterated,
@@ -150,6 +153,27 @@ class LoopedLM(nnx.Module):
         h_BTD, kv = self._iterate(h_BTD, e_BTD, s, run)
         return Iterated(h_BTD, tuple(k for k, _ in kv), tuple(v for _, v in kv))
 
+    def iteration_copy(self, h_BTD, e_BTD, s, positions_BT, segment_ids_BT, halt: halting.Halt):
+        """`iteration` where an exited token's keys/values are those of its last computed iteration
+        (halting kv=copy); returns (h_BTD, (k_LBTKH, v_LBTKH)) of this iteration's projections."""
+        cfg = self.cfg
+        a_BT11 = halt.active_BT[:, :, None, None]
+
+        def run(i, block, x_BTD):
+            def attend(p):
+                k_BTKH = jnp.where(a_BT11, p.k_BTKH, halt.k_LBTKH[i])
+                v_BTKH = jnp.where(a_BT11, p.v_BTKH, halt.v_LBTKH[i])
+                return attention(
+                    p.q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=True,
+                    impl=cfg.attention, block_q=cfg.attn_block_q, block_k=cfg.attn_block_k,
+                )  # fmt: skip
+
+            out = block.cached(x_BTD, positions_BT, s, attend)
+            return out.x_BTD, (out.k_BTKH, out.v_BTKH)
+
+        h_BTD, kv = self._iterate(h_BTD, e_BTD, s, run)
+        return h_BTD, (jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv]))
+
     def _iterate(self, h_BTD, e_BTD, s, run_block):
         """The one sequence of per-iteration ops; run_block(i, block, x) -> (x, extra) calls block i."""
         cfg = self.cfg
@@ -179,6 +203,8 @@ class LoopedLM(nnx.Module):
             return carry, StepOut(carry.h_BTD if ctx["keep_latents"] else None, zero, zero)
         if mode == "frozen":  # t < n - k: forward only
             return jax.lax.stop_gradient(self._step(carry, t, "run", ctx))
+        if ctx["halt"] is not None:
+            return self._halting_step(carry, t, ctx)
         h_BTD = self.iteration(
             carry.h_BTD, ctx["e_BTD"], self.slot(t), ctx["positions"], ctx["segments"], ctx["policy"]
         )
@@ -190,6 +216,19 @@ class LoopedLM(nnx.Module):
             ce, acc = sc.ce, sc.acc
         out = StepOut(h_BTD if ctx["keep_latents"] else None, ce, acc)
         return LoopCarry(h_BTD, objective, z_term, carry.state), out
+
+    def _halting_step(self, carry: LoopCarry, t, ctx: dict) -> tuple[LoopCarry, StepOut]:
+        """One step under per-token halting (asura.model.halting): every token runs iteration t,
+        the active ones keep it, then the exit rule drops tokens."""
+        spec, halt = ctx["halt"], carry.state
+        args = (carry.h_BTD, ctx["e_BTD"], self.slot(t), ctx["positions"], ctx["segments"])
+        if spec.kv == "copy":
+            h_new, kv = self.iteration_copy(*args, halt)
+        else:
+            h_new, kv = self.iteration(*args, "none"), None
+        h_BTD, halt = halting.advance(spec, halt, carry.h_BTD, h_new, self.head, t, kv)
+        out = StepOut(halting.output(halt, h_BTD) if ctx["keep_latents"] else None, None, None)
+        return LoopCarry(h_BTD, carry.objective, carry.z_term, halt), out
 
     def run_loop(
         self,
@@ -203,10 +242,16 @@ class LoopedLM(nnx.Module):
         scoring: Scoring | None = None,
         keep_latents: bool = False,
         bptt_k=0,
+        halt: halting.HaltSpec | None = None,
     ) -> LoopResult:
-        """Run the depth loop for depth n (int or traced) and return a LoopResult."""
+        """Run the depth loop for depth n (int or traced) and return a LoopResult.
+
+        halt: per-token halting (asura.model.halting); LoopResult.depth_BT counts each token's
+        iterations. Forward and backward run only while some token is active."""
         if unroll and not isinstance(n, int | np.integer):
             raise ValueError("unroll=True needs a static python int depth n")
+        if halt is not None and scoring is not None:
+            raise ValueError("halting scores each token at its exit; latent guidance (scoring) does not apply")
         S = self.scan_len(n, max_depth)
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -222,9 +267,15 @@ class LoopedLM(nnx.Module):
             "policy": "none" if unroll else self.cfg.remat,
             "scoring": scoring,
             "keep_latents": keep_latents,
+            "halt": halt,
         }
         zero = jnp.zeros((), f32(self.dtype))
-        carry = LoopCarry(self.h0(e_BTD), zero, zero)
+        h0_BTD = self.h0(e_BTD)
+        state, cont = (), None
+        if halt is not None:
+            kv_shape = (self.cfg.n_layers, B, T, self.cfg.kv_heads, self.cfg.d_head)
+            state, cont = halting.init(halt, h0_BTD, self.cfg.vocab_size, kv_shape, self.dtype), self._live
+        carry = LoopCarry(h0_BTD, zero, zero, state)
         no_bptt = isinstance(bptt_k, int) and bptt_k <= 0
         if unroll:
             carry, ys = self._unrolled(carry, S, n, bptt_k, no_bptt, ctx)
@@ -233,29 +284,40 @@ class LoopedLM(nnx.Module):
             carry, ys = dynamic_loop(
                 lambda c, t: self._step(c, t, "run", ctx),
                 lambda c: self._step(c, jnp.int32(0), "skip", ctx)[1],
-                carry, n_arr, S, remat.POLICIES[ctx["policy"]].store, lo,
+                carry, n_arr, S, remat.POLICIES[ctx["policy"]].store, lo, cont,
             )  # fmt: skip
         else:
             modes = ("skip", "run") if no_bptt else ("skip", "frozen", "run")
             branches = [lambda c, t, m=m: self._step(c, t, m, ctx) for m in modes]
 
             def body(c, t):
+                live = t < n_arr if cont is None else (t < n_arr) & cont(c)
                 if no_bptt:
-                    idx = (t < n_arr).astype(jnp.int32)
+                    idx = live.astype(jnp.int32)
                 else:
-                    idx = jnp.where(t >= n_arr, 0, jnp.where(frozen(t, n_arr, bptt_k), 1, 2))
+                    idx = jnp.where(~live, 0, jnp.where(frozen(t, n_arr, bptt_k), 1, 2))
                 return jax.lax.switch(idx, branches, c, t)
 
             carry, ys = remat.scan_iterations(body, carry, S, ctx["policy"])
-        res = LoopResult(carry.h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr)
+        h_BTD, depth_BT = carry.h_BTD, None
+        if halt is not None:
+            h_BTD, depth_BT = halting.output(carry.state, carry.h_BTD), carry.state.depth_BT
+        res = LoopResult(h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr, depth_BT)
         if valid is None:
             return res
         # a traced depth outside 1..S: NaN everywhere rather than the clamped depth's values
         outputs = ("h_BTD", "objective", "z_term", "ce_S", "acc_S", "h_SBTD")
         return res._replace(**{k: poison(getattr(res, k), valid) for k in outputs})
 
+    @staticmethod
+    def _live(carry: LoopCarry) -> jax.Array:
+        """Under halting the loop goes on while some token is active (and t < n)."""
+        return halting.any_active(carry.state)
+
     def _unrolled(self, carry: LoopCarry, S: int, n: int, bptt_k, no_bptt: bool, ctx: dict):
-        """Reference driver: a Python loop over the same `_step` (static n)."""
+        """Reference driver: a Python loop over the same `_step` (static n). Under halting it runs
+        every t < n: a step with no active token leaves the carry as it is, which is what the
+        drivers' early stop assumes."""
         steps = []
         for t in range(S):
             if t >= n:
@@ -288,12 +350,14 @@ class LoopedLM(nnx.Module):
         kw = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, max_depth=max_depth, unroll=unroll)
         return self.run_loop(tokens_BT, n, keep_latents=True, **kw).h_SBTD
 
-    def loss(self, batch, n=None, bptt_k=0, max_depth=None, unroll=False, with_pred=False):
+    def loss(self, batch, n=None, bptt_k=0, max_depth=None, unroll=False, with_pred=False, halt=None):
         """(objective, aux): the guidance-weighted masked-mean CE over iterations + z-loss.
 
         aux: ce (the final iteration's CE), ce_per_iter [S] (NaN where a step did not run or,
         with guidance='none', was not scored), z_loss, accuracy, tokens; with_pred adds
         pred [B, T] = argmax of the final logits from the same loop (evaluation needs one pass).
+        halt (asura.model.halting.HaltSpec): each token is scored at its exit (no guidance), and
+        aux adds depth_BT, the iterations each token ran.
         """
         cfg = self.cfg
         n = cfg.iterations if n is None else n
@@ -314,12 +378,13 @@ class LoopedLM(nnx.Module):
         S = self.scan_len(n, max_depth)
         n_arr, _ = depth_index(n, S)  # run_loop's outputs are already NaN for a traced n out of range
         t_S = jnp.arange(S)
-        if cfg.guidance == "none":
-            res = self.run_loop(batch["inputs"], n, **kw)
+        if cfg.guidance == "none" or halt is not None:
+            res = self.run_loop(batch["inputs"], n, halt=halt, **kw)
             sc = score(res.h_BTD)
             z_term = cfg.z_loss * sc.z
             objective, ce, acc = sc.ce + z_term, sc.ce, sc.acc
-            ce_S = jnp.where(t_S == n_arr - 1, ce, jnp.nan)
+            # under halting no one iteration's CE is measured: each token is scored at its own exit
+            ce_S = jnp.where((t_S == n_arr - 1) & (halt is None), ce, jnp.nan)
         else:
             w_S = guidance_weights(cfg, n_arr, S, self.slot)
             res = self.run_loop(batch["inputs"], n, scoring=Scoring(score, w_S, cfg.z_loss), **kw)
@@ -327,6 +392,8 @@ class LoopedLM(nnx.Module):
             ce, acc = res.ce_S[n_arr - 1], res.acc_S[n_arr - 1]
             ce_S = jnp.where(t_S < n_arr, res.ce_S, jnp.nan)
         aux = {"ce": ce, "ce_per_iter": ce_S, "z_loss": z_term, "accuracy": acc, "tokens": mask_BT.sum()}
+        if halt is not None:
+            aux["depth_BT"] = res.depth_BT
         if with_pred:  # the carry's latent is the final iteration's (skipped steps pass it through)
             aux["pred"] = jnp.argmax(self.head(res.h_BTD), axis=-1).astype(jnp.int32)
         return objective, aux
