@@ -53,6 +53,9 @@ def vanilla(cfg: Config, **model_overrides) -> Config:
     overrides = {
         "name": f"{cfg.name}-vanilla",
         "model.injection": "none",
+        "model.loop_start": "embed",  # no loop: h_0 = e is the vanilla model's input
+        "model.exit_gate": False,
+        "model.exit_entropy": 0.0,
         "model.iter_norm": False,
         "model.post_norm": False,
         "model.adapter": "none",

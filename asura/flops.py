@@ -13,7 +13,9 @@ Conventions (MaxText-style; see docs/method.md "Baselines and FLOPs"):
   Khatri–Rao identity -> 2·n·r1·r2 (x @ (A1ᵀ⊙A2ᵀ)) + 2·r1·r2·m (@ (B1⊙B2)ᵀ). Forming the
   Khatri–Rao factors costs r1·r2·(m+n) multiplies per iteration *per step*, not per token;
   it is left out of the per-token count (``khatri_rao_flops_per_step`` gives it).
-* Latent guidance applies the head at every iteration that runs; otherwise it runs once.
+* Latent guidance applies the head at every iteration that runs; otherwise it runs once. The exit
+  gate's loss (``model.exit_gate``) scores every iteration too, and its gate w·x costs 2·d per
+  token per iteration (counted with the head: ``score_flops``).
   ``fwd`` is the training forward (``LoopedLM.loss``); eval/generation logits use one head.
 * Training = forward + backward. Forward FLOPs are 2N (N = weights touched); an iteration with
   gradients costs 6N (3× forward: backward computes input and weight gradients); an iteration
@@ -89,6 +91,7 @@ class ParamCount:
     total: int  # effective unrolled count at depth model.iterations
     trained: int  # unique minus the per-iteration slots no training step updates
     untrained: int  # unique - trained
+    exit_gate: int = 0  # the learned exit gate (model.exit_gate), counted in the outer parameters
 
 
 def param_count(cfg: Config) -> ParamCount:
@@ -106,7 +109,8 @@ def param_count(cfg: Config) -> ParamCount:
     per_iter = proj_1 + post_1 + iter_1 + adapt_1
     embedding, head = V * d, (0 if m.tie_embeddings else d * V)
     final_norm = _norm_params(m, d)
-    outer = embedding + head + final_norm
+    gate = d + 1 if m.exit_gate else 0  # w [d] and b
+    outer = embedding + head + final_norm + gate
     return ParamCount(
         embedding=embedding,
         head=head,
@@ -122,6 +126,7 @@ def param_count(cfg: Config) -> ParamCount:
         total=outer + m.iterations * (stack + per_iter),
         trained=outer + stack + len(trained_slots(cfg)) * per_iter,
         untrained=(M - len(trained_slots(cfg))) * per_iter,
+        exit_gate=gate,
     )
 
 
@@ -163,6 +168,16 @@ def iteration_flops(m: ModelConfig, seq_len: int, causal: bool = True) -> int:
     return inject + m.n_layers * block_flops(m, seq_len, causal)
 
 
+def score_flops(m: ModelConfig) -> int:
+    """One scoring of an iteration: the head, and the exit gate (2·d) when the model has one."""
+    return head_flops(m) + (2 * m.d_model if m.exit_gate else 0)
+
+
+def scores_every_iteration(m: ModelConfig) -> bool:
+    """Training scores every iteration: latent guidance, or the exit gate's expected loss."""
+    return m.guidance != "none" or m.exit_gate
+
+
 def head_flops(m: ModelConfig) -> int:
     return 2 * m.d_model * m.vocab_size
 
@@ -175,7 +190,7 @@ def head_multipliers(m: ModelConfig, n: int, bptt_k: int) -> tuple[int, int]:
     loss accumulator too), so their heads get no weight gradient either: forward-only (2N).
     """
     k = grad_iterations(n, bptt_k)
-    if m.guidance == "none":
+    if not scores_every_iteration(m):
         return 0, 1
     return n - k, k
 
@@ -183,17 +198,22 @@ def head_multipliers(m: ModelConfig, n: int, bptt_k: int) -> tuple[int, int]:
 def forward_flops(cfg: Config, n: int, causal: bool = True) -> int:
     """Forward FLOPs per token at depth n (all guidance heads included)."""
     m = cfg.model
-    heads = n if m.guidance != "none" else 1
-    return n * iteration_flops(m, cfg.data.seq_len, causal) + heads * head_flops(m)
+    if scores_every_iteration(m):
+        return n * (iteration_flops(m, cfg.data.seq_len, causal) + score_flops(m))
+    return n * iteration_flops(m, cfg.data.seq_len, causal) + head_flops(m)
 
 
-def executed_flops(cfg: Config, depth_pmf: dict[int, float], rule_head: bool = False, causal: bool = True) -> float:
+def executed_flops(
+    cfg: Config, depth_pmf: dict[int, float], rule_head: bool = False, rule_gate: bool = False, causal: bool = True
+) -> float:
     """Forward FLOPs per token when each token runs its own number of iterations (per-token halting,
     asura.model.halting): the expectation over the measured depth pmf {depth: fraction of tokens}.
     A token pays its iterations and one head; an exit rule that reads the output distribution
-    (``rule_head``: kl, entropy, argmax) applies the head after every iteration the token runs."""
+    (``rule_head``: kl, entropy, argmax) applies the head after every iteration the token runs, and
+    the learned gate (``rule_gate``) its 2·d."""
     m = cfg.model
-    it, head = iteration_flops(m, cfg.data.seq_len, causal), head_flops(m)
+    it = iteration_flops(m, cfg.data.seq_len, causal) + (2 * m.d_model if rule_gate else 0)
+    head = head_flops(m)
     per_depth = {d: d * (it + head) if rule_head else d * it + head for d in depth_pmf}
     return sum(p * per_depth[d] for d, p in depth_pmf.items())
 
@@ -205,7 +225,8 @@ def train_flops(cfg: Config, n: int, causal: bool = True) -> int:
     it = iteration_flops(m, cfg.data.seq_len, causal)
     heads_nograd, heads_grad = head_multipliers(m, n, k_cfg)
     # it and head_flops are forward FLOPs (2N); a forward-only pass costs 1x, forward+backward 3x (6N).
-    return (n - k) * it + 3 * k * it + (heads_nograd + 3 * heads_grad) * head_flops(m)
+    head = score_flops(m) if scores_every_iteration(m) else head_flops(m)
+    return (n - k) * it + 3 * k * it + (heads_nograd + 3 * heads_grad) * head
 
 
 def khatri_rao_flops_per_step(cfg: Config, n: int) -> int:

@@ -155,6 +155,13 @@ LOOPED_CASES = [
     ["model.d_model=96", "model.n_heads=6", "model.n_layers=3", "model.injection=add", "model.max_iterations=4"],
     ["model.vocab_size=1024", "model.d_model=128", "model.tie_embeddings=false", "model.guidance=linear"],
     ["model.d_model=512", "model.n_heads=8", "model.n_layers=6", "data.seq_len=512", "model.adapter=abba"],
+    [
+        "model.n_layers=2",
+        "model.injection=add",
+        "model.loop_start=zero",
+        "model.exit_gate=true",
+        "model.exit_entropy=0.05",
+    ],
 ]
 
 

@@ -9,8 +9,8 @@ What is compared, and why the tolerances are what they are:
   convention leaves out: about 110·d FLOPs per token per block application, i.e. a relative
   excess of roughly 4.6/d. With d >= 384 and T = 32 that is under 1.3%, inside the 2% band.
   ABBA's per-step Khatri–Rao factor products are added to the analytic side (tiny).
-* The forward is ``model.loss`` (it applies the head at every iteration under guidance, once
-  otherwise, as the analytic count does); training is ``jax.grad`` of it, which XLA counts at
+* The forward is ``model.loss`` (it applies the head at every iteration under guidance or the
+  exit gate's loss, once otherwise, as the analytic count does); training is ``jax.grad`` of it, which XLA counts at
   ~3.0× the forward (dX and dW matmuls per forward matmul; no recompute without remat).
 * Most cases use the lowered (pre-optimisation) module's cost analysis, which takes well under
   a second; compiling the gradient of an unrolled model takes 10-30 s on CPU. One case checks
@@ -65,6 +65,10 @@ CASES = {
         3,
     ),
     "deep-n1-of-3": ("d_model=384 n_layers=3 guidance=linear", 1),
+    "exit-gate-zero-start": (
+        "d_model=384 n_layers=1 injection=add loop_start=zero exit_gate=true exit_entropy=0.05",
+        3,
+    ),
 }
 
 

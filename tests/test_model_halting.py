@@ -64,7 +64,7 @@ def rule_values(model, rule: str) -> np.ndarray:
     prev = model.h0(model.embed[...][jnp.asarray(TOKENS)])
     state, out = entry.init(prev, V), []
     for t in range(N):
-        state, v = entry.update(state, prev, h_SBTD[t], model.head, jnp.int32(t))
+        state, v = entry.update(state, prev, h_SBTD[t], model, jnp.int32(t))
         out.append(np.asarray(v))
         prev = h_SBTD[t]
     return np.stack(out)

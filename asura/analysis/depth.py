@@ -133,7 +133,7 @@ def evaluate_exits(model, cfg, batches: list[dict], n: int, specs) -> list[dict]
             counts += np.bincount(depth_BT[np.asarray(host["segment_ids"]) > 0], minlength=top + 1)
             scored_depth, scored = scored_depth + float(depth_BT[mask_BT].sum()), scored + float(mask_BT.sum())
         pmf = {d: float(c / counts.sum()) for d, c in enumerate(counts) if c > 0}
-        flops = executed_flops(cfg, pmf, rule_head=spec.entry.needs_logits)
+        flops = executed_flops(cfg, pmf, rule_head=spec.entry.needs_logits, rule_gate=spec.entry.needs_gate)
         rows.append({
             "rule": spec.rule, "threshold": float(spec.tau), "kv": spec.kv, "depth": n,
             "ce": ce / max(tokens, 1.0), "accuracy": acc / max(tokens, 1.0),

@@ -42,6 +42,11 @@ class ModelConfig:
     adapter_gamma: float = 1.0  # scale of ΔW
     adapter_targets: tuple[str, ...] = ("q", "k", "v", "o", "up", "down")
     guidance: str = "none"  # none (final iteration only) | linear | uniform | explicit
+    # Learned exit gate λ_t = σ(w·FinalNorm(h_t) + b) (Ouro, arXiv 2510.25741): trained with the expected
+    # loss over each token's exit distribution p_t = λ_t·Π_{j<t}(1−λ_j) (the rest at depth n) minus
+    # exit_entropy·H(p); halting's `gate` rule exits when Σ_{j<=t} p_j passes its threshold
+    exit_gate: bool = False
+    exit_entropy: float = 0.0  # β of the entropy bonus (needs exit_gate)
     guidance_weights: tuple[float, ...] = ()  # used when guidance=explicit; length max_iterations
     qk_norm: bool = True
     z_loss: float = 1e-4  # PaLM z-loss coefficient on logsumexp^2; 0 = off

@@ -67,6 +67,14 @@ def validate(cfg: Config) -> None:
     if m.loop_start == "zero" and m.injection == "none":
         # h_0 = 0 and nothing injected: no iteration would ever see the tokens
         raise ConfigError("model.loop_start=zero needs model.injection=add|projconcat (with none no iteration reads e)")
+    _positive(cfg, "model.exit_entropy", allow_zero=True)
+    if m.exit_gate and m.guidance != "none":
+        raise ConfigError(
+            f"model.exit_gate weights each iteration's loss by its exit probability; model.guidance={m.guidance} "
+            "would weight them twice: set guidance=none"
+        )
+    if m.exit_entropy and not m.exit_gate:
+        raise ConfigError("model.exit_entropy is set but model.exit_gate=false; it regularises the gate")
     if m.adapter != "none":
         _positive(cfg, "model.adapter_rank", "model.adapter_rank2")
         if not m.adapter_targets:

@@ -186,7 +186,7 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
             """Iteration t for the active chunk tokens; (h, halt state) with k/v of each token's last."""
             h_BCD, hs = c
             h_new, k_LBCKH, v_LBCKH = run(h_BCD, t, kc_LBTKH, vc_LBTKH, hs)
-            return halting.advance(halt, hs, h_BCD, h_new, model.head, t, (k_LBCKH, v_LBCKH))
+            return halting.advance(halt, hs, h_BCD, h_new, model, t, (k_LBCKH, v_LBCKH))
 
         def live(c, t):
             return (t < n_arr) & halting.any_active(c[1])

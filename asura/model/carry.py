@@ -32,6 +32,7 @@ class LoopResult(NamedTuple):
     S: int  # static loop length
     n: jax.Array  # depth as a traced int32, clipped to [1, S] (outputs are NaN when n was outside)
     depth_BT: jax.Array | None = None  # under halting: iterations each token ran (its exit depth)
+    state: Any = None  # the final LoopCarry.state (GateState under the exit gate's loss)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,25 @@ class Scoring:
     score: Callable[[jax.Array], Score]  # h_BTD -> Score(ce, z, acc), masked token means
     w_S: jax.Array  # per-step weights, zero for t >= n
     z_loss: float
+
+
+@dataclass(frozen=True)
+class GateScoring:
+    """The exit gate's loss inside the loop (model.exit_gate): step t adds the masked token mean of
+    p_t · (ce_t + z_loss · lse²_t), p_t each token's probability of exiting after iteration t."""
+
+    tokens: Callable[[jax.Array], Score]  # h_BTD -> per-token Score(ce_BT, lse²_BT, correct_BT)
+    mask_BT: jax.Array
+    n: jax.Array  # the traced depth: the last iteration takes the remaining survival
+    z_loss: float
+
+
+class GateState(NamedTuple):
+    """LoopCarry.state under GateScoring."""
+
+    survival_BT: jax.Array  # Π_{j<t}(1 − λ_j): the token has not exited before iteration t
+    entropy: jax.Array  # Σ_t masked mean of −p_t·log p_t so far
+    depth: jax.Array  # Σ_t masked mean of (t + 1)·p_t so far: the expected exit depth
 
 
 class Iterated(NamedTuple):

@@ -12,6 +12,8 @@ thresholds, so iteration 1 is compared with what precedes the loop:
 - ``entropy``: H(p_t) itself (confident enough: asura.analysis.exits' simulated ``entropy``)
 - ``argmax``:  iterations the argmax has not changed, argmax_0 = none (Huginn
                "argmax-stability", 5; exits at ≥ threshold)
+- ``gate``:    the learned exit gate's cumulative exit probability 1 − Π_{j<=t}(1 − λ_j), exits at
+               ≥ threshold (Ouro, arXiv 2510.25741; needs model.exit_gate)
 - ``steps``:   t itself (exit after ``threshold`` iterations): the parity rule, depth k exactly
 - ``never``:   no exit: the full depth through the halting path
 
@@ -29,18 +31,18 @@ import jax.numpy as jnp
 
 from asura.registry import Registry
 
-Logits = Callable[[jax.Array], jax.Array]  # h_BTD -> fp32 logits_BTV (the model's head)
-
 
 @dataclass(frozen=True)
 class ExitRule:
     doc: str
     init: Callable[[jax.Array, int], Any]  # (h0_BTD, vocab) -> state
-    # (state, h_prev_BTD, h_BTD, head, t) -> (state, value_BT); t is the 0-based iteration just run
-    update: Callable[[Any, jax.Array, jax.Array, Logits, jax.Array], tuple[Any, jax.Array]]
+    # (state, h_prev_BTD, h_BTD, model, t) -> (state, value_BT); t is the 0-based iteration just run;
+    # model: the LoopedLM (its head, its exit gate)
+    update: Callable[[Any, jax.Array, jax.Array, Any, jax.Array], tuple[Any, jax.Array]]
     exit_below: bool  # exit when value < threshold (else when value >= threshold)
     default_threshold: float | None  # Huginn's default where the rule is theirs
     needs_logits: bool  # the rule runs the head every iteration (a B·T·V cost per step)
+    needs_gate: bool = False  # the rule reads the learned exit gate (model.exit_gate)
 
     def exits(self, value_BT: jax.Array, threshold) -> jax.Array:
         return value_BT < threshold if self.exit_below else value_BT >= threshold
@@ -53,44 +55,44 @@ def _zeros_BT(h_BTD):
     return jnp.zeros(h_BTD.shape[:2], jnp.float32)
 
 
-def _log_probs(head: Logits, h_BTD) -> jax.Array:
-    return jax.nn.log_softmax(head(h_BTD).astype(jnp.float32), axis=-1)
+def _log_probs(model, h_BTD) -> jax.Array:
+    return jax.nn.log_softmax(model.head(h_BTD).astype(jnp.float32), axis=-1)
 
 
-def _latent(state, h_prev, h, head, t):
+def _latent(state, h_prev, h, model, t):
     h32, prev32 = h.astype(jnp.float32), h_prev.astype(jnp.float32)
     return (), jnp.linalg.norm(h32 - prev32, axis=-1) / jnp.linalg.norm(h32, axis=-1)
 
 
-def _kl(prev_logp_BTV, h_prev, h, head, t):
-    logp_BTV = _log_probs(head, h)
+def _kl(prev_logp_BTV, h_prev, h, model, t):
+    logp_BTV = _log_probs(model, h)
     return logp_BTV, jnp.sum(jnp.exp(prev_logp_BTV) * (prev_logp_BTV - logp_BTV), axis=-1)
 
 
-def _entropy_BT(head, h):
-    logp_BTV = _log_probs(head, h)
+def _entropy_BT(model, h):
+    logp_BTV = _log_probs(model, h)
     return -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
 
 
-def _entropy_diff(prev_H_BT, h_prev, h, head, t):
-    H_BT = _entropy_BT(head, h)
+def _entropy_diff(prev_H_BT, h_prev, h, model, t):
+    H_BT = _entropy_BT(model, h)
     return H_BT, jnp.abs(H_BT - prev_H_BT)
 
 
-def _argmax(state, h_prev, h, head, t):
+def _argmax(state, h_prev, h, model, t):
     prev_BT, stable_BT = state
-    top_BT = jnp.argmax(head(h), axis=-1).astype(jnp.int32)
+    top_BT = jnp.argmax(model.head(h), axis=-1).astype(jnp.int32)
     stable_BT = jnp.where(top_BT == prev_BT, stable_BT + 1, 0)
     return (top_BT, stable_BT), stable_BT.astype(jnp.float32)
 
 
 EXIT_RULES.add("never", ExitRule(
     "no exit: every token runs the full depth (the halting path's parity rule)",
-    lambda h0, V: (), lambda s, hp, h, head, t: ((), _zeros_BT(h)), False, float("inf"), False,
+    lambda h0, V: (), lambda s, hp, h, model, t: ((), _zeros_BT(h)), False, float("inf"), False,
 ))  # fmt: skip
 EXIT_RULES.add("steps", ExitRule(
     "exit after `threshold` iterations (depth k exactly: the parity rule for a fixed depth)",
-    lambda h0, V: (), lambda s, hp, h, head, t: ((), _zeros_BT(h) + (t + 1)), False, None, False,
+    lambda h0, V: (), lambda s, hp, h, model, t: ((), _zeros_BT(h) + (t + 1)), False, None, False,
 ))  # fmt: skip
 EXIT_RULES.add("latent", ExitRule(
     "relative latent change ‖h_t − h_{t−1}‖/‖h_t‖ below threshold (Huginn latent-diff)",
@@ -106,10 +108,21 @@ EXIT_RULES.add("entropy_diff", ExitRule(
 ))  # fmt: skip
 EXIT_RULES.add("entropy", ExitRule(
     "output entropy H(p_t) below threshold, in nats (asura.analysis.exits' simulated entropy rule)",
-    lambda h0, V: (), lambda s, hp, h, head, t: ((), _entropy_BT(head, h)), True, None, True,
+    lambda h0, V: (), lambda s, hp, h, model, t: ((), _entropy_BT(model, h)), True, None, True,
 ))  # fmt: skip
 EXIT_RULES.add("argmax", ExitRule(
     "the output argmax unchanged for `threshold` successive iterations (Huginn argmax-stability)",
     lambda h0, V: (jnp.full(h0.shape[:2], -1, jnp.int32), jnp.zeros(h0.shape[:2], jnp.int32)),
     _argmax, False, 5, True,
+))  # fmt: skip
+
+
+def _gate(survival_BT, h_prev, h, model, t):
+    survival_BT = survival_BT * (1.0 - model.exit_prob(h))
+    return survival_BT, 1.0 - survival_BT
+
+
+EXIT_RULES.add("gate", ExitRule(
+    "the learned exit gate's cumulative exit probability at or above threshold (Ouro; model.exit_gate)",
+    lambda h0, V: jnp.ones(h0.shape[:2], jnp.float32), _gate, False, None, False, True,
 ))  # fmt: skip

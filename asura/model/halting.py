@@ -94,7 +94,7 @@ def init(spec: HaltSpec, h0_BTD, vocab: int, kv_shape: tuple | None, kv_dtype) -
     return Halt(jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32), rule, zeros, zeros, out)
 
 
-def advance(spec: HaltSpec, halt: Halt, h_prev_BTD, h_new_BTD, head, t, kv=None) -> tuple[jax.Array, Halt]:
+def advance(spec: HaltSpec, halt: Halt, h_prev_BTD, h_new_BTD, model, t, kv=None) -> tuple[jax.Array, Halt]:
     """After iteration t ran for every token: keep it for the active ones (kv=copy: the carry; full:
     the picked output), count it, run the rule, drop the tokens it exits. kv: this iteration's
     (k_LBTKH, v_LBTKH) under kv=copy."""
@@ -104,7 +104,7 @@ def advance(spec: HaltSpec, halt: Halt, h_prev_BTD, h_new_BTD, head, t, kv=None)
         h_BTD, out = h_new_BTD, select(active, h_new_BTD, out)
     else:
         h_BTD = select(active, h_new_BTD, h_prev_BTD)
-    rule, value_BT = spec.entry.update(halt.rule, h_prev_BTD, h_new_BTD, head, t)
+    rule, value_BT = spec.entry.update(halt.rule, h_prev_BTD, h_new_BTD, model, t)
     rule = select(active, rule, halt.rule)
     depth_BT = halt.depth_BT + active.astype(jnp.int32)
     leave_BT = spec.entry.exits(value_BT, spec.tau) & (depth_BT >= spec.min_depth)

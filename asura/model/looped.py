@@ -60,6 +60,8 @@ from asura.model import halting, remat
 from asura.model.attention import attention
 from asura.model.block import Block
 from asura.model.carry import (
+    GateScoring,
+    GateState,
     Iterated,
     LoopCarry,
     LoopResult,
@@ -74,7 +76,15 @@ from asura.model.carry import (
 )
 from asura.model.dynamic_loop import dynamic_loop
 from asura.model.layers import DTYPES, Norm, dense, f32, normal, param
-from asura.model.loss import Score, guidance_weights, scores
+from asura.model.loss import (
+    Score,
+    entropy_terms,
+    exit_distribution,
+    guidance_weights,
+    masked_mean,
+    scores,
+    token_scores,
+)
 from asura.parallel.logical import constrain
 
 
@@ -91,6 +101,9 @@ class LoopedLM(nnx.Module):
         self.post_norm = Norm(cfg, D, rngs=rngs, stack=M) if cfg.post_norm else None
         self.iter_norm = Norm(cfg, D, rngs=rngs, stack=M) if cfg.iter_norm else None
         self.final_norm = Norm(cfg, D, rngs=rngs)
+        # exit gate (model.exit_gate): b = 0 starts every token at λ = σ(w·x) ≈ 1/2 per iteration
+        self.w_gate = param(rngs, normal(cfg.init_std), (D,), ("embed",), cfg) if cfg.exit_gate else None
+        self.b_gate = param(rngs, nnx.initializers.zeros, (1,), (None,), cfg) if cfg.exit_gate else None
         self.unembed = (
             None if cfg.tie_embeddings else param(rngs, normal(cfg.init_std), (D, V), ("embed", "vocab"), cfg)
         )
@@ -108,6 +121,13 @@ class LoopedLM(nnx.Module):
         x_BTD = self.final_norm(h_BTD)
         logits_BTV = dense(x_BTD, self.w_DV().astype(x_BTD.dtype), f32(x_BTD.dtype))
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
+
+    def exit_prob(self, h_BTD: jax.Array) -> jax.Array:
+        """λ_BT = σ(w·FinalNorm(h) + b) in fp32: the gate reads what the head reads (model.exit_gate)."""
+        if self.w_gate is None:
+            raise ValueError("the exit gate needs model.exit_gate=true (this model has no gate)")
+        x_BTD = self.final_norm(h_BTD).astype(f32(self.dtype))
+        return jax.nn.sigmoid(x_BTD @ self.w_gate[...].astype(x_BTD.dtype) + self.b_gate[...][0])
 
     def slot(self, t):
         """Per-iteration parameter index for loop step t (int or traced)."""
@@ -199,12 +219,14 @@ class LoopedLM(nnx.Module):
         """One scan step in mode skip | frozen | run; the same code for both drivers."""
         scoring: Scoring | None = ctx["scoring"]
         if mode == "skip":  # t >= n: the carry passes through; outputs keep their shapes
-            zero = jnp.zeros((), f32(self.dtype)) if scoring is not None else None
+            zero = jnp.zeros((), f32(self.dtype)) if scoring is not None or ctx["gate"] is not None else None
             return carry, StepOut(carry.h_BTD if ctx["keep_latents"] else None, zero, zero)
         if mode == "frozen":  # t < n - k: forward only
             return jax.lax.stop_gradient(self._step(carry, t, "run", ctx))
         if ctx["halt"] is not None:
             return self._halting_step(carry, t, ctx)
+        if ctx["gate"] is not None:
+            return self._gate_step(carry, t, ctx)
         h_BTD = self.iteration(
             carry.h_BTD, ctx["e_BTD"], self.slot(t), ctx["positions"], ctx["segments"], ctx["policy"]
         )
@@ -226,9 +248,26 @@ class LoopedLM(nnx.Module):
             h_new, kv = self.iteration_copy(*args, halt)
         else:
             h_new, kv = self.iteration(*args, "none"), None
-        h_BTD, halt = halting.advance(spec, halt, carry.h_BTD, h_new, self.head, t, kv)
+        h_BTD, halt = halting.advance(spec, halt, carry.h_BTD, h_new, self, t, kv)
         out = StepOut(halting.output(halt, h_BTD) if ctx["keep_latents"] else None, None, None)
         return LoopCarry(h_BTD, carry.objective, carry.z_term, halt), out
+
+    def _gate_step(self, carry: LoopCarry, t, ctx: dict) -> tuple[LoopCarry, StepOut]:
+        """One step under the exit gate's loss: iteration t, each token's exit probability p_t, and
+        p_t-weighted CE, z-loss and entropy added to the carry."""
+        gate: GateScoring = ctx["gate"]
+        h_BTD = self.iteration(
+            carry.h_BTD, ctx["e_BTD"], self.slot(t), ctx["positions"], ctx["segments"], ctx["policy"]
+        )
+        tok = gate.tokens(h_BTD)
+        p_BT, survival_BT = exit_distribution(self.exit_prob(h_BTD), carry.state.survival_BT, t == gate.n - 1)
+        mask = gate.mask_BT
+        z_term = carry.z_term + gate.z_loss * masked_mean(p_BT * tok.z, mask)
+        objective = carry.objective + masked_mean(p_BT * tok.ce, mask) + gate.z_loss * masked_mean(p_BT * tok.z, mask)
+        entropy = carry.state.entropy + masked_mean(entropy_terms(p_BT), mask)
+        depth = carry.state.depth + masked_mean(p_BT * (t + 1), mask)
+        out = StepOut(h_BTD if ctx["keep_latents"] else None, masked_mean(tok.ce, mask), masked_mean(tok.acc, mask))
+        return LoopCarry(h_BTD, objective, z_term, GateState(survival_BT, entropy, depth)), out
 
     def run_loop(
         self,
@@ -243,6 +282,7 @@ class LoopedLM(nnx.Module):
         keep_latents: bool = False,
         bptt_k=0,
         halt: halting.HaltSpec | None = None,
+        gate: GateScoring | None = None,
     ) -> LoopResult:
         """Run the depth loop for depth n (int or traced) and return a LoopResult.
 
@@ -250,8 +290,10 @@ class LoopedLM(nnx.Module):
         iterations. Forward and backward run only while some token is active."""
         if unroll and not isinstance(n, int | np.integer):
             raise ValueError("unroll=True needs a static python int depth n")
-        if halt is not None and scoring is not None:
-            raise ValueError("halting scores each token at its exit; latent guidance (scoring) does not apply")
+        if halt is not None and (scoring is not None or gate is not None):
+            raise ValueError("halting scores each token at its exit; a loss inside the loop does not apply")
+        if halt is not None and halt.entry.needs_gate and not self.cfg.exit_gate:
+            raise ValueError(f"exit rule {halt.rule!r} reads the learned exit gate: train with model.exit_gate=true")
         S = self.scan_len(n, max_depth)
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -260,6 +302,8 @@ class LoopedLM(nnx.Module):
         n_arr, valid = depth_index(n, S)
         if scoring is not None and not unroll:  # never keep B×T×V logits for the backward pass
             scoring = Scoring(jax.checkpoint(scoring.score, prevent_cse=False), scoring.w_S, scoring.z_loss)
+        if gate is not None and not unroll:
+            gate = GateScoring(jax.checkpoint(gate.tokens, prevent_cse=False), gate.mask_BT, gate.n, gate.z_loss)
         ctx = {
             "e_BTD": e_BTD,
             "positions": positions_BT,
@@ -268,10 +312,13 @@ class LoopedLM(nnx.Module):
             "scoring": scoring,
             "keep_latents": keep_latents,
             "halt": halt,
+            "gate": gate,
         }
         zero = jnp.zeros((), f32(self.dtype))
         h0_BTD = self.h0(e_BTD)
         state, cont = (), None
+        if gate is not None:
+            state = GateState(jnp.ones((B, T), f32(self.dtype)), zero, zero)
         if halt is not None:
             kv_shape = (self.cfg.n_layers, B, T, self.cfg.kv_heads, self.cfg.d_head)
             state, cont = halting.init(halt, h0_BTD, self.cfg.vocab_size, kv_shape, self.dtype), self._live
@@ -302,7 +349,7 @@ class LoopedLM(nnx.Module):
         h_BTD, depth_BT = carry.h_BTD, None
         if halt is not None:
             h_BTD, depth_BT = halting.output(carry.state, carry.h_BTD), carry.state.depth_BT
-        res = LoopResult(h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr, depth_BT)
+        res = LoopResult(h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr, depth_BT, carry.state)
         if valid is None:
             return res
         # a traced depth outside 1..S: NaN everywhere rather than the clamped depth's values
@@ -378,7 +425,14 @@ class LoopedLM(nnx.Module):
         S = self.scan_len(n, max_depth)
         n_arr, _ = depth_index(n, S)  # run_loop's outputs are already NaN for a traced n out of range
         t_S = jnp.arange(S)
-        if cfg.guidance == "none" or halt is not None:
+        if cfg.exit_gate and halt is None:
+            # Ouro's objective: the expected loss over each token's exit distribution, minus β·H(p)
+            tokens = lambda h_BTD: token_scores(self.final_norm(h_BTD), w_DV, targets_BT, cfg.ce_chunk)
+            res = self.run_loop(batch["inputs"], n, gate=GateScoring(tokens, mask_BT, n_arr, cfg.z_loss), **kw)
+            objective, z_term = res.objective - cfg.exit_entropy * res.state.entropy, res.z_term
+            ce, acc = res.ce_S[n_arr - 1], res.acc_S[n_arr - 1]
+            ce_S = jnp.where(t_S < n_arr, res.ce_S, jnp.nan)
+        elif cfg.guidance == "none" or halt is not None:
             res = self.run_loop(batch["inputs"], n, halt=halt, **kw)
             sc = score(res.h_BTD)
             z_term = cfg.z_loss * sc.z
@@ -394,6 +448,8 @@ class LoopedLM(nnx.Module):
         aux = {"ce": ce, "ce_per_iter": ce_S, "z_loss": z_term, "accuracy": acc, "tokens": mask_BT.sum()}
         if halt is not None:
             aux["depth_BT"] = res.depth_BT
+        elif cfg.exit_gate:  # token means, as every train metric: the gate's exit entropy and expected depth
+            aux["exit_entropy"], aux["exit_depth"] = res.state.entropy, res.state.depth
         if with_pred:  # the carry's latent is the final iteration's (skipped steps pass it through)
             aux["pred"] = jnp.argmax(self.head(res.h_BTD), axis=-1).astype(jnp.int32)
         return objective, aux

@@ -71,13 +71,27 @@ def masked_mean(x_BT, mask_BT):
     return jnp.sum(x_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
 
 
+def token_scores(h_BTD, w_DV, targets_BT, chunk: int = 0) -> Score:
+    """Per token Score(ce_BT, lse²_BT, correct_BT) for one iteration's normed latents."""
+    lse_BT, tgt_BT, max_BT = token_stats(h_BTD, w_DV, targets_BT, chunk)
+    return Score(lse_BT - tgt_BT, lse_BT * lse_BT, (tgt_BT >= max_BT).astype(lse_BT.dtype))
+
+
 def scores(h_BTD, w_DV, targets_BT, mask_BT, chunk: int = 0) -> Score:
     """Masked-mean Score(ce, lse², accuracy) scalars for one iteration's latents."""
-    lse_BT, tgt_BT, max_BT = token_stats(h_BTD, w_DV, targets_BT, chunk)
-    ce = masked_mean(lse_BT - tgt_BT, mask_BT)
-    z = masked_mean(lse_BT * lse_BT, mask_BT)
-    acc = masked_mean((tgt_BT >= max_BT).astype(lse_BT.dtype), mask_BT)
-    return Score(ce, z, acc)
+    tok = token_scores(h_BTD, w_DV, targets_BT, chunk)
+    return Score(*(masked_mean(x_BT, mask_BT) for x_BT in tok))
+
+
+def exit_distribution(lam_BT, survival_BT, last):
+    """(p_BT, survival after): the probability of exiting after this iteration, λ·S (all of the
+    remaining survival S at the last iteration), and S·(1 − λ)."""
+    return jnp.where(last, survival_BT, lam_BT * survival_BT), survival_BT * (1.0 - lam_BT)
+
+
+def entropy_terms(p_BT):
+    """−p·log p per token (0 at p = 0)."""
+    return -p_BT * jnp.log(jnp.where(p_BT > 0, p_BT, 1.0))
 
 
 def guidance_weights(cfg: ModelConfig, n, S: int, slot_fn=None) -> jax.Array:
