@@ -232,3 +232,29 @@ def test_refusals():
     with pytest.raises(ValueError, match="kv=copy only"):
         CachedModel(model_of(PLAIN), halt=HaltSpec("latent", kv="full"))
     assert set(EXIT_RULES.names) >= {"never", "steps", "latent", "kl", "entropy_diff", "entropy", "argmax"}
+
+
+def test_generation_with_exits_matches_the_forward_over_what_it_generated():
+    """Greedy generation under a rule: each new token is the argmax of the forward under the same
+    rule over prompt + generated tokens, produced at the depth the forward gives that position;
+    `never` and `steps:k` generate what fixed depth n and k generate."""
+    from asura.infer.generate import generate
+
+    model = model_of(ALL_ON, seed=7)
+    spec = mixed_spec(model, "latent")
+    prompts = [TOKENS[0, :3].tolist(), TOKENS[1, :5].tolist()]
+    out = generate(model, prompts, N, max_new_tokens=5, halt=spec)
+    for prompt, new, depths in zip(prompts, out.tokens, out.depths, strict=True):
+        seq = jnp.asarray([prompt + new])
+        res = model.run_loop(seq, N, halt=spec)
+        P = len(prompt)
+        pred = np.asarray(jnp.argmax(model.head(res.h_BTD), -1))[0, P - 1 : -1]
+        assert pred.tolist() == new
+        assert np.asarray(res.depth_BT)[0, P - 1 : -1].tolist() == depths
+    assert len({d for ds in out.depths for d in ds}) > 1 or min(min(ds) for ds in out.depths) < N
+    for spec, n in ((HaltSpec("never"), N), (HaltSpec("steps", 2), 2)):
+        want = generate(model, prompts, n, max_new_tokens=5)
+        got = generate(model, prompts, N, max_new_tokens=5, halt=spec)
+        assert got.tokens == want.tokens and all(d == [n] * len(d) for d in got.depths)
+    with pytest.raises(ValueError, match="halting decodes with a KV cache and kv=copy"):
+        generate(model, prompts, N, max_new_tokens=2, halt=spec, cache="recompute")

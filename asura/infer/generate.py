@@ -9,6 +9,10 @@
             token_i = sample(logits, key_i);  rows already done emit 0 and stay done
             a row is done once it emits a stop token (kept in its output)
 
+Per-token halting (``halt``, asura.model.halting, kv=copy; cached policies): each position stops
+iterating when its exit rule fires, and a decode step's loop ends when every row's token has
+exited; `Generated.depths` records the iterations that produced each new token.
+
 Rows are independent: left padding is invisible to real tokens (segment 0), each row's RoPE
 positions are its own, and row b samples step i with fold_in(key(seed_b), i). So a row generates
 the same tokens alone or in a ragged batch, sampled or greedy, given its seed (an int `seed`
@@ -38,6 +42,7 @@ class Generated(NamedTuple):
     tokens: list[list[int]]  # new tokens of each row, its stop token included when it hit one
     stopped: list[bool]  # whether the row emitted a stop token
     logprobs: list[list[float]]  # log p(token) under the final iteration's logits (temperature 1)
+    depths: list[list[int]] | None = None  # iterations run for the position that produced each token
 
 
 def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,17 +58,20 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return tokens_BP, seg_BP
 
 
-def _cached_decoder(model, policy, tokens_BP, seg_BP, n, max_new, max_depth):
+def _cached_decoder(model, policy, tokens_BP, seg_BP, n, max_new, max_depth, halt=None):
     B, P = tokens_BP.shape
     cache = init_cache(model, B, P + max_new, policy, max_depth)
 
+    def depth(st):
+        return jnp.broadcast_to(jnp.asarray(n, jnp.int32), (B,)) if halt is None else st.depth_BC[:, -1]
+
     def start():
-        st = prefill(model, cache, tokens_BP, n, segment_ids_BT=seg_BP)
-        return st.cache, st.logits_BCV[:, -1]
+        st = prefill(model, cache, tokens_BP, n, segment_ids_BT=seg_BP, halt=halt)
+        return st.cache, st.logits_BCV[:, -1], depth(st)
 
     def step(state, tok_B):
-        st = extend(model, state, tok_B[:, None], n)
-        return st.cache, st.logits_BCV[:, -1]
+        st = extend(model, state, tok_B[:, None], n, halt=halt)
+        return st.cache, st.logits_BCV[:, -1], depth(st)
 
     return start, step
 
@@ -81,23 +89,25 @@ def _recompute_decoder(model, tokens_BP, seg_BP, n, max_new, max_depth):
         h_BTD = model.run_loop(buf_BT, n, positions_BT=pos_BT, segment_ids_BT=seg_BT, max_depth=max_depth).h_BTD
         return model.head(jax.lax.dynamic_slice_in_dim(h_BTD, i, 1, axis=1))[:, 0]
 
+    n_B = jnp.broadcast_to(jnp.asarray(n, jnp.int32), (B,))
+
     def start():
-        return (buf_BT, seg_BT, jnp.int32(P)), logits_at(buf_BT, seg_BT, P - 1)
+        return (buf_BT, seg_BT, jnp.int32(P)), logits_at(buf_BT, seg_BT, P - 1), n_B
 
     def step(state, tok_B):
         buf_BT, seg_BT, length = state
         buf_BT = jax.lax.dynamic_update_slice(buf_BT, tok_B[:, None], (0, length))
         seg_BT = jax.lax.dynamic_update_slice(seg_BT, seg_BT[:, P - 1 : P], (0, length))  # continue the prompt
-        return (buf_BT, seg_BT, length + 1), logits_at(buf_BT, seg_BT, length)
+        return (buf_BT, seg_BT, length + 1), logits_at(buf_BT, seg_BT, length), n_B
 
     return start, step
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new", "sampling", "stop", "policy", "max_depth"))
-def _generate(graphdef, state, tokens_BP, seg_BP, n, seeds_B, *, max_new, sampling, stop, policy, max_depth):
+def _generate(graphdef, state, tokens_BP, seg_BP, n, seeds_B, halt, *, max_new, sampling, stop, policy, max_depth):
     model = nnx.merge(graphdef, state)
     if POLICIES[policy].cached:
-        start, step = _cached_decoder(model, policy, tokens_BP, seg_BP, n, max_new, max_depth)
+        start, step = _cached_decoder(model, policy, tokens_BP, seg_BP, n, max_new, max_depth, halt)
     else:
         start, step = _recompute_decoder(model, tokens_BP, seg_BP, n, max_new, max_depth)
     keys_B = jax.vmap(jax.random.key)(seeds_B)
@@ -111,11 +121,12 @@ def _generate(graphdef, state, tokens_BP, seg_BP, n, seeds_B, *, max_new, sampli
         hit_B = jnp.isin(tok_B, stop_S) if stop else jnp.zeros_like(done_B)
         return tok_B, logp_B, done_B | hit_B
 
-    dec, logits_BV = start()
+    dec, logits_BV, depth_B = start()
     no_B = jnp.zeros((B,), bool)
     tok_B, logp_B, done_B = emit(0, logits_BV, no_B)
     out_BK = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(tok_B)
     lp_BK = jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(logp_B)
+    dep_BK = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(depth_B)
     len_B = jnp.ones((B,), jnp.int32)
 
     def cond(c):
@@ -123,16 +134,17 @@ def _generate(graphdef, state, tokens_BP, seg_BP, n, seeds_B, *, max_new, sampli
         return (i < max_new) & ~jnp.all(done_B)
 
     def body(c):
-        i, dec, tok_B, out_BK, lp_BK, done_B, len_B = c
-        dec, logits_BV = step(dec, tok_B)
+        i, dec, tok_B, out_BK, lp_BK, dep_BK, done_B, len_B = c
+        dec, logits_BV, depth_B = step(dec, tok_B)
         new_B, logp_B, new_done_B = emit(i, logits_BV, done_B)
         out_BK = jax.lax.dynamic_update_slice(out_BK, new_B[:, None], (0, i))
         lp_BK = jax.lax.dynamic_update_slice(lp_BK, logp_B[:, None], (0, i))
-        return i + 1, dec, new_B, out_BK, lp_BK, new_done_B, len_B + (~done_B).astype(jnp.int32)
+        dep_BK = jax.lax.dynamic_update_slice(dep_BK, depth_B[:, None], (0, i))
+        return i + 1, dec, new_B, out_BK, lp_BK, dep_BK, new_done_B, len_B + (~done_B).astype(jnp.int32)
 
-    c = (jnp.int32(1), dec, tok_B, out_BK, lp_BK, done_B, len_B)
-    _, _, _, out_BK, lp_BK, done_B, len_B = jax.lax.while_loop(cond, body, c)
-    return out_BK, lp_BK, done_B, len_B
+    c = (jnp.int32(1), dec, tok_B, out_BK, lp_BK, dep_BK, done_B, len_B)
+    _, _, _, out_BK, lp_BK, dep_BK, done_B, len_B = jax.lax.while_loop(cond, body, c)
+    return out_BK, lp_BK, dep_BK, done_B, len_B
 
 
 def generate(
@@ -146,6 +158,7 @@ def generate(
     seed: int | Sequence[int] = 0,
     cache: str = "per_iteration",
     max_depth: int | None = None,
+    halt=None,
 ) -> Generated:
     """Generate up to max_new_tokens for each prompt (token-id lists of any lengths) at depth n.
 
@@ -160,6 +173,8 @@ def generate(
         raise ValueError(f"depth must be >= 1, got {n}")
     max_depth = max_depth or max(n, model.cfg.max_iterations)
     model.scan_len(n, max_depth)  # DepthError past max_iterations without extrapolation
+    if halt is not None and (not POLICIES[cache].cached or halt.kv != "copy"):
+        raise ValueError(f"halting decodes with a KV cache and kv=copy, got cache={cache!r}, kv={halt.kv!r}")
     tokens_BP, seg_BP = left_pad(prompts)
     seeds_B = np.asarray([seed + b for b in range(len(prompts))] if np.ndim(seed) == 0 else seed, np.int64)
     if seeds_B.shape != (len(prompts),) or seeds_B.min() < 0 or seeds_B.max() >= 2**31:
@@ -169,10 +184,10 @@ def generate(
         raise ValueError(f"prompt token ids must be in [0, {V}), got {tokens_BP.min()}..{tokens_BP.max()}")
     ragged = bool((seg_BP == 0).any())  # without padding, pass no segment ids (every attention impl serves that)
     graphdef, state = nnx.split(model)
-    out_BK, lp_BK, done_B, len_B = jax.device_get(
+    out_BK, lp_BK, dep_BK, done_B, len_B = jax.device_get(
         _generate(
             graphdef, state, jnp.asarray(tokens_BP), jnp.asarray(seg_BP) if ragged else None,
-            jnp.int32(n), jnp.asarray(seeds_B, jnp.int32), max_new=int(max_new_tokens), sampling=sampling,
+            jnp.int32(n), jnp.asarray(seeds_B, jnp.int32), halt, max_new=int(max_new_tokens), sampling=sampling,
             stop=tuple(int(s) for s in stop_tokens), policy=cache, max_depth=int(max_depth),
         )
     )  # fmt: skip
@@ -181,4 +196,5 @@ def generate(
         [out_BK[b, : len_B[b]].tolist() for b in rows],
         [bool(done_B[b]) for b in rows],
         [lp_BK[b, : len_B[b]].tolist() for b in rows],
+        [dep_BK[b, : len_B[b]].tolist() for b in rows],
     )
