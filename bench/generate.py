@@ -134,11 +134,7 @@ def answers_from_prompts(loaded, args) -> None:
     from asura.data import tasks
 
     cfg = loaded.cfg
-    task = tasks.get_task(cfg.data.task)
-    examples = [
-        tasks.make_example(task, cfg.data.difficulty, cfg.train.seed, tasks.EVAL_STREAM, i)
-        for i in range(args.examples)
-    ]
+    examples = tasks.eval_examples(cfg.data.task, cfg.data.difficulty, cfg.train.seed, args.examples)
     prompts = [list(ex.prompt.encode()) for ex in examples]
     max_new = max(len(ex.answer) for ex in examples) + 1
     print(f"\ngreedy answers from {len(examples)} eval prompts ({cfg.data.task}, difficulty {cfg.data.difficulty}): "

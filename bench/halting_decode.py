@@ -59,11 +59,7 @@ def main() -> None:
     if cfg.data.source != "task":
         p.error("needs a task checkpoint (answers to score)")
     n = args.depth or cfg.model.iterations
-    task = tasks.get_task(cfg.data.task)
-    examples = [
-        tasks.make_example(task, cfg.data.difficulty, cfg.train.seed, tasks.EVAL_STREAM, i)
-        for i in range(args.examples)
-    ]
+    examples = tasks.eval_examples(cfg.data.task, cfg.data.difficulty, cfg.train.seed, args.examples)
     prompts = [list(ex.prompt.encode()) for ex in examples]
     max_new = max(len(ex.answer) for ex in examples) + 1
     batch_sizes = [int(b) for b in args.batches.split(",")]

@@ -491,3 +491,10 @@ def test_a_training_range_that_cannot_serve_is_one_line(over, needle):
 
     with pytest.raises((ConfigError, ValueError), match=re.escape(needle)):
         pipeline.check_compatible(load_config(None, over))
+
+
+def test_eval_examples_are_the_eval_stream_and_held_out():
+    got = tasks.eval_examples("addition", 2, 7, 20)
+    task = tasks.get_task("addition")
+    assert got == [tasks.make_example(task, 2, 7, tasks.EVAL_STREAM, i) for i in range(20)]
+    assert all(tasks.is_held_out(task, ex.prompt, tasks.HELD_OUT) for ex in got)

@@ -555,6 +555,13 @@ def make_example(
     )
 
 
+def eval_examples(task_name: str, difficulty: int, seed: int, count: int) -> list[Example]:
+    """The first `count` held-out eval problems of a run (its EVAL_STREAM at one difficulty): what
+    generation benchmarks prompt with."""
+    task = get_task(task_name)
+    return [make_example(task, difficulty, seed, EVAL_STREAM, i) for i in range(count)]
+
+
 def check_min_difficulty(task: Task, min_difficulty: int) -> None:
     """A training range must not start where so few problems exist that the held-out split could
     take them all (the train stream would find none)."""
