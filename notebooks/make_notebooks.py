@@ -140,6 +140,28 @@ fig = plots.plot_exit_pareto(curves)
 fig2 = plots.plot_exit_pareto(curves, metric="exact_match", title="early exit: example exact match")
 """
     ),
+    new_markdown_cell(
+        "## Per-token halting in the loop\n\n"
+        "The same rules run inside the loop (`asura.model.halting`): a token stops iterating when its rule\n"
+        "fires, and later tokens read its keys/values of its last iteration (`kv=copy`, what the KV-cached\n"
+        "decoder computes) or it keeps iterating for them (`kv=full`, exits simulated as above). Per rule and\n"
+        "threshold: mean exit depth, executed FLOPs against every token at the trained depth, exact match.\n"
+        "Then the exit depth of every token of two eval rows."
+    ),
+    new_code_cell(
+        """\
+from asura.model.halting import HaltSpec
+
+specs = [HaltSpec("kl", t, kv=kv) for kv in ("copy", "full") for t in (1e-3, 1e-2, 1e-1)]
+for r in depth.evaluate_exits(model, cfg, batches, cfg.model.iterations, specs):
+    print(f"{r['rule']:>4} {r['threshold']:<6g} kv={r['kv']:<5} mean depth {r['mean_depth']:.2f}  "
+          f"FLOPs {r['flops_ratio']:.1%}  exact match {r['exact_match']:.3f}")
+b = batches[0]
+res = model.run_loop(b["inputs"], cfg.model.iterations, segment_ids_BT=b["segment_ids"], halt=specs[1])
+fig = plots.plot_exit_depths(res.depth_BT, b["inputs"], rows=(0, 1), segment_ids_BT=b["segment_ids"],
+                             title=f"exit depth per token, kl < {specs[1].tau:g} (kv=copy)")
+"""
+    ),
 ]
 
 ABLATIONS = [

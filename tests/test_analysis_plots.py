@@ -47,6 +47,12 @@ def _figures(tmp_path):
             plots.plot_convergence_heatmap(tel, "loss", example=1, mask_BT=mask),
         ],
         "plot_exit_pareto": [plots.plot_exit_pareto(curves)],
+        "plot_exit_depths": [
+            plots.plot_exit_depths(
+                np.array([[1, 2, 3], [3, 3, 1]]), np.array([[49, 43, 61], [50, 50, 10]]), rows=(0, 1)
+            ),
+            plots.plot_exit_depths(np.ones((1, 3)), np.zeros((1, 3), int), segment_ids_BT=np.array([[0, 1, 1]])),
+        ],
         "plot_depth_curves": [
             sweep_results.plot_depth_curves(res, "ce"),
             sweep_results.plot_depth_curves(res, "exact_match"),

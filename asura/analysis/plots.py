@@ -97,6 +97,26 @@ def plot_convergence_heatmap(
     return fig
 
 
+def plot_exit_depths(depth_BT, tokens_BT, rows=(0,), segment_ids_BT=None, title: str = "exit depth per token", ax=None):
+    """Heat map of the iterations each token ran under per-token halting (LoopResult.depth_BT), one
+    line per row in ``rows``, each position labelled with its byte (padding, segment 0, left out)."""
+    depth_RT = np.asarray(depth_BT, float)[list(rows)]
+    tok_RT = np.asarray(tokens_BT)[list(rows)]
+    if segment_ids_BT is not None:
+        depth_RT = np.where(np.asarray(segment_ids_BT)[list(rows)] > 0, depth_RT, np.nan)
+    T = depth_RT.shape[1]
+    fig, ax = _axes(ax, figsize=(max(4, min(14, 0.28 * T + 1.5)), 0.5 * len(rows) + 1.6))
+    im = ax.imshow(depth_RT, aspect="auto", interpolation="nearest", cmap="magma_r")
+    if T <= 96:
+        ax.set_xticks(range(T), [chr(t) if 32 <= t < 127 else "·" for t in tok_RT[0]], fontsize=7)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel(units.POSITION + ", labelled with its byte (row " + str(rows[0]) + ")")
+    ax.set_ylabel("batch row (index)")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=units.MEAN_DEPTH.replace("mean exit depth", "exit depth"))
+    return fig
+
+
 def plot_exit_pareto(curves, ax=None, metric: str = "accuracy", title: str = "early-exit Pareto"):
     """Accuracy versus mean depth for each ``exits.ExitCurve`` (oracles as single stars)."""
     fig, ax = _axes(ax)
