@@ -15,7 +15,8 @@ depth of the sweep).
 
 Per-token halting (--exit, repeatable; rules: asura.model.exits): a second table, per rule and
 threshold at depth --exit-depth (default: the trained depth), of the mean exit depth per token, the
-executed forward FLOPs per token (asura.flops.executed_flops) as a fraction of that fixed depth's,
+executed forward FLOPs per token (asura.flops.executed_flops) as a fraction of that fixed depth's
+(kv=full saves nothing: every token still runs every iteration),
 and the metrics with every token scored at its exit (asura.analysis.depth.evaluate_exits); the
 JSON gets them as "exits". --exit-kv: what later iterations read from an exited token
 (asura.model.halting: copy, what the KV-cached decoder computes; full, every token runs on).

@@ -148,6 +148,17 @@ def test_evaluate_exit_rules(demo, tmp_path, capsys):
     for r in exits:
         assert sum(r["depth_pmf"].values()) == pytest.approx(1.0)
         assert 1 <= r["mean_depth"] <= 3
+    # kv=full: each token's output is picked at its exit, but every token runs all 3 iterations
+    argv = ["--workdir", str(demo), "--batches", "1", "--depths", "1", "--exit", "steps:1", "--exit-kv", "full",
+            "--json", str(out_json)]  # fmt: skip
+    rc, out, err = run(evaluate_cli.main, argv, capsys)
+    assert rc == 0, err
+    res = json.loads(out_json.read_text())
+    (full,), fixed1 = res["exits"], res["depths"][0]
+    assert full["kv"] == "full" and full["mean_depth"] == 1 and full["flops_ratio"] == 1.0
+    assert full["exact_match"] == pytest.approx(fixed1["exact_match"]) and full["ce"] == pytest.approx(
+        fixed1["ce"], rel=1e-6
+    )
 
 
 def test_evaluate_refusals(demo, tmp_path, capsys):

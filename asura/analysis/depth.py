@@ -110,7 +110,8 @@ def evaluate_exits(model, cfg, batches: list[dict], n: int, specs) -> list[dict]
     exact_match with every token scored at its own exit (asura.train.evaluate's meanings), the
     exit depths (mean over the real tokens, prompt included: each one runs through the loop; and
     over the scored tokens), their pmf, and the executed forward FLOPs per token
-    (asura.flops.executed_flops) next to the fixed depth n's. One program per rule serves every
+    (asura.flops.executed_flops) next to the fixed depth n's: under kv=full every token runs all n
+    iterations (exited ones for the others' sake), so nothing is saved there. One program per rule serves every
     threshold (the threshold is a traced leaf of the spec). cfg: the run's Config (its seq_len
     prices attention)."""
     from asura.data.packing import exact_match
@@ -133,7 +134,9 @@ def evaluate_exits(model, cfg, batches: list[dict], n: int, specs) -> list[dict]
             counts += np.bincount(depth_BT[np.asarray(host["segment_ids"]) > 0], minlength=top + 1)
             scored_depth, scored = scored_depth + float(depth_BT[mask_BT].sum()), scored + float(mask_BT.sum())
         pmf = {d: float(c / counts.sum()) for d, c in enumerate(counts) if c > 0}
-        flops = executed_flops(cfg, pmf, rule_head=spec.entry.needs_logits, rule_gate=spec.entry.needs_gate)
+        # kv=full keeps every token iterating to depth n for the others: nothing is saved
+        ran = pmf if spec.kv == "copy" else {n: 1.0}
+        flops = executed_flops(cfg, ran, rule_head=spec.entry.needs_logits, rule_gate=spec.entry.needs_gate)
         rows.append({
             "rule": spec.rule, "threshold": float(spec.tau), "kv": spec.kv, "depth": n,
             "ce": ce / max(tokens, 1.0), "accuracy": acc / max(tokens, 1.0),
