@@ -104,7 +104,8 @@ def exit_table(rows: list[dict]) -> str:
     lines = ["  ".join(f"{c:>{w}}" for c, w in (*cols, ("em", 6), ("ce", 7)))]
     for r in rows:
         lines.append(
-            f"{r['rule']:>12}  {r['threshold']:>9.3g}  {r['mean_depth']:>10.3f}  {r['flops_per_token']:>11.4g}  "
+            f"{r['rule']:>12}  {'-' if r['threshold'] is None else format(r['threshold'], '.3g'):>9}  "
+            f"{r['mean_depth']:>10.3f}  {r['flops_per_token']:>11.4g}  "
             f"{r['flops_ratio']:>8.1%}  {r['exact_match']:>6.3f}  {r['ce']:>7.4f}"
         )
     return "\n".join(lines)
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         check_json_path(args.json)
 
     loaded = load_model(args, PROG, [*(depths or []), *([args.exit_depth] if args.exit_depth else [])])
+    if any(s.entry.needs_gate for s in specs) and not loaded.cfg.model.exit_gate:
+        fail("--exit gate reads the learned exit gate, but this checkpoint trained without one (model.exit_gate)", PROG)
     cfg = eval_config(loaded.cfg, args)
     depths = depths or list(range(1, cfg.model.max_iterations + 1))
     from asura.analysis.depth import evaluate_depths

@@ -132,13 +132,15 @@ def test_evaluate_exit_rules(demo, tmp_path, capsys):
     """--exit: per rule and threshold the exit depths, executed FLOPs and metrics; steps:k is depth k."""
     out_json = tmp_path / "exits.json"
     argv = ["--workdir", str(demo), "--batches", "1", "--depths", "1,2,3", "--exit", "steps:1,2", "--exit",
-            "latent:0.5", "--exit", "kl", "--json", str(out_json)]  # fmt: skip
+            "latent:0.5", "--exit", "kl", "--exit", "never", "--json", str(out_json)]  # fmt: skip
     rc, out, err = run(evaluate_cli.main, argv, capsys)
     assert rc == 0, err
     assert "per-token halting to depth 3 (kv=copy)" in out
     res = json.loads(out_json.read_text())
     fixed, exits = {r["depth"]: r for r in res["depths"]}, res["exits"]
-    assert [(r["rule"], r["threshold"]) for r in exits] == [("steps", 1), ("steps", 2), ("latent", 0.5), ("kl", 1e-3)]
+    want = [("steps", 1), ("steps", 2), ("latent", 0.5), ("kl", 1e-3), ("never", None)]
+    assert [(r["rule"], r["threshold"]) for r in exits] == want  # never: no threshold (strict JSON, no Infinity)
+    assert exits[-1]["mean_depth"] == 3 and exits[-1]["flops_ratio"] == 1.0
     for r in exits[:2]:  # exit after k iterations = depth k: the same metrics, depth k everywhere
         k = int(r["threshold"])
         assert r["depth_pmf"] == {str(k): 1.0} and r["mean_depth"] == k and r["mean_depth_scored"] == k
@@ -180,6 +182,7 @@ def test_evaluate_refusals(demo, tmp_path, capsys):
         ([*ok, "--exit", "steps"], "rule 'steps' has no default threshold"),
         ([*ok, "--exit", "kl", "--exit-kv", "swap"], "--exit-kv='swap' is not valid; choose one of copy, full"),
         ([*ok, "--exit", "kl", "--exit-depth", "9"], "depth 9 exceeds model.max_iterations=4"),
+        ([*ok, "--exit", "gate:0.5"], "this checkpoint trained without one (model.exit_gate)"),
     ):
         refused(evaluate_cli.main, argv, capsys, match)
 

@@ -70,7 +70,7 @@ def rule_values(model, rule: str) -> np.ndarray:
     return np.stack(out)
 
 
-def mixed_spec(model, rule: str, kv: str = "copy") -> HaltSpec:
+def mixed_spec(model, rule: str, kv: str = "copy", all_before_n: bool = False) -> HaltSpec:
     """A threshold at which this model's tokens exit at different depths, some before N (so the test
     exercises exits), and no token's rule value within 0.1% of it: another op order moves a value
     by ~1e-6 relative, which must not flip an exit. Candidates: the midpoints of the widest gaps
@@ -79,10 +79,10 @@ def mixed_spec(model, rule: str, kv: str = "copy") -> HaltSpec:
     for v in rule_values(model, rule):
         v = np.unique(v)
         gaps += [((hi - lo) / max(abs(hi), 1e-6), (hi + lo) / 2) for lo, hi in itertools.pairwise(v)]
-    for _, tau in sorted(gaps, reverse=True)[:12]:
+    for _, tau in sorted(gaps, reverse=True)[:24]:
         spec = HaltSpec(rule, float(tau), kv=kv)
         _, depth = forward(model, spec)
-        if len(np.unique(depth)) < 2 or depth.min() >= N:
+        if len(np.unique(depth)) < 2 or depth.min() >= N or (all_before_n and depth.max() >= N):
             continue
         if all((forward(model, HaltSpec(rule, float(tau * f), kv=kv))[1] == depth).all() for f in (0.999, 1.001)):
             return spec
@@ -134,6 +134,17 @@ def test_full_kv_picks_each_token_at_its_exit_from_the_full_depth_run():
     d = np.asarray(res.depth_BT)
     picked = np.take_along_axis(np.asarray(h_SBTD), (d - 1)[None, :, :, None], axis=0)[0]
     np.testing.assert_allclose(np.asarray(res.h_BTD), picked, **TOL)
+    # every driver's per-step latents hold each token's exit latent from its exit on, also after
+    # the loop stopped early (every token out before N)
+    plain = model_of(PLAIN, seed=1)  # its latent change falls with t: every token can be out before N
+    early = mixed_spec(plain, "latent", kv="full", all_before_n=True)
+    out = {}
+    for unroll in (False, True):
+        kw = dict(segment_ids_BT=jnp.asarray(SEGMENTS), halt=early, keep_latents=True, unroll=unroll)
+        r = plain.run_loop(jnp.asarray(TOKENS), N, **kw)
+        np.testing.assert_allclose(np.asarray(r.h_SBTD[-1]), np.asarray(r.h_BTD), **TOL)
+        out[unroll] = np.asarray(r.h_SBTD)
+    np.testing.assert_allclose(out[False], out[True], **TOL)
     # copying the exited tokens' keys/values changes what later iterations of the others read
     copy, _ = forward(model, dataclasses.replace(spec, kv="copy"))
     full, _ = forward(model, spec)
@@ -220,6 +231,21 @@ def test_gradients_through_an_early_stopped_loop(remat):
     spec = mixed_spec(model, "latent")
     for got, want in zip(grad(N, spec), grad(N, spec, unroll=True), strict=True):
         np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_padding_never_iterates_and_never_is_never():
+    """Segment-0 padding starts exited (depth 0), so it cannot keep the loop running; the real
+    tokens' outputs are those of the unpadded rows. `never` ignores any threshold."""
+    model = model_of(PLAIN, seed=8)
+    seg = SEGMENTS.copy()
+    seg[1, 6:] = 0  # row 1: three trailing padding positions
+    spec = HaltSpec("steps", 2)
+    res = model.run_loop(jnp.asarray(TOKENS), N, segment_ids_BT=jnp.asarray(seg), halt=spec)
+    depth = np.asarray(res.depth_BT)
+    assert (depth[seg == 0] == 0).all() and (depth[seg != 0] == 2).all()
+    for tau in (0.0, -1.0, 1e9):
+        _, d = forward(model, HaltSpec("never", tau))
+        assert (d == N).all()
 
 
 def test_refusals():

@@ -134,11 +134,13 @@ def evaluate_exits(model, cfg, batches: list[dict], n: int, specs) -> list[dict]
             counts += np.bincount(depth_BT[np.asarray(host["segment_ids"]) > 0], minlength=top + 1)
             scored_depth, scored = scored_depth + float(depth_BT[mask_BT].sum()), scored + float(mask_BT.sum())
         pmf = {d: float(c / counts.sum()) for d, c in enumerate(counts) if c > 0}
-        # kv=full keeps every token iterating to depth n for the others: nothing is saved
+        # kv=full keeps every token iterating for the others: nothing is saved (an upper bound: the
+        # loop stops at n or when a batch's last token exits)
         ran = pmf if spec.kv == "copy" else {n: 1.0}
         flops = executed_flops(cfg, ran, rule_head=spec.entry.needs_logits, rule_gate=spec.entry.needs_gate)
         rows.append({
-            "rule": spec.rule, "threshold": float(spec.tau), "kv": spec.kv, "depth": n,
+            "rule": spec.rule, "threshold": float(spec.tau) if np.isfinite(spec.tau) else None, "kv": spec.kv,
+            "depth": n,
             "ce": ce / max(tokens, 1.0), "accuracy": acc / max(tokens, 1.0),
             "exact_match": correct / max(examples, 1.0), "n_examples": int(examples),
             "mean_depth": sum(d * p for d, p in pmf.items()), "mean_depth_scored": scored_depth / max(scored, 1.0),

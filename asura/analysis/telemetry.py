@@ -9,7 +9,7 @@ iteration t = 1..S.
 Conventions
 - "previous" of iteration t=1: the latent telemetry (``cos_prev``,
   ``rel_change``) compares h_1 with ``h0_BTD`` when one is given (the
-  embedding-injected input h_0 = e) and is NaN otherwise. ``kl_prev`` at t=1 is
+  loop's start h_0: e, or 0 with model.loop_start=zero) and is NaN otherwise. ``kl_prev`` at t=1 is
   always NaN (no predictive distribution precedes the first iteration). NaN
   never satisfies an exit threshold, so change-based exits start at t=2.
 - ``kl_prev[t] = KL(p_{t-1} || p_t)``, Huginn's convention

@@ -2,7 +2,7 @@
 
 Data flow of one `extend` call (a chunk of C new tokens: the prompt for prefill, 1 token to decode):
 
-    e = Emb(tokens_BC)                         h_0 = e
+    e = Emb(tokens_BC)                         h_0 = e (model.loop_start=zero: 0)
     for t = 0 .. S-1   (lax.scan; S = the cache's static loop length; t >= n skipped, as in training)
         s = model.slot(t)                      per-iteration parameters (extrapolation last | cycle)
         h, k/v per layer = model.iteration_cached(h, e, s, positions, attend)
@@ -180,7 +180,7 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
     kv_shape = (cfg.n_layers, B, C, cfg.kv_heads, cfg.d_head)
     depth_BC = None
     if halt is not None:
-        hs0 = halting.init(halt, model.h0(e_BCD), cfg.vocab_size, kv_shape, dt)
+        hs0 = halting.init(halt, model.h0(e_BCD), cfg.vocab_size, kv_shape, dt, seg_BC != 0)
 
         def halt_step(c, t, kc_LBTKH, vc_LBTKH):
             """Iteration t for the active chunk tokens; (h, halt state) with k/v of each token's last."""

@@ -42,7 +42,7 @@ class Generated(NamedTuple):
     tokens: list[list[int]]  # new tokens of each row, its stop token included when it hit one
     stopped: list[bool]  # whether the row emitted a stop token
     logprobs: list[list[float]]  # log p(token) under the final iteration's logits (temperature 1)
-    depths: list[list[int]] | None = None  # iterations run for the position that produced each token
+    depths: list[list[int]] | None = None  # iterations run by the position that produced each token (n: no halting)
 
 
 def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +104,7 @@ def _recompute_decoder(model, tokens_BP, seg_BP, n, max_new, max_depth):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new", "sampling", "stop", "policy", "max_depth"))
-def _generate(graphdef, state, tokens_BP, seg_BP, n, seeds_B, halt, *, max_new, sampling, stop, policy, max_depth):
+def _generate(graphdef, state, tokens_BP, seg_BP, n, seeds_B, halt=None, *, max_new, sampling, stop, policy, max_depth):
     model = nnx.merge(graphdef, state)
     if POLICIES[policy].cached:
         start, step = _cached_decoder(model, policy, tokens_BP, seg_BP, n, max_new, max_depth, halt)

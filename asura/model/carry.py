@@ -32,7 +32,7 @@ class LoopResult(NamedTuple):
     S: int  # static loop length
     n: jax.Array  # depth as a traced int32, clipped to [1, S] (outputs are NaN when n was outside)
     depth_BT: jax.Array | None = None  # under halting: iterations each token ran (its exit depth)
-    state: Any = None  # the final LoopCarry.state (GateState under the exit gate's loss)
+    state: Any = None  # the final LoopCarry.state (halting.Halt under halting, GateState under the gate's loss)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ A stop condition ``cont(carry)`` (per-token halting: some token still active) en
 before n; the trip count is recorded in the forward and the backward starts from it.
 
 Truncated backprop: steps t < lo are frozen (no gradient into them or through them), so the
-backward loop stops at lo. Per-step outputs ys have S rows; rows t >= n hold ``skip_y(carry_n)``,
-what a skipped step emits in the scanned loop.
+backward loop stops at lo (lo is counted from n, not from an earlier stop). Per-step outputs ys
+have S rows; rows t >= the steps run hold ``skip_y(carry_out)``, what a skipped step emits in
+the scanned loop.
 
 Reverse mode only: a custom_vjp rules out ``jax.jvp``/``linearize`` and grad-of-grad through the
 loop (``model.loop=scan``, or ``unroll=True`` in the model's loss, allows them).

@@ -87,8 +87,8 @@ def _argmax(state, h_prev, h, model, t):
 
 
 EXIT_RULES.add("never", ExitRule(
-    "no exit: every token runs the full depth (the halting path's parity rule)",
-    lambda h0, V: (), lambda s, hp, h, model, t: ((), _zeros_BT(h)), False, float("inf"), False,
+    "no exit: every token runs the full depth (the halting path's parity rule; its threshold is ignored)",
+    lambda h0, V: (), lambda s, hp, h, model, t: ((), _zeros_BT(h) - jnp.inf), False, float("inf"), False,
 ))  # fmt: skip
 EXIT_RULES.add("steps", ExitRule(
     "exit after `threshold` iterations (depth k exactly: the parity rule for a fixed depth)",

@@ -86,12 +86,15 @@ def select_LBT(active_BT, new_LBTKH, old_LBTKH):
     return jnp.where(active_BT[None, :, :, None, None], new_LBTKH, old_LBTKH)
 
 
-def init(spec: HaltSpec, h0_BTD, vocab: int, kv_shape: tuple | None, kv_dtype) -> Halt:
+def init(spec: HaltSpec, h0_BTD, vocab: int, kv_shape: tuple | None, kv_dtype, real_BT=None) -> Halt:
+    """real_BT: the positions that iterate (padding, segment 0, starts exited at depth 0: it would
+    otherwise keep the loop running for nothing)."""
     B, T = h0_BTD.shape[:2]
     zeros = None if kv_shape is None or spec.kv != "copy" else jnp.zeros(kv_shape, kv_dtype)
     out = h0_BTD if spec.kv == "full" else None
     rule = spec.entry.init(h0_BTD, vocab)
-    return Halt(jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32), rule, zeros, zeros, out)
+    active = jnp.ones((B, T), bool) if real_BT is None else jnp.asarray(real_BT, bool)
+    return Halt(active, jnp.zeros((B, T), jnp.int32), rule, zeros, zeros, out)
 
 
 def advance(spec: HaltSpec, halt: Halt, h_prev_BTD, h_new_BTD, model, t, kv=None) -> tuple[jax.Array, Halt]:

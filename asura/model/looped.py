@@ -2,7 +2,7 @@
 
 Data flow of one forward pass (tokens_BT, depth n):
 
-    e_BTD = Emb(tokens)                    h_0 = e
+    e_BTD = Emb(tokens)                    h_0 = e (model.loop_start=zero: h_0 = 0)
     for t = 0 .. S-1   (S = asura.depth.scan_length: max(max_iterations, requested depths))
         if t >= n: skip (carry passes through unchanged)
         s = slot(t)                        per-iteration parameter index; t, or
@@ -173,7 +173,7 @@ class LoopedLM(nnx.Module):
         h_BTD, kv = self._iterate(h_BTD, e_BTD, s, run)
         return Iterated(h_BTD, tuple(k for k, _ in kv), tuple(v for _, v in kv))
 
-    def iteration_copy(self, h_BTD, e_BTD, s, positions_BT, segment_ids_BT, halt: halting.Halt):
+    def iteration_copy(self, h_BTD, e_BTD, s, positions_BT, segment_ids_BT, halt: halting.Halt, policy="none"):
         """`iteration` where an exited token's keys/values are those of its last computed iteration
         (halting kv=copy); returns (h_BTD, (k_LBTKH, v_LBTKH)) of this iteration's projections."""
         cfg = self.cfg
@@ -188,7 +188,7 @@ class LoopedLM(nnx.Module):
                     impl=cfg.attention, block_q=cfg.attn_block_q, block_k=cfg.attn_block_k,
                 )  # fmt: skip
 
-            out = block.cached(x_BTD, positions_BT, s, attend)
+            out = remat.wrap_block(lambda x, b=block: b.cached(x, positions_BT, s, attend), policy)(x_BTD)
             return out.x_BTD, (out.k_BTKH, out.v_BTKH)
 
         h_BTD, kv = self._iterate(h_BTD, e_BTD, s, run)
@@ -220,7 +220,8 @@ class LoopedLM(nnx.Module):
         scoring: Scoring | None = ctx["scoring"]
         if mode == "skip":  # t >= n: the carry passes through; outputs keep their shapes
             zero = jnp.zeros((), f32(self.dtype)) if scoring is not None or ctx["gate"] is not None else None
-            return carry, StepOut(carry.h_BTD if ctx["keep_latents"] else None, zero, zero)
+            h_BTD = carry.h_BTD if ctx["halt"] is None else halting.output(carry.state, carry.h_BTD)
+            return carry, StepOut(h_BTD if ctx["keep_latents"] else None, zero, zero)
         if mode == "frozen":  # t < n - k: forward only
             return jax.lax.stop_gradient(self._step(carry, t, "run", ctx))
         if ctx["halt"] is not None:
@@ -245,9 +246,9 @@ class LoopedLM(nnx.Module):
         spec, halt = ctx["halt"], carry.state
         args = (carry.h_BTD, ctx["e_BTD"], self.slot(t), ctx["positions"], ctx["segments"])
         if spec.kv == "copy":
-            h_new, kv = self.iteration_copy(*args, halt)
+            h_new, kv = self.iteration_copy(*args, halt, ctx["policy"])
         else:
-            h_new, kv = self.iteration(*args, "none"), None
+            h_new, kv = self.iteration(*args, ctx["policy"]), None
         h_BTD, halt = halting.advance(spec, halt, carry.h_BTD, h_new, self, t, kv)
         out = StepOut(halting.output(halt, h_BTD) if ctx["keep_latents"] else None, None, None)
         return LoopCarry(h_BTD, carry.objective, carry.z_term, halt), out
@@ -321,7 +322,9 @@ class LoopedLM(nnx.Module):
             state = GateState(jnp.ones((B, T), f32(self.dtype)), zero, zero)
         if halt is not None:
             kv_shape = (self.cfg.n_layers, B, T, self.cfg.kv_heads, self.cfg.d_head)
-            state, cont = halting.init(halt, h0_BTD, self.cfg.vocab_size, kv_shape, self.dtype), self._live
+            real_BT = None if segment_ids_BT is None else segment_ids_BT != 0  # padding never iterates
+            state = halting.init(halt, h0_BTD, self.cfg.vocab_size, kv_shape, self.dtype, real_BT)
+            cont = self._live
         carry = LoopCarry(h0_BTD, zero, zero, state)
         no_bptt = isinstance(bptt_k, int) and bptt_k <= 0
         if unroll:
@@ -363,8 +366,8 @@ class LoopedLM(nnx.Module):
 
     def _unrolled(self, carry: LoopCarry, S: int, n: int, bptt_k, no_bptt: bool, ctx: dict):
         """Reference driver: a Python loop over the same `_step` (static n). Under halting it runs
-        every t < n: a step with no active token leaves the carry as it is, which is what the
-        drivers' early stop assumes."""
+        every t < n: a step with no active token changes no output (kv=copy: nothing at all; kv=full:
+        only the latent that no one reads), which is what the drivers' early stop assumes."""
         steps = []
         for t in range(S):
             if t >= n:
