@@ -27,3 +27,28 @@ def test_bytes_data_state_round_trips():
     raw = b"\x00\xffgrain-state"
     assert decode_data_state(encode_data_state(raw)) == raw
     assert decode_data_state(encode_data_state({"a": 1})) == {"a": 1}
+
+
+def test_a_read_error_wrapped_in_a_bare_exception_is_a_corrupt_step(tmp_path):
+    """Orbax raises a bare Exception from tensorstore's ValueError when a flipped bit lands in a zstd
+    block (seen in CI: 'ZSTD_decompressStream() failed: Data corruption detected'): the step is
+    unreadable, so resume falls back to the one before. Any other exception is a bug and raises."""
+    import pytest
+
+    store = CheckpointStore(tmp_path / "ckpt", keep=2, async_save=False)
+    (tmp_path / "ckpt" / "4").mkdir(parents=True)
+
+    def wrapped(step):
+        try:
+            raise ValueError("FAILED_PRECONDITION: ZSTD_decompressStream() failed: Data corruption detected")
+        except ValueError as e:
+            raise Exception("Encountered error while reading array index") from e
+
+    attempt = store.attempt(4, wrapped)
+    assert attempt.why == "ValueError: FAILED_PRECONDITION: ZSTD_decompressStream() failed: Data corruption detected"
+
+    def bug(step):
+        raise TypeError("a bug, not a corrupt file")
+
+    with pytest.raises(TypeError, match="a bug"):
+        store.attempt(4, bug)

@@ -190,6 +190,18 @@ class SaveError(RuntimeError):
 CORRUPT = (OSError, ValueError, RuntimeError, KeyError)  # what orbax/tensorstore raise for bad files (+ CorruptStep)
 
 
+def corrupt_cause(e: BaseException | None) -> BaseException | None:
+    """The CORRUPT error behind e, if any: orbax wraps a tensorstore read error (e.g. a flipped bit
+    in a zstd block: 'Data corruption detected') in a bare Exception raised from it."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CORRUPT):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class OrbaxNoise:
     """Once a store has been opened, for the rest of the process: drop orbax's ERROR logs (their
     tracebacks repeat the exception that reaches us, which we report in one line), asyncio's
@@ -396,6 +408,11 @@ class CheckpointStore:
             return Attempt(None, str(e))
         except CORRUPT as e:
             return Attempt(None, f"{type(e).__name__}: {first_line(e)}")
+        except Exception as e:  # orbax's bare wrapper of a read error; anything else is a bug: raise it
+            cause = corrupt_cause(e)
+            if cause is None:
+                raise
+            return Attempt(None, f"{type(cause).__name__}: {first_line(cause)}")
 
     def restore_latest_valid(self, abstract_state, *, check_meta=None, apply_data=None, warn=None) -> Restored | None:
         """The newest step that is intact and restores; None when there are no steps at all.
