@@ -128,10 +128,14 @@ def _positions(seg_BC, prev_seg_B, next_pos_B) -> jax.Array:
     return default_positions(seg_BC, B, C) + continues_BC * next_pos_B[:, None]
 
 
-def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, fresh: bool, halt=None) -> Step:
-    cfg = model.cfg
+def _check_halt(halt) -> None:
     if halt is not None and halt.kv != "copy":
         raise ValueError("the KV-cached decoder halts with kv=copy only (kv=full computes every iteration)")
+
+
+def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, fresh: bool, halt=None) -> Step:
+    cfg = model.cfg
+    _check_halt(halt)
     pol = POLICIES[cache.policy]
     S = cache.scan_len
     B, C = tokens_BC.shape
@@ -159,9 +163,7 @@ def _extend(model, cache: KVCache, tokens_BC, n, segment_ids_BC, positions_BC, f
         def attend(layer, p):
             k_BCKH, v_BCKH = p.k_BTKH, p.v_BTKH
             if hs is not None:  # halting: an exited chunk token offers its last computed k/v
-                a_BC11 = hs.active_BT[:, :, None, None]
-                k_BCKH = jnp.where(a_BC11, k_BCKH, hs.k_LBTKH[layer].astype(k_BCKH.dtype))
-                v_BCKH = jnp.where(a_BC11, v_BCKH, hs.v_LBTKH[layer].astype(v_BCKH.dtype))
+                k_BCKH, v_BCKH = halting.offered(hs, layer, k_BCKH, v_BCKH)
             if fresh:  # the training call: configured impl, causal within the chunk, segments as given
                 return attention(
                     p.q_BTNH, k_BCKH, v_BCKH, segment_ids_BT=segment_ids_BC, causal=True,
@@ -279,8 +281,7 @@ class CachedModel:
     halt: per-token halting (asura.model.halting.HaltSpec, kv=copy); Step.depth_BC reports it."""
 
     def __init__(self, model, halt=None):
-        if halt is not None and halt.kv != "copy":
-            raise ValueError("the KV-cached decoder halts with kv=copy only (kv=full computes every iteration)")
+        _check_halt(halt)
         self.model, self.halt = model, halt
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)

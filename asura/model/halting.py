@@ -122,5 +122,13 @@ def output(halt: Halt, h_BTD):
     return h_BTD if halt.out_BTD is None else halt.out_BTD
 
 
+def offered(halt: Halt, layer: int, k_BTKH, v_BTKH):
+    """The keys/values a layer offers the other tokens under kv=copy: an exited token's are those of
+    its last computed iteration (the forward and the KV-cached decoder both read them here)."""
+    a_BT11 = halt.active_BT[:, :, None, None]
+    k_old, v_old = halt.k_LBTKH[layer].astype(k_BTKH.dtype), halt.v_LBTKH[layer].astype(v_BTKH.dtype)
+    return jnp.where(a_BT11, k_BTKH, k_old), jnp.where(a_BT11, v_BTKH, v_old)
+
+
 def any_active(halt: Halt) -> jax.Array:
     return jnp.any(halt.active_BT)

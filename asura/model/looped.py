@@ -162,12 +162,13 @@ class LoopedLM(nnx.Module):
 
         return self._iterate(h_BTD, e_BTD, s, run)[0]
 
-    def iteration_cached(self, h_BTD, e_BTD, s, positions_BT, attend) -> Iterated:
-        """`iteration` with attention over a KV cache (asura.infer): attend(layer, QKV) -> o_BTNH.
-        Also returns each layer's new keys/values (what the cache keeps)."""
+    def iteration_cached(self, h_BTD, e_BTD, s, positions_BT, attend, policy: str = "none") -> Iterated:
+        """`iteration` with attention supplied by the caller: attend(layer, QKV) -> o_BTNH (a KV
+        cache, asura.infer; halting's copied keys/values). Also returns each layer's new keys/values."""
 
         def run(i, block, x_BTD):
-            out = block.cached(x_BTD, positions_BT, s, functools.partial(attend, i))
+            cached = lambda x, b=block: b.cached(x, positions_BT, s, functools.partial(attend, i))
+            out = remat.wrap_block(cached, policy)(x_BTD)
             return out.x_BTD, (out.k_BTKH, out.v_BTKH)
 
         h_BTD, kv = self._iterate(h_BTD, e_BTD, s, run)
@@ -177,22 +178,16 @@ class LoopedLM(nnx.Module):
         """`iteration` where an exited token's keys/values are those of its last computed iteration
         (halting kv=copy); returns (h_BTD, (k_LBTKH, v_LBTKH)) of this iteration's projections."""
         cfg = self.cfg
-        a_BT11 = halt.active_BT[:, :, None, None]
 
-        def run(i, block, x_BTD):
-            def attend(p):
-                k_BTKH = jnp.where(a_BT11, p.k_BTKH, halt.k_LBTKH[i])
-                v_BTKH = jnp.where(a_BT11, p.v_BTKH, halt.v_LBTKH[i])
-                return attention(
-                    p.q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=True,
-                    impl=cfg.attention, block_q=cfg.attn_block_q, block_k=cfg.attn_block_k,
-                )  # fmt: skip
+        def attend(layer, p):
+            k_BTKH, v_BTKH = halting.offered(halt, layer, p.k_BTKH, p.v_BTKH)
+            return attention(
+                p.q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, causal=True,
+                impl=cfg.attention, block_q=cfg.attn_block_q, block_k=cfg.attn_block_k,
+            )  # fmt: skip
 
-            out = remat.wrap_block(lambda x, b=block: b.cached(x, positions_BT, s, attend), policy)(x_BTD)
-            return out.x_BTD, (out.k_BTKH, out.v_BTKH)
-
-        h_BTD, kv = self._iterate(h_BTD, e_BTD, s, run)
-        return h_BTD, (jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv]))
+        it = self.iteration_cached(h_BTD, e_BTD, s, positions_BT, attend, policy)
+        return it.h_BTD, (jnp.stack(it.k_LBTKH), jnp.stack(it.v_LBTKH))
 
     def _iterate(self, h_BTD, e_BTD, s, run_block):
         """The one sequence of per-iteration ops; run_block(i, block, x) -> (x, extra) calls block i."""
