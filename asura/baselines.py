@@ -67,6 +67,9 @@ def vanilla(cfg: Config, **model_overrides) -> Config:
         "depth.min": 1,
         "depth.max": 0,
         "depth.bptt_k": 0,
+        "depth.halt_rule": "",  # a vanilla model has one iteration: nothing to halt
+        "depth.halt_threshold": 0.0,
+        "depth.halt_from": 0,
         "train.eval_depths": [],
     }
     overrides.update({f"model.{k}": v for k, v in model_overrides.items()})

@@ -78,25 +78,13 @@ def parser() -> OneLineParser:
 
 
 def parse_exits(values: list[str], kv: str) -> list:
-    """['latent:0.03,0.1', 'kl'] -> HaltSpecs, one per threshold (one-line errors)."""
-    from asura.model.exits import EXIT_RULES
-    from asura.model.halting import KV_MODES, HaltSpec
+    """['latent:0.03,0.1', 'kl'] -> HaltSpecs, one per threshold (one-line errors naming --exit)."""
+    from asura.model.halting import parse_specs
 
-    if kv not in KV_MODES:
-        fail(f"--exit-kv={kv!r} is not valid; choose one of {', '.join(KV_MODES)}", PROG)
-    specs = []
-    for v in values:
-        rule, _, ths = v.partition(":")
-        if rule not in EXIT_RULES:
-            fail(f"--exit {v!r}: {EXIT_RULES.invalid(rule)}", PROG)
-        try:
-            taus = [float(x) for x in ths.split(",")] if ths else [None]
-        except ValueError:
-            fail(f"--exit {v!r}: thresholds must be numbers, e.g. {rule}:0.01,0.1", PROG)
-        if None in taus and EXIT_RULES[rule].default_threshold is None:
-            fail(f"--exit {v!r}: rule {rule!r} has no default threshold; give one, e.g. {rule}:2", PROG)
-        specs += [HaltSpec(rule, t, kv=kv) for t in taus]
-    return specs
+    try:
+        return parse_specs(values, kv)
+    except ValueError as e:
+        fail(str(e), PROG)
 
 
 def exit_table(rows: list[dict]) -> str:

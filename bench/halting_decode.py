@@ -49,11 +49,14 @@ def main() -> None:
 
     from asura.analysis.load import load
     from asura.data import tasks
-    from asura.evaluate import parse_exits
     from asura.flops import executed_flops
     from asura.infer.generate import generate
+    from asura.model.halting import parse_specs
 
-    specs = parse_exits(args.exit, "copy")
+    try:
+        specs = parse_specs(args.exit, "copy")
+    except ValueError as e:
+        p.error(str(e))
     loaded = load(args.workdir, "latest")
     cfg, model = loaded.cfg, loaded.model
     if cfg.data.source != "task":

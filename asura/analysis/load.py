@@ -8,16 +8,10 @@ Restoring goes through ``asura.train.checkpoint.CheckpointStore`` and
 ``asura.train.state.abstract_state``, so this reads exactly the format the train
 loop writes. The config is each checkpoint's own (saved in its meta item). Every failure is a
 ``LoadError`` with a one-line message.
-
-Opening the store read-only makes orbax log two absl warnings per load ("Given directory is read
-only", "read_only=True, setting save_interval_steps=0"): they describe what we asked for, and in a
-notebook or a sweep's extrapolation they repeat for every checkpoint. ``_ReadOnlyNotices`` drops
-exactly those two on the absl logger; every other absl warning still shows.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,24 +22,6 @@ from asura.storage.paths import StorageError, is_remote, to_path
 
 class LoadError(ValueError):
     """A missing or invalid workdir/checkpoint; the message is one line."""
-
-
-class _ReadOnlyNotices(logging.Filter):
-    """orbax's notices that a store opened read-only is read-only (see the module docstring)."""
-
-    PREFIXES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.PREFIXES)
-
-
-_READ_ONLY_NOTICES = _ReadOnlyNotices()
-
-
-def _quiet_read_only_notices() -> None:
-    absl = logging.getLogger("absl")  # orbax logs through absl.logging, whose records come from this logger
-    if _READ_ONLY_NOTICES not in absl.filters:
-        absl.addFilter(_READ_ONLY_NOTICES)
 
 
 @dataclass
@@ -138,7 +114,6 @@ def load(path: str | Path, step: int | str | None = None, *, extrapolation: str 
     from asura.train.checkpoint import CheckpointStore
     from asura.train.state import abstract_state, merge_model
 
-    _quiet_read_only_notices()
     store = CheckpointStore(workdir / "checkpoints", keep=1, async_save=False, read_only=True)
     try:
         if step == "best":

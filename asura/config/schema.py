@@ -89,6 +89,15 @@ class DepthConfig:
     max: int = 0  # upper bound for sampled depths; 0 = model.max_iterations
     sigma: float = 0.5  # poisson_lognormal: log-normal rate sigma (mean is model.iterations)
     bptt_k: int = 0  # truncated backprop through the last k iterations; 0 = all
+    # Train under per-token halting (asura.model.halting): each token stops iterating when this exit
+    # rule fires and is scored at its exit; "" = off. E.g. fine-tuning a gate model (train.init_from)
+    # under its own exits with halt_kv=copy teaches it to read the copied keys/values that a
+    # compute-saving decoder offers. The exit decisions are not differentiated: the gate's own loss
+    # (model.exit_gate without halting) is what trains a gate.
+    halt_rule: str = ""  # registry: asura.model.exits.EXIT_RULES
+    halt_threshold: float = 0.0  # 0 = the rule's default threshold
+    halt_kv: str = "copy"  # what others read from an exited token: copy | full (asura.model.halting)
+    halt_from: int = 0  # the step from which training runs under halting; before it, the run's own loss
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 = off
     grad_accum: int = 1  # microbatches per optimiser step
+    # Fine-tuning: a run's workdir (its newest checkpoint) or workdir/checkpoints/<step> whose parameters
+    # start this run (fresh optimiser, schedule and data order). The parameter shapes must match; read
+    # only when this workdir has no checkpoint (a resume continues its own), and the run's config.yaml
+    # names the step it took (asura.train.init_from).
+    init_from: str = ""
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
@@ -192,6 +206,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.position": ("rope", "none"),
     "model.guidance": ("none", "linear", "uniform", "explicit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "depth.halt_kv": ("copy", "full"),
     "model.param_dtype": ("float32", "bfloat16"),
 }
 

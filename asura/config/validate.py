@@ -34,6 +34,45 @@ def _positive(cfg: Config, *keys: str, allow_zero: bool = False) -> None:
             raise ConfigError(f"{k} must be {need}, got {v}")
 
 
+def _validate_halting(cfg: Config) -> None:
+    """depth.halt_*: training under per-token halting (asura.model.halting.train_spec)."""
+    from asura.model.exits import EXIT_RULES
+
+    m, d = cfg.model, cfg.depth
+    if not d.halt_rule:
+        for key in ("halt_threshold", "halt_from"):
+            if getattr(d, key):
+                raise ConfigError(f"depth.{key}={getattr(d, key)} is set but depth.halt_rule is empty (off)")
+        return
+    if not 0 <= d.halt_from < cfg.train.steps:
+        raise ConfigError(
+            f"depth.halt_from={d.halt_from} must be in 0..train.steps-1={cfg.train.steps - 1} (the step training "
+            "under halting starts)"
+        )
+    if d.halt_rule not in EXIT_RULES:
+        names = ", ".join(EXIT_RULES.names)
+        raise ConfigError(f'depth.halt_rule={d.halt_rule!r} is not valid; choose one of {names}, or "" for off')
+    rule = EXIT_RULES[d.halt_rule]
+    if d.halt_threshold < 0:
+        raise ConfigError(f"depth.halt_threshold must be >= 0 (0 = the rule's default), got {d.halt_threshold}")
+    if not d.halt_threshold and rule.default_threshold is None:
+        raise ConfigError(f"exit rule {d.halt_rule!r} has no default threshold; set depth.halt_threshold")
+    if rule.needs_gate and not m.exit_gate:
+        raise ConfigError(f"depth.halt_rule={d.halt_rule} reads the learned exit gate: it needs model.exit_gate=true")
+    # From depth.halt_from on, halting replaces the run's own loss; a setting of that loss only
+    # makes sense when some steps (before halt_from) train with it.
+    if m.guidance != "none" and not d.halt_from:
+        raise ConfigError(
+            f"training under halting scores each token at its exit; model.guidance={m.guidance} weights every "
+            "iteration's loss: set model.guidance=none (or depth.halt_from > 0 to use it before halting)"
+        )
+    if m.exit_entropy and not d.halt_from:
+        raise ConfigError(
+            "model.exit_entropy regularises the gate's own loss, which training under halting (depth.halt_rule) "
+            "replaces; set model.exit_entropy=0 (or depth.halt_from > 0 to train the gate first)"
+        )
+
+
 def validate(cfg: Config) -> None:
     for key, valid in CHOICES.items():
         v = _get(cfg, key)
@@ -121,6 +160,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"depth.sigma must be > 0, got {d.sigma}")
     if d.bptt_k < 0:
         raise ConfigError(f"depth.bptt_k must be >= 0 (0 = full backprop), got {d.bptt_k}")
+    _validate_halting(cfg)
 
     _positive(cfg, "data.seq_len", "data.difficulty")
     _positive(cfg, "data.eval_difficulty", "data.num_epochs", "data.prefetch", "data.worker_count", allow_zero=True)

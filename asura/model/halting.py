@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from asura.config.schema import CHOICES
 from asura.model.exits import EXIT_RULES, ExitRule
 
-KV_MODES = ("copy", "full")
+KV_MODES = CHOICES["depth.halt_kv"]  # listed once, with the config key that trains under halting
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["threshold"], meta_fields=["rule", "kv", "min_depth"])
@@ -84,6 +85,33 @@ def select(active_BT, new, old):
 def select_LBT(active_BT, new_LBTKH, old_LBTKH):
     """select over a leading layer axis: [L, B, T, K, H]."""
     return jnp.where(active_BT[None, :, :, None, None], new_LBTKH, old_LBTKH)
+
+
+def parse_specs(values: list[str], kv: str = "copy", flag: str = "--exit") -> list[HaltSpec]:
+    """['latent:0.03,0.1', 'kl'] -> HaltSpecs, one per threshold; a ValueError (one line naming `flag`)
+    for a bad rule, threshold or kv. The command-line form of every tool that takes exit rules."""
+    if kv not in KV_MODES:
+        raise ValueError(f"{flag}-kv={kv!r} is not valid; choose one of {', '.join(KV_MODES)}")
+    specs = []
+    for v in values:
+        rule, _, ths = v.partition(":")
+        if rule not in EXIT_RULES:
+            raise ValueError(f"{flag} {v!r}: {EXIT_RULES.invalid(rule)}")
+        try:
+            taus = [float(x) for x in ths.split(",")] if ths else [None]
+        except ValueError:
+            raise ValueError(f"{flag} {v!r}: thresholds must be numbers, e.g. {rule}:0.01,0.1") from None
+        if None in taus and EXIT_RULES[rule].default_threshold is None:
+            raise ValueError(f"{flag} {v!r}: rule {rule!r} has no default threshold; give one, e.g. {rule}:2")
+        specs += [HaltSpec(rule, t, kv=kv) for t in taus]
+    return specs
+
+
+def train_spec(depth) -> HaltSpec | None:
+    """The halting a run trains under (depth.halt_rule, DepthConfig); None when it is off."""
+    if not depth.halt_rule:
+        return None
+    return HaltSpec(depth.halt_rule, depth.halt_threshold or None, depth.halt_kv)
 
 
 def init(spec: HaltSpec, h0_BTD, vocab: int, kv_shape: tuple | None, kv_dtype, real_BT=None) -> Halt:

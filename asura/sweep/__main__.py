@@ -1,7 +1,8 @@
 """CLI: ``python -m asura.sweep SPEC.yaml [key=value ...] [--workdir DIR] [--workers N] [--baselines]``,
 ``python -m asura.sweep report DIR [--metric NAME[@DEPTH]]``,
 ``python -m asura.sweep study PLAN.yaml [--only NAMES] [--workers N] [--dry-run]`` (asura.sweep.study)
-and ``python -m asura.sweep extrapolate DIR [--factor K] [--modes M,..]`` (asura.sweep.extrapolation).
+``python -m asura.sweep extrapolate DIR [--factor K] [--modes M,..]`` (asura.sweep.extrapolation)
+and ``python -m asura.sweep exits DIR --exit RULE[:T,..] [--kv copy|full]`` (asura.sweep.exits).
 
 ``key=value`` overrides (train.py's syntax) apply to the base config of every trial and are recorded in
 sweep.json and each manifest; a sweep dir is only resumed with the same ones.
@@ -119,6 +120,32 @@ def _extrapolate(argv: list[str]) -> None:
         fail(str(e), p.prog)
 
 
+def _exits(argv: list[str]) -> None:
+    from asura.sweep import exits
+
+    d = exits.Options()
+    p = _Parser(prog=f"{PROG} exits", description=SUBCOMMANDS["exits"].summary)
+    p.add_argument("workdir")
+    p.add_argument("--exit", action="append", default=[], metavar="RULE[:T1,T2]",
+                   help="an exit rule (asura.model.exits) and thresholds, as asura.evaluate --exit")  # fmt: skip
+    p.add_argument("--kv", default=d.kv, help="what others read from an exited token: copy | full")
+    p.add_argument("--batches", type=int, help="eval batches per trial (default: each trial's train.eval_batches)")
+    p.add_argument("--primary", help="the pre-registered comparison, GROUP@RULE:T, against the reference's full depth")
+    p.add_argument("--max-flops", type=float, default=d.max_flops, help="the primary's FLOPs bar (a fraction)")
+    args = p.parse_args(argv)
+    local_dir(args.workdir, p.prog)
+    opts = exits.Options(tuple(args.exit), args.kv, args.batches, args.primary, args.max_flops)
+    problem = opts.problem()
+    if problem:
+        fail(problem, p.prog)
+    from asura.sweep.report import EmptySweep
+
+    try:
+        print(exits.run(args.workdir, opts, command=_command(["exits", *argv])))
+    except EmptySweep as e:
+        fail(str(e), p.prog)
+
+
 class Subcommand(NamedTuple):
     run: Callable[[list[str]], None]
     args: str  # what follows the name, for the --help list
@@ -128,6 +155,7 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS = {
     "report": Subcommand(_report, "DIR", "rebuild tables, plots and REPORT.md of a sweep dir"),
     "extrapolate": Subcommand(_extrapolate, "DIR", "evaluate a sweep's checkpoints past their trained depth"),
+    "exits": Subcommand(_exits, "DIR", "quality against executed FLOPs under exit rules, with the Pareto plot"),
     "study": Subcommand(_study, "PLAN.yaml", "run (or resume) every sweep of a study plan, with reports"),
 }
 

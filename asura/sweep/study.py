@@ -5,7 +5,8 @@
 The plan (YAML) lists sweeps by spec file; each runs into ``<out>/<name>`` with the sweep
 runner (optuna study in sqlite: a rerun skips finished trials and requeues interrupted ones), then
 its REPORT.md is written under the sweep's metric and under each extra ``reports`` metric
-(``REPORT_<metric>.md``), and ``extrapolate`` adds EXTRAPOLATION.md (asura.sweep.extrapolation).
+(``REPORT_<metric>.md``), ``extrapolate`` adds EXTRAPOLATION.md (asura.sweep.extrapolation) and
+``exits`` adds EXITS.md: quality against executed FLOPs under exit rules (asura.sweep.exits).
 ``overrides`` apply to every trial of every sweep, which is how a GPU/TPU preset scales the same
 studies up. Text data named under ``prepare`` is tokenised first when missing.
 
@@ -27,6 +28,8 @@ reason (exit 1).
       - {name: demo_iso_baselines, spec: ../sweeps/iso_baselines.yaml, reports: [exact_match]}
       - {name: demo_extrapolation, spec: ../sweeps/depth_extrapolation.yaml,
          extrapolate: {factor: 4, modes: [none, last, cycle], metrics: [exact_match, ce]}}
+      - {name: halting, spec: ../sweeps/halting_protocol.yaml,
+         exits: {exits: ["gate:0.2,0.3"], kv: copy, primary: "halt@gate:0.3", max_flops: 0.7}}
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from asura.data.prepare import BUILTINS
+from asura.sweep.exits import Options as ExitOptions
 from asura.sweep.extrapolation import Options
 from asura.sweep.keys import SpecError, check_keys, field_type, read_yaml
 from asura.sweep.manifest import REPO_ROOT, git_commit, shown_path, write_json
 
 PLAN_KEYS = ("out", "workers", "overrides", "prepare", "studies", "description")
-STUDY_KEYS = ("name", "spec", "reports", "extrapolate")
+STUDY_KEYS = ("name", "spec", "reports", "extrapolate", "exits")
 EXTRAPOLATE_KEYS = tuple(f.name for f in fields(Options))
+EXITS_KEYS = tuple(f.name for f in fields(ExitOptions))
 LEDGER = "studies.json"
 
 
@@ -59,6 +64,7 @@ class Study:
     spec: Path
     reports: tuple[str, ...] = ()
     extrapolate: Options | None = None
+    exits: ExitOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,17 @@ def _extrapolate(name: str, raw) -> Options | None:
     problem = opts.problem()
     if problem:
         raise SpecError(f"studies.{name}.extrapolate.{problem}")
+    return opts
+
+
+def _exits(name: str, raw) -> ExitOptions | None:
+    if raw is None:
+        return None
+    check_keys(f"studies.{name}.exits", raw, EXITS_KEYS)
+    opts = ExitOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    problem = opts.problem()
+    if problem:
+        raise SpecError(f"studies.{name}.exits: {problem}")
     return opts
 
 
@@ -133,7 +150,8 @@ def load_plan(path: str | Path) -> Plan:
         spec = (path.parent / str(s["spec"])).resolve()
         if not spec.is_file():
             raise SpecError(f"studies.{name}.spec: sweep spec not found: {spec} (relative to the plan)")
-        studies.append(Study(name, spec, tuple(map(str, reports)), _extrapolate(name, s.get("extrapolate"))))
+        studies.append(Study(name, spec, tuple(map(str, reports)), _extrapolate(name, s.get("extrapolate")),
+                             _exits(name, s.get("exits"))))  # fmt: skip
     if not studies:
         raise SpecError(f"study plan {path.name} lists no studies")
     workers = raw.get("workers", 1)
@@ -205,7 +223,7 @@ def _save_ledger(plan: Plan, ledger: dict) -> None:
 
 def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None, command: str = "", say=print) -> Path:
     """Run (or resume) every study of the plan in order; returns the path of STUDIES.md."""
-    from asura.sweep import extrapolation
+    from asura.sweep import exits, extrapolation
     from asura.sweep.report import write_report
     from asura.sweep.runner import run_sweep
 
@@ -223,6 +241,8 @@ def run_plan(plan: Plan, only: tuple[str, ...] = (), workers: int | None = None,
             write_report(wd, metric)  # the default command names wd relative to the repository
         if study.extrapolate is not None:
             extrapolation.run(wd, study.extrapolate, extrapolation.command(wd, study.extrapolate), say=say)
+        if study.exits is not None:
+            exits.run(wd, study.exits, exits.command(wd, study.exits), say=say)
         wall = time.time() - t0
         entry["wall_s"] += wall
         entry["runs"].append({"command": command, "commit": git_commit(), "wall_s": round(wall, 1),
@@ -246,7 +266,7 @@ def write_index(plan: Plan, ledger: dict) -> Path:
         trial_s = sum(float(m.get("wall_s") or 0.0) for m in ms)  # however the trials were launched
         total += wall
         trials_total += trial_s
-        reports = [p.name for p in sorted(wd.glob("*.md")) if p.name.startswith(("REPORT", "EXTRAPOLATION"))]
+        reports = [p.name for p in sorted(wd.glob("*.md")) if p.name.startswith(("REPORT", "EXTRAPOLATION", "EXITS"))]
         links = ", ".join(f"[{r}]({s.name}/{r})" for r in reports) or "-"
         spec = shown_path(s.spec)
         row = f"| {s.name} | `{spec}` | {done}/{len(ms)} | {trial_s / 60:.1f} min | {wall / 60:.1f} min | {links} |"

@@ -70,6 +70,7 @@ HARMLESS_KEYS = frozenset(
         "train.tensorboard",
         "train.wandb",
         "train.wandb_project",
+        "train.init_from",  # read only when the workdir has no checkpoint (asura.train.init_from)
         "data.eval_difficulty",
         "data.prefetch",
         "data.worker_count",
@@ -254,9 +255,28 @@ class Restored(NamedTuple):
     meta: dict
 
 
+class _ReadOnlyNotices(logging.Filter):
+    """orbax's notices that a store opened read-only is read-only ("Given directory is read only",
+    "read_only=True, setting save_interval_steps=0"): they describe what we asked for, and in a
+    notebook, a sweep's extrapolation or a fine-tune's source they repeat for every checkpoint.
+    Exactly those two are dropped on the absl logger; every other absl warning still shows."""
+
+    PREFIXES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+_READ_ONLY_NOTICES = _ReadOnlyNotices()
+
+
 class CheckpointStore:
     def __init__(self, directory, *, keep: int, async_save: bool, read_only: bool = False):
         """read_only: for analysis; creates, cleans and deletes nothing. directory: local or gs://."""
+        if read_only:  # orbax logs through absl.logging, whose records come from this logger
+            absl = logging.getLogger("absl")
+            if _READ_ONLY_NOTICES not in absl.filters:
+                absl.addFilter(_READ_ONLY_NOTICES)
         directory = to_path(directory)
         self.remote = is_remote(directory)
         self.directory = directory if self.remote else to_path(Path(os.fspath(directory)).resolve())

@@ -38,6 +38,7 @@ import jax
 from asura.config import Config
 from asura.flops import param_count
 from asura.storage.paths import to_path
+from asura.train import init_from
 from asura.train.metrics import to_python
 from asura.train.preflight import preflight
 from asura.train.resume import plan_resume
@@ -76,7 +77,8 @@ def run(
         lock = workdir_lock(workdir, jax.process_index())  # process 0 holds it for the whole job
         agreed(lock.check_free, workdir)  # a busy workdir is refused first, and without touching it
         plan = plan_resume(cfg, workdir, extend)  # the checkpoint's config decides: before anything is opened
-        cfg = plan.cfg
+        source = init_from.resolve(plan.cfg)  # a resume continues its own
+        cfg = init_from.pinned(plan.cfg, source)
         make_workdir(workdir)
         agreed(lock.__enter__, workdir)
         with contextlib.closing(lock):
@@ -90,8 +92,9 @@ def run(
             if getattr(lock, "took_over", None):
                 tell(f"took over the stale lock of workdir {workdir} ({lock.took_over})")
             trainer = Trainer(
-                cfg, workdir, say=say, compiler_options=compiler_options, hooks=hooks or Hooks(), lock=lock
-            )
+                cfg, workdir, say=say, compiler_options=compiler_options, hooks=hooks or Hooks(), lock=lock,
+                init_source=source,
+            )  # fmt: skip
             try:
                 status, start, step_done = _run(trainer)
             finally:

@@ -18,17 +18,24 @@ import optax
 from asura.compat import tree_norm
 from asura.config import Config
 from asura.depth import eval_depths, max_train_depth
+from asura.model.halting import train_spec
 from asura.train.evaluate import eval_step
 from asura.train.optim import lr_schedule, make_optimizer
 from asura.train.state import merge_model
 
 
-def _loss_and_grads(cfg: Config, graphdef, rest):
+def _loss_and_grads(cfg: Config, graphdef, rest, halting: bool):
     bptt_k, max_depth = cfg.depth.bptt_k, max_train_depth(cfg)
+    halt = train_spec(cfg.depth) if halting else None  # None unless this step trains under per-token halting
 
     def loss_fn(params, batch, n):
         model = merge_model(graphdef, params, rest)
-        return model.loss(batch, n=n, bptt_k=bptt_k, max_depth=max_depth)
+        objective, aux = model.loss(batch, n=n, bptt_k=bptt_k, max_depth=max_depth, halt=halt)
+        if halt is not None:  # a token mean like every train metric: the iterations each scored token ran
+            depth_BT = aux.pop("depth_BT").astype(jnp.float32)
+            mask_BT = batch["loss_mask"].astype(jnp.float32)
+            aux["halt_depth"] = (depth_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+        return objective, aux
 
     return jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -40,9 +47,10 @@ def _split_aux(aux: dict) -> tuple[dict, jax.Array]:
     return means, tokens
 
 
-def accumulated_grads(cfg: Config, graphdef, rest, params, batch, n):
-    """(objective, aux, grads) over the global batch, scanning grad_accum microbatches."""
-    vg = _loss_and_grads(cfg, graphdef, rest)
+def accumulated_grads(cfg: Config, graphdef, rest, params, batch, n, halting: bool = False):
+    """(objective, aux, grads) over the global batch, scanning grad_accum microbatches; halting: under
+    the run's depth.halt_rule."""
+    vg = _loss_and_grads(cfg, graphdef, rest, halting)
     accum = cfg.train.grad_accum
     if accum == 1:
         (loss, aux), grads = vg(params, batch, n)
@@ -67,14 +75,21 @@ def accumulated_grads(cfg: Config, graphdef, rest, params, batch, n):
     return loss, {**means, "tokens": tokens}, grads
 
 
-def make_train_step(cfg: Config, graphdef, rest, axes):
-    """step(state, batch, n) -> (state, metrics). Pure; jit it through a Placement."""
+def halting_at(cfg: Config, step: int) -> bool:
+    """Whether optimiser step `step` (0-based) trains under halting (depth.halt_rule from depth.halt_from)."""
+    return bool(cfg.depth.halt_rule) and step >= cfg.depth.halt_from
+
+
+def make_train_step(cfg: Config, graphdef, rest, axes, halting: bool | None = None):
+    """step(state, batch, n) -> (state, metrics). Pure; jit it through a Placement. halting: train under
+    depth.halt_rule (default: as at step 0, halting_at); a run with depth.halt_from > 0 has both steps."""
+    halting = halting_at(cfg, 0) if halting is None else halting
     tx = make_optimizer(cfg.train, axes)
     schedule = lr_schedule(cfg.train)
 
     def step(state, batch, n):
         params, opt_state = state["params"], state["opt_state"]
-        objective, aux, grads = accumulated_grads(cfg, graphdef, rest, params, batch, n)
+        objective, aux, grads = accumulated_grads(cfg, graphdef, rest, params, batch, n, halting)
         grad_norm = tree_norm(grads)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, opt_state, params)

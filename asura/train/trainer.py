@@ -30,6 +30,7 @@ from asura.train.checkpoint import (
     first_line,
 )
 from asura.train.evaluate import evaluate_depths, flat_metrics
+from asura.train.init_from import load_params
 from asura.train.metrics import (
     MetricsWriter,
     bar_fields,
@@ -40,7 +41,7 @@ from asura.train.metrics import (
     window_means,
 )
 from asura.train.state import abstract_state, init_state
-from asura.train.step import make_eval_step, make_train_step
+from asura.train.step import halting_at, make_eval_step, make_train_step
 from asura.train.workdir import Signals, WorkdirError, write_config
 
 
@@ -67,8 +68,9 @@ class Trainer:
     Nothing user-visible is opened before `restore` has accepted the workdir: the metrics log,
     TensorBoard and the progress bar start in `open_sinks`, so a refused resume leaves no trace."""
 
-    def __init__(self, cfg: Config, workdir, *, say, compiler_options, hooks: Hooks, lock=None):
+    def __init__(self, cfg: Config, workdir, *, say, compiler_options, hooks: Hooks, lock=None, init_source=None):
         self.cfg, self.workdir, self.hooks = cfg, workdir, hooks
+        self.init_source = init_source  # asura.train.init_from.Source: a fresh run's parameters come from it
         self.lock = lock  # its `lost` is set if another trainer takes the workdir over (gs://)
         self.is_main = jax.process_index() == 0
         t = cfg.train
@@ -80,7 +82,8 @@ class Trainer:
         self.last_train: dict[str, Any] = {}
         self.pending: list[dict] = []
         self.window: tuple[float, int] | None = None  # (t0, steps) of the throughput window
-        self.compiled = self.eval_compiled = False  # each step compiles in its first call
+        self.compiled: set[bool] = set()  # the train steps (plain / under halting) called so far: each compiles once
+        self.eval_compiled = False
         self.last_saved: int | None = None
         self.state: dict | None = None
 
@@ -123,7 +126,12 @@ class Trainer:
             cfg, cfg.train.eval_batches, process_index=pid, process_count=pcount
         )
         self.eval_dev = [self.placement.batch(b) for b in self.eval_host]
-        self.train_fn = self.placement.jit_step(make_train_step(cfg, self.graphdef, self.rest, self.axes))
+        # by `halting`: a run with depth.halt_from > 0 trains with its own loss, then under halting
+        phases = {halting_at(cfg, 0), halting_at(cfg, cfg.train.steps - 1)}
+        self.train_fns = {
+            h: self.placement.jit_step(make_train_step(cfg, self.graphdef, self.rest, self.axes, halting=h))
+            for h in phases
+        }
         self.eval_fn = self.placement.jit_eval(make_eval_step(cfg, self.graphdef, self.rest))
         self.depths = eval_depths(cfg)
         self.flops_per_token = throughput.train_flops_per_token(cfg)
@@ -143,6 +151,9 @@ class Trainer:
         if restored is None:
             self.state = init_state(self.cfg).state
             start = None
+            if self.init_source is not None:
+                self.state["params"] = load_params(self.init_source, self.abstract["params"])
+                self.say(f"parameters from {self.init_source.path} (train.init_from); optimiser, schedule fresh")
         else:
             start, self.state = restored.step, restored.state
             # steps trained since the last log record: the next record averages them too, as in a straight run
@@ -177,11 +188,13 @@ class Trainer:
         if self.hooks.before_step is not None:
             batch = self.hooks.before_step(step, batch)
         n = jnp.asarray(sample_depth(self.cfg, step), jnp.int32)
-        if not self.compiled:  # the call compiles before it dispatches: say so instead of sitting at 0%
-            self.status("compiling the train step")
-        self.state, m = self.train_fn(self.state, self.placement.batch(batch), n)
-        if not self.compiled:
-            self.compiled = True
+        halting = halting_at(self.cfg, step)
+        first = halting not in self.compiled
+        if first:  # the call compiles before it dispatches: say so instead of sitting at 0%
+            self.status("compiling the train step" + (" under halting" if halting else ""))
+        self.state, m = self.train_fns[halting](self.state, self.placement.batch(batch), n)
+        if first:
+            self.compiled.add(halting)
             self.status(None)
         self.pending.append(m)
         return m
