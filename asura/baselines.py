@@ -70,6 +70,8 @@ def vanilla(cfg: Config, **model_overrides) -> Config:
         "depth.halt_rule": "",  # a vanilla model has one iteration: nothing to halt
         "depth.halt_threshold": 0.0,
         "depth.halt_from": 0,
+        "depth.halt_kv": "copy",
+        "train.init_from": "",  # a baseline trains from scratch: its shapes are not the looped run's
         "train.eval_depths": [],
     }
     overrides.update({f"model.{k}": v for k, v in model_overrides.items()})

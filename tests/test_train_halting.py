@@ -29,9 +29,9 @@ def tiny(*extra: str):
     return tiny_config("model.max_iterations=3", "model.iterations=3", "model.guidance=none", *extra)
 
 
-def one_step(cfg, n: int):
+def one_step(cfg, n: int, halting=None):
     built = init_state(cfg)
-    step = jax.jit(make_train_step(cfg, built.graphdef, built.rest, built.axes))
+    step = jax.jit(make_train_step(cfg, built.graphdef, built.rest, built.axes, halting=halting))
     return step(built.state, jax.tree.map(jnp.asarray, batch_for(cfg)), jnp.int32(n))
 
 
@@ -51,8 +51,8 @@ def test_training_under_exit_after_k_equals_training_at_depth_k():
 
 
 def test_training_under_the_gate_records_the_realised_depth():
-    cfg = tiny("model.exit_gate=true", "depth.halt_rule=gate", "depth.halt_threshold=0.6")
-    _, m = one_step(cfg, 3)
+    cfg = tiny("model.exit_gate=true", "depth.halt_rule=gate", "depth.halt_threshold=0.6", "depth.halt_from=1")
+    _, m = one_step(cfg, 3, halting=True)
     # b = 0 at init: λ ≈ 1/2 per iteration, so cumulative exit 0.5, 0.75: most tokens leave after 2
     assert 1.0 <= float(m["halt_depth"]) <= 3.0 and float(m["halt_depth"]) != 3.0
     assert "exit_depth" not in m  # the gate's expected depth belongs to its own loss, not to halting
@@ -68,10 +68,13 @@ def test_training_under_the_gate_records_the_realised_depth():
         (("depth.halt_rule=kl", "depth.halt_threshold=-1"), "depth.halt_threshold must be >= 0"),
         (("depth.halt_rule=kl", "depth.halt_kv=some"), "depth.halt_kv='some' is not valid; choose one of copy, full"),
         (("depth.halt_rule=kl", "model.guidance=linear"), "set model.guidance=none"),
+        (("depth.halt_rule=kl", "model.exit_gate=true", "model.exit_entropy=0.05"), "set model.exit_entropy=0"),
         (
-            ("depth.halt_rule=gate", "depth.halt_threshold=0.5", "model.exit_gate=true", "model.exit_entropy=0.05"),
-            "set model.exit_entropy=0",
+            ("depth.halt_rule=gate", "depth.halt_threshold=0.5", "model.exit_gate=true"),
+            "reads a gate that only its own loss trains: set depth.halt_from > 0",
         ),
+        (("depth.halt_rule=kl", "depth.bptt_k=1"), "depth.bptt_k=1 does not combine with depth.halt_rule"),
+        (("depth.halt_kv=full",), "depth.halt_kv=full is set but depth.halt_rule is empty"),
     ],
 )
 def test_bad_halting_config_is_one_line(overrides, message):
@@ -110,14 +113,21 @@ def test_a_fine_tune_starts_from_the_source_parameters_and_pins_the_step(source,
 
 
 def test_a_killed_fine_tune_resumes_its_own_checkpoint_not_the_source(source, tmp_path):
-    src, _ = source
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source[0], src)
     cfg = finetune(f"train.init_from={src}", "train.steps=5", "train.checkpoint_every=2", "train.eval_every=100")
     straight = _train(cfg, tmp_path / "straight")
     _train(cfg, tmp_path / "killed", hooks=stop_at(3))  # checkpoint at 2, step 3 lost
+    # the source moves on (here: its pinned step is gone); the fine-tune's resume must not look at it
+    shutil.rmtree(src / "checkpoints" / "5")
     resumed = _train(cfg, tmp_path / "killed")
     assert resumed["resumed_from"] == 2
     for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(straight["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    saved = config_from_yaml((tmp_path / "killed" / "config.yaml").read_text())
+    assert saved.train.init_from == str(src / "checkpoints" / "5")  # where its parameters came from
 
 
 def test_init_from_a_named_step(source, tmp_path):
@@ -131,7 +141,7 @@ def test_init_from_a_named_step(source, tmp_path):
 def test_bad_sources_are_refused_in_one_line_before_the_workdir_exists(source, tmp_path):
     src, _ = source
     cases = [
-        (f"train.init_from={tmp_path / 'nothing'}", "has no checkpoint"),
+        (f"train.init_from={tmp_path / 'nothing'}", "has no readable checkpoint"),
         (f"train.init_from={src / 'checkpoints' / '4'}", "no step 4; the run has steps [3, 5]"),
     ]
     for override, message in cases:
@@ -154,34 +164,27 @@ def _records(workdir):
 
 
 def test_halt_from_trains_the_gate_first_then_under_halting_and_resumes_across_the_switch(tmp_path):
-    # one run: steps 1-2 with the gate's own loss (exit_entropy in use), steps 3-5 under its exits;
-    # killed after step 4 (checkpoint at 3, past the switch) it must resume to the straight run's params
+    # one run: steps 1-3 with the gate's own loss (exit_entropy in use), steps 4-7 under its exits; logs
+    # every 2 steps plus at the switch (3), checkpoints at 5; killed after step 6, it resumes to the
+    # straight run's parameters and metrics records
+    from test_train_resume import records
+
     cfg = tiny(
         "model.exit_gate=true", "model.exit_entropy=0.05", "depth.halt_rule=gate", "depth.halt_threshold=0.6",
-        "depth.halt_from=2", "train.steps=5", "train.checkpoint_every=3", "train.eval_every=100",
+        "depth.halt_from=3", "train.steps=7", "train.log_every=2", "train.checkpoint_every=5", "train.eval_every=4",
     )  # fmt: skip
     straight = _train(cfg, tmp_path / "straight")
     train = {r["step"]: r for r in _records(tmp_path / "straight") if "train/ce" in r}
-    assert sorted(train) == [1, 2, 3, 4, 5]
+    assert sorted(train) == [2, 3, 4, 6, 7]  # 3: the switch is logged, so no record mixes the two losses
     for step, r in train.items():
-        gate_loss = step <= 2
+        gate_loss = step <= 3
         assert ("train/exit_depth" in r) == gate_loss and ("train/halt_depth" in r) != gate_loss, step
-    _train(cfg, tmp_path / "killed", hooks=stop_at(4))
+    _train(cfg, tmp_path / "killed", hooks=stop_at(6))
     resumed = _train(cfg, tmp_path / "killed")
-    assert resumed["resumed_from"] == 3
+    assert resumed["resumed_from"] == 5
     for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(straight["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_a_log_window_across_the_switch_averages_each_metric_over_the_steps_that_logged_it(tmp_path):
-    cfg = tiny(
-        "model.exit_gate=true", "depth.halt_rule=steps", "depth.halt_threshold=2", "depth.halt_from=1",
-        "train.steps=3", "train.log_every=3", "train.eval_every=100",
-    )  # fmt: skip
-    _train(cfg, tmp_path / "run")
-    (r,) = [r for r in _records(tmp_path / "run") if "train/ce" in r]
-    assert r["train/halt_depth"] == 2.0  # steps 2 and 3 only: "exit after 2" ran 2 iterations
-    assert 1.0 <= r["train/exit_depth"] <= 3.0  # step 1's gate loss only
+    assert records(tmp_path / "killed") == records(tmp_path / "straight")
 
 
 def test_halt_from_must_fall_inside_the_run():

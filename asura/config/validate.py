@@ -40,8 +40,8 @@ def _validate_halting(cfg: Config) -> None:
 
     m, d = cfg.model, cfg.depth
     if not d.halt_rule:
-        for key in ("halt_threshold", "halt_from"):
-            if getattr(d, key):
+        for key, off in (("halt_threshold", 0.0), ("halt_from", 0), ("halt_kv", "copy")):
+            if getattr(d, key) != off:
                 raise ConfigError(f"depth.{key}={getattr(d, key)} is set but depth.halt_rule is empty (off)")
         return
     if not 0 <= d.halt_from < cfg.train.steps:
@@ -59,6 +59,16 @@ def _validate_halting(cfg: Config) -> None:
         raise ConfigError(f"exit rule {d.halt_rule!r} has no default threshold; set depth.halt_threshold")
     if rule.needs_gate and not m.exit_gate:
         raise ConfigError(f"depth.halt_rule={d.halt_rule} reads the learned exit gate: it needs model.exit_gate=true")
+    if rule.needs_gate and not d.halt_from and not cfg.train.init_from:
+        # its exits are not differentiated: an untrained gate (λ ≈ 1/2 everywhere) would fix the depths for good
+        raise ConfigError(
+            f"depth.halt_rule={d.halt_rule} reads a gate that only its own loss trains: set depth.halt_from > 0 "
+            "(train it first) or train.init_from (a run that trained it)"
+        )
+    if d.bptt_k:
+        # truncation counts back from n, not from each token's exit: a token that exits at depth <= n - k
+        # would send no gradient into the loop at all
+        raise ConfigError(f"depth.bptt_k={d.bptt_k} does not combine with depth.halt_rule; set depth.bptt_k=0")
     # From depth.halt_from on, halting replaces the run's own loss; a setting of that loss only
     # makes sense when some steps (before halt_from) train with it.
     if m.guidance != "none" and not d.halt_from:

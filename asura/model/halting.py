@@ -135,7 +135,9 @@ def advance(spec: HaltSpec, halt: Halt, h_prev_BTD, h_new_BTD, model, t, kv=None
         h_BTD, out = h_new_BTD, select(active, h_new_BTD, out)
     else:
         h_BTD = select(active, h_new_BTD, h_prev_BTD)
-    rule, value_BT = spec.entry.update(halt.rule, h_prev_BTD, h_new_BTD, model, t)
+    # the rule only decides who stops, which is not differentiated: no backward through it (nor residuals)
+    sg = jax.lax.stop_gradient
+    rule, value_BT = spec.entry.update(sg(halt.rule), sg(h_prev_BTD), sg(h_new_BTD), model, t)
     rule = select(active, rule, halt.rule)
     depth_BT = halt.depth_BT + active.astype(jnp.int32)
     leave_BT = spec.entry.exits(value_BT, spec.tau) & (depth_BT >= spec.min_depth)

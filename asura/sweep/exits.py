@@ -205,7 +205,9 @@ def primary(rows: list[dict], ref: dict, opts: Options) -> list[str]:
     ratio = describe(list(row["flops"].values())).mean / ref["flops"]
     inside = band.half_width is not None and band.low <= em.mean <= band.high
     cheap = ratio <= opts.max_flops
-    cmp = compare_seeds(row["em"], ref["em"], direction="max", names=(opts.primary, ref["name"]), metric="exact match")
+    cmp = compare_seeds(
+        row["em"], ref["em"], direction="maximize", names=(opts.primary, ref["name"]), metric="exact match"
+    )
     band_text = "no interval (n < 2)" if band.half_width is None else f"[{band.low:.3f}, {band.high:.3f}]"
     out += [
         f"`{opts.primary}` against `{ref['name']}`, {em.n} seeds (kv={opts.kv}):",

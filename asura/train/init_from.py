@@ -16,13 +16,18 @@ resume, asura.train.checkpoint.HARMLESS_KEYS).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from asura.config import Config, ConfigError, config_from_yaml
-from asura.storage.paths import StorageError, to_path
+from asura.storage.paths import StorageError, is_remote, to_path
+from asura.train.integrity import check_seal
 from asura.train.preflight import PreflightError
+from asura.train.resume import META_FILE, newest_saved
 
 
 class InitFromError(PreflightError):
@@ -40,11 +45,29 @@ class Source(NamedTuple):
 
 
 def _steps(ckpt) -> list[int]:
-    return sorted((int(p.name) for p in ckpt.iterdir() if p.name.isdigit()), reverse=True) if ckpt.exists() else []
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def _saved_config(workdir, step: int, where: str) -> Config:
+    """The config a step was trained with, read as resume reads it (committed, sealed meta)."""
+    step_dir = workdir / "checkpoints" / str(step)
+    if is_remote(step_dir) and not (step_dir / "commit_success.txt").exists():
+        raise InitFromError(f"train.init_from={where}: step {step} was never committed (a save cut short)")
+    try:
+        meta = json.loads(step_dir.joinpath(*META_FILE).read_text())
+        check_seal(meta)
+        return config_from_yaml(meta["config_yaml"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+        raise InitFromError(
+            f"train.init_from={where}: checkpoint step {step} has no readable config ({type(e).__name__}); "
+            "name another step as <workdir>/checkpoints/<step>"
+        ) from None
 
 
 def resolve(cfg: Config) -> Source | None:
     """The checkpoint train.init_from names, checked against this config; reads its meta only."""
+    import jax
+
     where = cfg.train.init_from
     if not where:
         return None
@@ -52,35 +75,27 @@ def resolve(cfg: Config) -> Source | None:
         p = to_path(where)
     except StorageError as e:
         raise InitFromError(f"train.init_from: {e}") from None
+    if not is_remote(p):  # pinned as an absolute path: config.yaml names it wherever the run is read
+        p = to_path(Path(os.fspath(p)).expanduser().resolve())
     if p.name.isdigit() and p.parent.name == "checkpoints":
-        workdir, steps = p.parent.parent, [int(p.name)]
+        workdir, step = p.parent.parent, int(p.name)
         if not p.exists():
             have = _steps(p.parent)
-            raise InitFromError(
-                f"train.init_from={where}: no step {p.name}; the run has steps {sorted(have) or 'none'}"
-            )
+            raise InitFromError(f"train.init_from={where}: no step {step}; the run has steps {have or 'none'}")
+        src_cfg = _saved_config(workdir, step, where)
     else:
-        workdir, steps = p, _steps(p / "checkpoints")
-        if not steps:
+        if jax.process_count() > 1:  # each process would pick the newest step on its own, perhaps another
             raise InitFromError(
-                f"train.init_from={where} has no checkpoint (expected {p / 'checkpoints'}/<step>/); "
+                f"train.init_from={where}: a multi-process run must name the step, as <workdir>/checkpoints/<step>, "
+                "so that every process starts from the same one"
+            )
+        saved = newest_saved(p)  # resume's rule: the newest committed step whose sealed meta reads
+        if saved is None:
+            raise InitFromError(
+                f"train.init_from={where} has no readable checkpoint (expected {p / 'checkpoints'}/<step>/); "
                 "name a trained run's workdir or one of its checkpoints/<step> directories"
             )
-    step = steps[0]
-    meta_file = workdir / "checkpoints" / str(step) / "meta" / "metadata"
-    try:
-        import json
-
-        from asura.train.integrity import check_seal
-
-        meta = json.loads(meta_file.read_text())
-        check_seal(meta)
-        src_cfg = config_from_yaml(meta["config_yaml"])
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-        raise InitFromError(
-            f"train.init_from: checkpoint step {step} of {workdir} has no readable config ({type(e).__name__}); "
-            "name an older step as <workdir>/checkpoints/<step>"
-        ) from None
+        workdir, step, src_cfg = p, saved.step, saved.cfg
     _check_shapes(src_cfg, cfg, f"train.init_from={where} (step {step})")
     return Source(workdir, step, src_cfg)
 
@@ -114,15 +129,25 @@ def pinned(cfg: Config, source: Source | None) -> Config:
     return cfg.replace(train=dataclasses.replace(cfg.train, init_from=source.path))
 
 
-def load_params(source: Source, abstract_params) -> dict:
-    """The source step's parameters restored onto `abstract_params` (this run's shapes and
-    shardings); raises InitFromError when the step does not restore."""
+def kept(cfg: Config, saved: Config) -> Config:
+    """A resumed run's config with train.init_from as its checkpoint saved it (the pinned step), whatever
+    the command line says now: the parameters came from there, and a source that has trained on since
+    (or been deleted) changes nothing."""
+    if cfg.train.init_from == saved.train.init_from:
+        return cfg
+    return cfg.replace(train=dataclasses.replace(cfg.train, init_from=saved.train.init_from))
+
+
+def load_params(source: Source, placement) -> dict:
+    """The source step's parameters, restored straight onto this run's placement (every leaf of the
+    source's state gets this run's sharding, so no host holds an unsharded copy); raises InitFromError
+    when the step does not restore."""
     from asura.train.checkpoint import CheckpointStore
     from asura.train.state import abstract_state
 
     store = CheckpointStore(source.workdir / "checkpoints", keep=1, async_save=False, read_only=True)
     try:
-        target = dict(abstract_state(source.cfg).state, params=abstract_params)
+        target = placement.abstract(abstract_state(source.cfg).state)
         attempt = store.attempt(source.step, lambda s: store.restore(s, target)[0]["params"])
     finally:
         store.close()

@@ -77,8 +77,11 @@ def run(
         lock = workdir_lock(workdir, jax.process_index())  # process 0 holds it for the whole job
         agreed(lock.check_free, workdir)  # a busy workdir is refused first, and without touching it
         plan = plan_resume(cfg, workdir, extend)  # the checkpoint's config decides: before anything is opened
-        source = init_from.resolve(plan.cfg)  # a resume continues its own
-        cfg = init_from.pinned(plan.cfg, source)
+        if plan.saved is None:  # a fresh run: the source is resolved, checked and pinned here
+            source = init_from.resolve(plan.cfg)
+            cfg = init_from.pinned(plan.cfg, source)
+        else:  # a resume continues its own checkpoint and keeps the step it started from, as saved
+            source, cfg = None, init_from.kept(plan.cfg, plan.saved.cfg)
         make_workdir(workdir)
         agreed(lock.__enter__, workdir)
         with contextlib.closing(lock):

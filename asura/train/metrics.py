@@ -181,12 +181,11 @@ class MetricsWriter:
 
 
 def window_means(pending: list[dict]) -> dict[str, Any]:
-    """Window means; per-iteration entries that never ran (NaN) are averaged over the steps that ran them,
-    and a metric only one phase of a run logs (depth.halt_from) over the steps that logged it."""
+    """Window means; per-iteration entries that never ran (NaN) are averaged over the steps that ran them."""
     host = jax.device_get(pending)
     out = {}
-    for k in dict.fromkeys(k for m in host for k in m):
-        x = np.stack([np.asarray(m[k], np.float64) for m in host if k in m])
+    for k in host[-1]:
+        x = np.stack([np.asarray(m[k], np.float64) for m in host])
         if k == "ce_per_iter":
             ran = np.isfinite(x)
             out[k] = np.where(ran.any(0), np.where(ran, x, 0).sum(0) / np.maximum(ran.sum(0), 1), np.nan)

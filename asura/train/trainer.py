@@ -152,7 +152,7 @@ class Trainer:
             self.state = init_state(self.cfg).state
             start = None
             if self.init_source is not None:
-                self.state["params"] = load_params(self.init_source, self.abstract["params"])
+                self.state["params"] = load_params(self.init_source, self.placement)
                 self.say(f"parameters from {self.init_source.path} (train.init_from); optimiser, schedule fresh")
         else:
             start, self.state = restored.step, restored.state
@@ -281,15 +281,20 @@ class Trainer:
         if t.timing_skip_steps == 0:  # time everything, compile included
             self.window = (time.perf_counter(), 0)
         for step in range(start, t.steps):
+            compiles = halting_at(self.cfg, step) not in self.compiled
             m = self.train_step(step)
             step_done = step + 1
-            if step_done - start == t.timing_skip_steps:
+            # the window restarts after the warm-up steps, and after the halting step's compile (depth.halt_from)
+            recompiled = compiles and step > start and self.window is not None
+            if recompiled or step_done - start == t.timing_skip_steps:
                 jax.block_until_ready(m)
                 self.window = (time.perf_counter(), 0)
             elif self.window is not None:
                 self.window = (self.window[0], self.window[1] + 1)
             is_last = step_done == t.steps
-            do_log = step_done % t.log_every == 0 or is_last
+            # the last step of the run's own loss is logged, so no record averages it with halting's
+            switch = bool(self.cfg.depth.halt_rule) and step_done == self.cfg.depth.halt_from
+            do_log = step_done % t.log_every == 0 or is_last or switch
             do_eval = step_done % t.eval_every == 0 or is_last
             do_ckpt = step_done % t.checkpoint_every == 0 or is_last
             if do_log or do_eval or do_ckpt:
