@@ -162,8 +162,10 @@ MEMORY_FIELDS = {  # report name -> CompiledMemoryStats field (per chip)
 }
 
 
-def compile_train_step(cfg: Config, devices) -> dict:
-    """Lower and compile train.py's step for the slice `devices`; a JSON-able result (see `report`)."""
+def compile_train_step(cfg: Config, devices, halting: bool | None = None) -> dict:
+    """Lower and compile train.py's step for the slice `devices`; a JSON-able result (see `report`).
+    A run that switches to training under halting (depth.halt_from > 0) runs a second program from
+    then on: it is compiled too, and its result is kept under "halting_phase" (its status counts)."""
     import collections
 
     import jax
@@ -173,13 +175,17 @@ def compile_train_step(cfg: Config, devices) -> dict:
     from asura.parallel.mesh import make_mesh
     from asura.parallel.placement import MeshPlacement
     from asura.train.state import abstract_state
-    from asura.train.step import make_train_step
+    from asura.train.step import halting_at, make_train_step
 
+    if halting is None and halting_at(cfg, 0) != halting_at(cfg, cfg.train.steps - 1):
+        first, later = compile_train_step(cfg, devices, False), compile_train_step(cfg, devices, True)
+        status = first["status"] if first["status"] != "ok" else later["status"]
+        return {**first, "status": status, "halting_phase": later}
     mesh = make_mesh(cfg.mesh, devices)
     built = abstract_state(cfg)
     placement = MeshPlacement(cfg, built.axes, mesh=mesh)
     state, batch, n = train_step_inputs(cfg, built, placement)
-    step = placement.jit_step(make_train_step(cfg, built.graphdef, built.rest, built.axes))
+    step = placement.jit_step(make_train_step(cfg, built.graphdef, built.rest, built.axes, halting=halting))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # the Pallas dispatch reads the target chip from the context
         lowered = step.trace(state, batch, n).lower()

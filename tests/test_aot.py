@@ -127,6 +127,22 @@ def test_tiny_train_step_compiles_on_a_v5e_slice(tmp_path):
     assert p.stderr.strip() == ""
 
 
+@pytest.mark.slow
+@needs_libtpu
+def test_a_run_that_switches_to_halting_compiles_both_of_its_programs(tmp_path):
+    """depth.halt_from > 0: the step under halting (its own program, with each layer's copied keys and
+    values in the loop) is compiled up front too, not first met at step halt_from on the chips."""
+    out = tmp_path / "r.json"
+    p = _aot("--config", str(TINY), "--topology", "v5e:2x2", "model.guidance=none", "model.exit_gate=true",
+             "depth.halt_rule=gate", "depth.halt_threshold=0.5", "depth.halt_from=1", "depth.bptt_k=0",
+             "train.batch_size=8", "--json", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["status"] == "ok" and r["halting_phase"]["status"] == "ok"
+    assert r["memory"]["peak"] > 0 and r["halting_phase"]["memory"]["peak"] > 0
+    assert "halting_phase" not in r["halting_phase"]
+
+
 @needs_libtpu
 def test_out_of_memory_is_one_line_naming_the_shortfall_and_the_fix():
     p = _aot("--config", str(TINY), "--topology", "v5e:1x1", "train.batch_size=4096", "data.seq_len=256",

@@ -121,6 +121,15 @@ def test_the_primary_verdict_needs_both_quality_and_compute():
     worse = [r if r["group"] == "plain" else {**r, "exits": [_gate(0.3, 0.5, 2.0)]} for r in recs]
     text = "\n".join(exits.primary(*exits.summarise(worse, "plain"), opts))
     assert "**outside**" in text and "**Bar not met**" in text
+    # without a registered protocol the verdict is labelled exploratory; under one, only its seeds count
+    from asura.sweep.protocol import Protocol
+
+    assert "**Exploratory**" in "\n".join(exits.primary(rows, ref, opts))
+    text = "\n".join(exits.primary(rows, ref, opts, Protocol(seeds=(0, 1, 2), min_seeds=3)))
+    assert "**Exploratory**" not in text and "seeds [0, 1, 2]" in text and "**Bar met**" in text
+    text = "\n".join(exits.primary(rows, ref, opts, Protocol(seeds=(0, 1, 7), min_seeds=3)))
+    assert "2 of the protocol's seeds are complete in both arms, fewer than its min_seeds=3" in text
+    assert "Bar" not in text
     # the table's Δ is paired per seed: halt − plain = −0.05, −0.08, −0.11
     row = next(line for line in exits.table(rows, ref) if line.startswith("| halt | gate:0.3 |"))
     d = describe([-0.05, -0.08, -0.11])
@@ -145,11 +154,20 @@ def test_bad_exits_options_are_one_line(tmp_path, capsys, argv, needle):
     assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
 
 
-def test_a_plan_with_bad_exits_is_refused_before_anything_runs(tmp_path, capsys):
-    write_spec(tmp_path, "s")
-    plan = write_plan(tmp_path, [{"name": "a", "spec": "s.yaml", "exits": {"exits": ["gate:x"]}}])
+@pytest.mark.parametrize(
+    ("exits_opts", "needle"),
+    [
+        ({"exits": ["gate:x"]}, "studies.a.exits: exit 'gate:x': thresholds must be numbers"),
+        ({"exits": "gate:0.3"}, "studies.a.exits.exits must be a list of RULE[:T,..] strings"),
+        ({"exits": ["gate:0.3"], "primary": "hlat@gate:0.3"}, "studies.a.exits.primary: group 'hlat' is not in"),
+        ({"exits": ["gate:0.3"], "kv": "swap"}, "studies.a.exits: kv='swap' is not valid"),
+    ],
+)
+def test_a_plan_with_bad_exits_is_refused_before_anything_runs(tmp_path, capsys, exits_opts, needle):
+    write_spec(tmp_path, "s", variants={"halt": {}}, reference="halt")
+    plan = write_plan(tmp_path, [{"name": "a", "spec": "s.yaml", "exits": exits_opts}])
     with pytest.raises(SystemExit):
         main(["study", str(plan)])
     err = capsys.readouterr().err
-    assert "studies.a.exits: exit 'gate:x': thresholds must be numbers" in err and err.count("\n") == 1
+    assert needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()

@@ -93,7 +93,9 @@ class DepthConfig:
     # rule fires and is scored at its exit; "" = off. E.g. fine-tuning a gate model (train.init_from)
     # under its own exits with halt_kv=copy teaches it to read the copied keys/values that a
     # compute-saving decoder offers. The exit decisions are not differentiated: the gate's own loss
-    # (model.exit_gate without halting) is what trains a gate.
+    # (model.exit_gate without halting) is what trains a gate; under halting its gradient is zero, so
+    # only Adam's momentum moves it for a few dozen steps after halt_from (its inputs, the final norm's
+    # output, still train). Under halting `ce` is each token's CE at its own exit.
     halt_rule: str = ""  # registry: asura.model.exits.EXIT_RULES
     halt_threshold: float = 0.0  # 0 = the rule's default threshold
     halt_kv: str = "copy"  # what others read from an exited token: copy | full (asura.model.halting)

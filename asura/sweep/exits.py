@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asura.sweep import manifest
-from asura.sweep.report import EmptySweep, latest_per_cell, read_meta
+from asura.sweep.report import EmptySweep, latest_per_cell, read_meta, registered_protocol
 from asura.sweep.stats import CONFIDENCE, clip_interval, compare_seeds, describe
 from asura.sweep.tuning import ROLE as TUNE_ROLE
 
@@ -180,7 +180,7 @@ def _delta(row: dict, ref: dict) -> str:
 
 
 def table(rows: list[dict], ref: dict) -> list[str]:
-    head = ["group", "setting", "seeds", "exact match", f"Δ vs {ref['name']} (paired)", "mean exit depth",
+    head = ["group", "setting", "seeds", "exact match", f"Δ vs {ref['name']} (paired)", "mean depth (every token)",
             f"FLOPs/token vs {ref['name']}"]  # fmt: skip
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -191,8 +191,10 @@ def table(rows: list[dict], ref: dict) -> list[str]:
     return out
 
 
-def primary(rows: list[dict], ref: dict, opts: Options) -> list[str]:
-    """The pre-registered comparison's section (empty when the plan declares none)."""
+def primary(rows: list[dict], ref: dict, opts: Options, protocol=None) -> list[str]:
+    """The pre-registered comparison's section (empty when the plan declares none). Under the sweep's
+    registered protocol (asura.sweep.protocol) only its seeds count, and both arms must have each of
+    them; below its min_seeds there is no verdict. Without a registered protocol it is exploratory."""
     if opts.primary is None:
         return []
     group, _, setting = opts.primary.partition("@")
@@ -200,7 +202,19 @@ def primary(rows: list[dict], ref: dict, opts: Options) -> list[str]:
     out = ["## Pre-registered comparison", ""]
     if not match:
         return [*out, f"`{opts.primary}`: no complete trial of group {group!r} ran {setting} (not evaluated).", ""]
-    row = match[0]
+    seeds = sorted(set(match[0]["em"]) & set(ref["em"]))
+    if protocol is None:
+        out += ["**Exploratory**: the sweep registered no protocol, so this comparison is not confirmatory.", ""]
+    else:
+        seeds = [s for s in seeds if s in protocol.seeds]
+        if len(seeds) < protocol.min_seeds:
+            return [*out, f"`{opts.primary}`: {len(seeds)} of the protocol's seeds are complete in both arms, "
+                    f"fewer than its min_seeds={protocol.min_seeds}: too few seeds, no verdict.", ""]  # fmt: skip
+    keep = lambda d: {s: d[s] for s in seeds}  # both arms over the same seeds
+    row, ref = (
+        {**match[0], "em": keep(match[0]["em"]), "flops": keep(match[0]["flops"])},
+        {**ref, "em": keep(ref["em"])},
+    )
     em, band = describe(list(row["em"].values())), describe(list(ref["em"].values()))
     ratio = describe(list(row["flops"].values())).mean / ref["flops"]
     inside = band.half_width is not None and band.low <= em.mean <= band.high
@@ -210,7 +224,7 @@ def primary(rows: list[dict], ref: dict, opts: Options) -> list[str]:
     )
     band_text = "no interval (n < 2)" if band.half_width is None else f"[{band.low:.3f}, {band.high:.3f}]"
     out += [
-        f"`{opts.primary}` against `{ref['name']}`, {em.n} seeds (kv={opts.kv}):",
+        f"`{opts.primary}` against `{ref['name']}`, seeds {seeds} (kv={opts.kv}):",
         "",
         f"- quality: mean exact match {em.mean:.3f}; the reference's {CONFIDENCE:.0%} CI over seeds is "
         f"{band_text}: **{'inside' if inside else 'outside'}**",
@@ -289,7 +303,11 @@ def command(sweep_dir: str | Path, opts: Options) -> str:
 def write(sweep_dir: str | Path, records: list[dict], opts: Options, command: str = "") -> Path:
     d = Path(sweep_dir)
     meta = read_meta(d)
-    reference = meta.get("reference") or records[0]["group"]
+    reference = meta.get("reference")
+    if not reference:
+        raise EmptySweep(
+            f"sweep dir {d} names no reference group (the spec's `reference:`): nothing to compare against"
+        )
     rows, ref = summarise(records, reference)
     p = plot(rows, ref, d / "plots" / "exits.png")
     commits = sorted({r.get("commit", "unknown") for r in records})
@@ -301,7 +319,9 @@ def write(sweep_dir: str | Path, records: list[dict], opts: Options, command: st
            "a decoder that skips its iterations computes" if opts.kv == "copy" else
            "exited tokens keep iterating for the others; nothing is saved") + "). "
         "Cells: mean ± 95% CI over seeds (Student t; cut to [0, 1], then shown as [low, high]). Δ: the paired "
-        "per-seed difference from the reference at full depth. FLOPs: executed forward FLOPs per token "
+        "per-seed difference from the reference at full depth. Mean depth: the iterations each real token ran, "
+        "prompt included (each one runs through the loop; train/halt_depth counts the scored tokens only). "
+        "FLOPs: executed forward FLOPs per token "
         "(asura.flops.executed_flops of each row's measured depth distribution, exit-rule heads and gate "
         "included). Only the pre-registered comparison below is confirmatory; every other row is exploratory.",
         "",
@@ -310,7 +330,7 @@ def write(sweep_dir: str | Path, records: list[dict], opts: Options, command: st
         f"Evaluated at git commit(s): {', '.join(f'`{c}`' for c in commits) or 'unknown'}",
         "",
     ]  # fmt: skip
-    out += primary(rows, ref, opts)
+    out += primary(rows, ref, opts, registered_protocol(meta))
     out += ["## All settings", "", *table(rows, ref), "", f"![exact match against executed FLOPs](plots/{p.name})", ""]
     path = d / "EXITS.md"
     path.write_text("\n".join(out))

@@ -92,6 +92,8 @@ def _exits(name: str, raw) -> ExitOptions | None:
     if raw is None:
         return None
     check_keys(f"studies.{name}.exits", raw, EXITS_KEYS)
+    if not isinstance(raw.get("exits", []), list):
+        raise SpecError(f'studies.{name}.exits.exits must be a list of RULE[:T,..] strings, e.g. ["gate:0.3"]')
     opts = ExitOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     problem = opts.problem()
     if problem:
@@ -194,6 +196,14 @@ def check_plan(plan: Plan, only: tuple[str, ...] = ()) -> list:
             check_resume(spec, plan.out / s.name)
         except SpecError as e:
             raise SpecError(f"study {s.name}: {e}") from None
+        if s.exits is not None:  # the comparison names groups this sweep has, and a reference to compare with
+            group = (s.exits.primary or "").partition("@")[0]
+            groups = spec.grid.groups
+            if not spec.reference:
+                raise SpecError(f"studies.{s.name}.exits: the sweep spec names no `reference:` group to compare with")
+            if group and group not in groups:
+                raise SpecError(f"studies.{s.name}.exits.primary: group {group!r} is not in the sweep; valid: "
+                                f"{', '.join(groups)}")  # fmt: skip
         loaded.append((s, spec))
     return loaded
 
