@@ -73,6 +73,15 @@ def _finished(workdir: str, step: int):
     return verify
 
 
+def _halting_rebuilt(copy: Path) -> None:
+    """The halting study in a copy: nothing retrained or re-evaluated, EXITS.md rebuilt from the
+    committed records and exit results equal to the committed one (the commands line aside)."""
+    study = copy / "results" / "halting" / "protocol"
+    assert not (study / "trials").exists()
+    new, old = ((b / "results/halting/protocol/EXITS.md").read_text() for b in (copy, ROOT))
+    assert new[new.index("## Pre-registered") :] == old[old.index("## Pre-registered") :]
+
+
 def _retrained_nothing(copy: Path) -> None:
     """The study plan in a copy: no trial workdir made, and the reports' results rebuilt from the
     committed records equal the committed ones."""
@@ -121,6 +130,9 @@ CHECKS: dict[str, Check] = {
     ),
     ".venv/bin/python -m asura.sweep report runs/sweep --metric exact_match": Check(expect=("runs/sweep/REPORT",)),
     ".venv/bin/python -m asura.sweep extrapolate runs/sweep --factor 4": Check(expect=("EXTRAPOLATION.md",)),
+    ".venv/bin/python -m asura.sweep exits runs/sweep --exit latent:0.1,0.3 --exit kl:0.01": Check(
+        expect=("EXITS.md",)
+    ),
     ".venv/bin/jupyter execute notebooks/ablations.ipynb": Check(),
     "ASURA_NB_WORKDIR=runs/demo .venv/bin/jupyter execute notebooks/loop_depth.ipynb": Check(),
     ".venv/bin/tensorboard --logdir runs": Check(until="http://localhost:6006", verify=_tensorboard_lists_runs),
@@ -131,6 +143,9 @@ CHECKS: dict[str, Check] = {
     # report is rebuilt from the records.
     ".venv/bin/python -m asura.sweep study configs/studies/cpu_protocol.yaml": Check(
         expect=("48 trials, 48 done, 0 to run", "index:"), timeout=600, verify=_retrained_nothing
+    ),
+    ".venv/bin/python -m asura.sweep study configs/studies/halting_cpu.yaml": Check(
+        expect=("24 trials, 24 done, 0 to run", "index:"), timeout=600, verify=_halting_rebuilt
     ),
     ".venv/bin/python -m asura.aot --config configs/demo.yaml --topology v5e:2x2 model.attention=pallas": Check(
         expect=("peak",)
