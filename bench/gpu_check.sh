@@ -13,7 +13,10 @@
 #   4 mfu        bench/mfu.py: configs/presets/looped_350m.yaml at batch 32 (synthetic data), 10 timed steps
 #   5 skip       bench/skip_cost.py: what skipped iterations cost under remat none/block (S = 16 vs S = 2),
 #                where lax.empty allocates without the CPU's zero-fill (issue #18's open ratio)
-# Files in $OUT (at most 8 come back): env.txt tests.txt attention.txt mfu.txt mfu.json skip.txt summary.txt
+#   6 halting    bench/halting_engine.py: decode wall time when every token exits after 2 of 4
+#                iterations, against depth 4 and fixed depth 2, batch 1 and 8 (issue #29's wall time)
+# Files in $OUT (at most 8 come back): env.txt tests.txt attention.txt mfu.txt mfu.json skip.txt halting.txt
+# summary.txt
 #
 # The device image (python3, jax 0.11.2, no grain, no asura install) is used as it is. asura is put
 # on the path through a view in $TMPDIR: asura/* linked, asura/kernels -> kernels/ (what pyproject's
@@ -31,19 +34,21 @@ OUT="${OUT:-${TMPDIR:-/tmp}/gpu_check_out}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"  # absolute: the steps run from the view
 if [ "$MODE" = smoke ] && [ -x "$REPO/.venv/bin/python" ]; then PY="${PY:-$REPO/.venv/bin/python}"; else PY="${PY:-python3}"; fi
 
-# Per-step limits (s): 15 + 100 + 155 + 150 + 55 = 475 s < 8 min at worst. Compiles dominate every step (72 jit
+# Per-step limits (s): 15 + 85 + 135 + 150 + 55 + 40 = 480 s = 8 min at worst. Compiles dominate every step (72 jit
 # compiles in the attention table, one 350M train step in mfu); output is unbuffered, so a step cut
 # short by its limit still leaves the rows it finished in $OUT.
-T_ENV=15 T_TESTS=100 T_ATTN=155 T_MFU=150 T_SKIP=55
+T_ENV=15 T_TESTS=85 T_ATTN=135 T_MFU=150 T_SKIP=55 T_HALT=40
 TEST_ARGS=(-m gpu)  # on a CPU they all skip: the smoke checks that the files import and collect
 if [ "$MODE" = device ]; then
   ATTN_ARGS=(--T 1024,2048,4096,8192 --d 64,128 --heads 16 --dtype bfloat16 --impls pallas,cudnn,xla --reps 30)
   MFU_ARGS=(--config configs/presets/looped_350m.yaml train.batch_size=32 --steps 10)
   SKIP_ARGS=(--d-model 512 --seq 512 --batch 8 --pairs 2:16 --policies none,block --loops while --reps 7)
+  HALT_ARGS=(--d-model 2048 --heads 16 --layers 2 --depth 4 --exits 2 --batches 1,8 --prompt 128 --new 64 --reps 3)
 else  # the same entry points, tiny; Pallas runs in interpret mode
   ATTN_ARGS=(--cpu-smoke)
   MFU_ARGS=(--cpu-smoke)
   SKIP_ARGS=(--d-model 32 --seq 16 --batch 2 --pairs 1:2 --policies none --loops while --reps 1)
+  HALT_ARGS=(--d-model 32 --heads 2 --layers 1 --depth 2 --exits 1 --batches 1,2 --prompt 4 --new 2 --reps 1)
 fi
 
 VIEW="${TMPDIR:-/tmp}/asura_view.$$"
@@ -86,6 +91,7 @@ step tests "$T_TESTS" tests.txt "$PY" -m pytest -q -p no:cacheprovider tests/tes
 step attention "$T_ATTN" attention.txt "$PY" bench/attention.py "${ATTN_ARGS[@]}"
 step mfu "$T_MFU" mfu.txt "$PY" bench/mfu.py "${MFU_ARGS[@]}" --json "$OUT/mfu.json"
 step skip "$T_SKIP" skip.txt "$PY" bench/skip_cost.py "${SKIP_ARGS[@]}"
+step halting "$T_HALT" halting.txt "$PY" bench/halting_engine.py "${HALT_ARGS[@]}"
 
 {
   echo "=== gpu_check ($MODE) summary: step, status, seconds, output"
@@ -94,6 +100,7 @@ step skip "$T_SKIP" skip.txt "$PY" bench/skip_cost.py "${SKIP_ARGS[@]}"
   echo "--- attention:"; grep -E '^(impl|pallas|cudnn|xla) ' "$OUT/attention.txt" || echo "(no rows)"
   echo "--- mfu:"; grep -E '^[|#]' "$OUT/mfu.txt" || echo "(no rows)"
   echo "--- skip:"; grep -E '^\|' "$OUT/skip.txt" || echo "(no rows)"
+  echo "--- halting:"; grep -E '^ *(batch|[0-9]+ )' "$OUT/halting.txt" || echo "(no rows)"
 } | tee "$OUT/summary.txt"
 
 for line in "${SUMMARY[@]}"; do case "$line" in *" ok "*) ;; *) exit 1 ;; esac; done
