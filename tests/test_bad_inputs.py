@@ -768,8 +768,10 @@ def test_the_table_is_large_and_its_ids_unique():
 
 
 def _sub_env(extra: dict[str, str]) -> dict:
-    """This process's environment, the repo on PYTHONPATH, `extra` set (XLA_FLAGS appended to)."""
-    env = dict(os.environ)
+    """This process's environment, the repo on PYTHONPATH, `extra` set (XLA_FLAGS appended to).
+    JAX_PLATFORMS=cpu unless set: where libtpu is installed without a TPU (CI's tpu extra), its start-up
+    notices go to stderr at random (as in test_train_resume.py); they are not the CLI's lines."""
+    env = {"JAX_PLATFORMS": "cpu", **os.environ}
     for key, val in extra.items():
         env[key] = " ".join(x for x in (env.get(key, ""), val) if x) if key == "XLA_FLAGS" else val
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -18,7 +18,9 @@ TINY = [*_TINY, "train.eval_every=1000"]
 
 
 def _env() -> dict:
-    env = dict(os.environ)
+    # JAX_PLATFORMS=cpu unless set: where libtpu is installed without a TPU (CI's tpu extra), its
+    # start-up notices go to stderr at random (as in test_train_resume.py); they are not train.py's lines
+    env = {"JAX_PLATFORMS": "cpu", **os.environ}
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -36,14 +36,14 @@ def _positive(cfg: Config, *keys: str, allow_zero: bool = False) -> None:
 
 def _validate_halting(cfg: Config) -> None:
     """depth.halt_*: training under per-token halting (asura.model.halting.train_spec)."""
-    from asura.model.exits import EXIT_RULES
-
     m, d = cfg.model, cfg.depth
     if not d.halt_rule:
         for key, off in (("halt_threshold", 0.0), ("halt_from", 0), ("halt_kv", "copy")):
             if getattr(d, key) != off:
                 raise ConfigError(f"depth.{key}={getattr(d, key)} is set but depth.halt_rule is empty (off)")
         return
+    from asura.model.exits import EXIT_RULES
+
     if not 0 <= d.halt_from < cfg.train.steps:
         raise ConfigError(
             f"depth.halt_from={d.halt_from} must be in 0..train.steps-1={cfg.train.steps - 1} (the step training "
