@@ -71,6 +71,7 @@ def vanilla(cfg: Config, **model_overrides) -> Config:
         "depth.halt_threshold": 0.0,
         "depth.halt_from": 0,
         "depth.halt_kv": "copy",
+        "depth.halt_gate_loss": False,
         "train.init_from": "",  # a baseline trains from scratch: its shapes are not the looped run's
         "train.eval_depths": [],
     }

@@ -34,11 +34,14 @@ BATCH = {
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def reference(model, n):
+def reference(model, n, h_SBTD=None):
     """Ouro's objective by hand: λ_t from the gate on FinalNorm(h_t), p_t = λ_t·S_{t−1} (S_{n−1} at
-    t = n), Σ_t mean_mask(p_t·(ce_t + z·lse_t²)) − β·Σ_t mean_mask(−p_t log p_t)."""
+    t = n), Σ_t mean_mask(p_t·(ce_t + z·lse_t²)) − β·Σ_t mean_mask(−p_t log p_t). h_SBTD: the n
+    latents it is computed on (default: the fixed-depth model's)."""
     cfg = model.cfg
-    h_SBTD = np.asarray(model.latents(BATCH["inputs"], n), np.float64)[:n]
+    if h_SBTD is None:
+        h_SBTD = model.latents(BATCH["inputs"], n)[:n]
+    h_SBTD = np.asarray(h_SBTD, np.float64)
     w_DV = np.asarray(model.w_DV(), np.float64)
     mask = np.asarray(BATCH["loss_mask"], np.float64)
     tgt = np.asarray(BATCH["targets"])
@@ -84,6 +87,52 @@ def test_gate_loss_gradients_while_equal_unrolled_and_reach_the_gate():
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, **TOL)
     assert float(jnp.abs(got["w_gate"][...]).max()) > 0 and float(jnp.abs(got["b_gate"][...]).max()) > 0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_gate_loss_under_halting_is_the_gate_loss_of_each_tokens_exit_latent(k):
+    # depth.halt_gate_loss: every token exits after k of N under "steps"; from then on its latent is its
+    # exit latent, so the objective is the reference's over h_1..h_k, then h_k repeated to N
+    model = random_model(GATED, 3, 0.5)
+    objective, aux = model.loss(BATCH, n=N, halt=HaltSpec("steps", float(k)), gate_loss=True)
+    lat = np.asarray(model.latents(BATCH["inputs"], k))[:k]
+    want, entropy, depth = reference(model, N, np.concatenate([lat, np.repeat(lat[-1:], N - k, 0)]))
+    np.testing.assert_allclose(objective, want, **TOL)
+    np.testing.assert_allclose(aux["exit_entropy"], entropy, **TOL)
+    np.testing.assert_allclose(aux["exit_depth"], depth, **TOL)
+    assert np.all(np.asarray(aux["depth_BT"]) == k)
+    # ce is each token's CE at its exit, as under halting without the gate's loss
+    np.testing.assert_allclose(aux["ce"], model.loss(BATCH, n=N, halt=HaltSpec("steps", float(k)))[1]["ce"], **TOL)
+
+
+def test_gate_loss_under_a_rule_that_never_exits_is_the_gate_loss_and_trains_the_gate():
+    model = random_model(dataclasses.replace(GATED, remat="iteration"), 4, 0.5)
+    graphdef, state = nnx.split(model)
+
+    def value_grad(**kw):
+        return jax.value_and_grad(lambda st: nnx.merge(graphdef, st).loss(BATCH, n=3, **kw)[0])(state)
+
+    (got, g_got), (want, g_want) = value_grad(halt=HaltSpec("never"), gate_loss=True), value_grad()
+    assert float(got) == float(want)  # the same forward ops: "never" runs every iteration for every token
+    # the backward also runs through the halting selects and copied keys/values (all taking the new
+    # values here), which reorders fp32 sums: TOL, not bit equality
+    for g, w in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(g, w, **TOL)
+    # under the gate's own exits the gate gets a gradient with the gate's loss, none without it
+    spec = HaltSpec("gate", 0.5)
+    _, with_loss = value_grad(halt=spec, gate_loss=True)
+    _, without = value_grad(halt=spec)
+    assert float(jnp.abs(with_loss["w_gate"][...]).max()) > 0 and float(jnp.abs(with_loss["b_gate"][...]).max()) > 0
+    assert float(jnp.abs(without["w_gate"][...]).max()) == 0
+    # and the while driver (all N steps under the gate's loss) equals the unrolled loop, gradients too
+    (u, g_u), (w_, g_w) = (
+        jax.value_and_grad(lambda st, un=un: nnx.merge(graphdef, st).loss(BATCH, n=3, halt=spec, gate_loss=True,
+                                                                          unroll=un)[0])(state)
+        for un in (True, False)
+    )  # fmt: skip
+    np.testing.assert_allclose(w_, u, **TOL)
+    for g, w in zip(jax.tree.leaves(g_w), jax.tree.leaves(g_u), strict=True):
+        np.testing.assert_allclose(g, w, **TOL)
 
 
 def test_gate_rule_exits_where_the_cumulative_exit_probability_passes_the_threshold():

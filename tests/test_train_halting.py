@@ -50,6 +50,16 @@ def test_training_under_exit_after_k_equals_training_at_depth_k():
     assert max(moved) > 0
 
 
+def test_training_under_the_gates_own_loss_trains_the_gate_from_the_start():
+    # depth.halt_gate_loss: the gate rule needs no earlier phase, exit_entropy applies, the gate moves
+    cfg = tiny("model.exit_gate=true", "model.exit_entropy=0.05", "depth.halt_rule=gate", "depth.halt_threshold=0.6",
+               "depth.halt_gate_loss=true", "train.warmup_steps=0")  # fmt: skip
+    state, m = one_step(cfg, 3)
+    assert 1.0 <= float(m["halt_depth"]) < 3.0 and 1.0 <= float(m["exit_depth"]) <= 3.0
+    start = init_state(cfg).state["params"]
+    assert float(jnp.abs(state["params"]["w_gate"] - start["w_gate"]).max()) > 0
+
+
 def test_training_under_the_gate_records_the_realised_depth():
     cfg = tiny("model.exit_gate=true", "depth.halt_rule=gate", "depth.halt_threshold=0.6", "depth.halt_from=1")
     _, m = one_step(cfg, 3, halting=True)
@@ -75,6 +85,8 @@ def test_training_under_the_gate_records_the_realised_depth():
         ),
         (("depth.halt_rule=kl", "depth.bptt_k=1"), "depth.bptt_k=1 does not combine with depth.halt_rule"),
         (("depth.halt_kv=full",), "depth.halt_kv=full is set but depth.halt_rule is empty"),
+        (("depth.halt_gate_loss=true",), "depth.halt_gate_loss=True is set but depth.halt_rule is empty"),
+        (("depth.halt_rule=kl", "depth.halt_gate_loss=true"), "depth.halt_gate_loss trains the exit gate under"),
     ],
 )
 def test_bad_halting_config_is_one_line(overrides, message):

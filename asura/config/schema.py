@@ -100,6 +100,10 @@ class DepthConfig:
     halt_threshold: float = 0.0  # 0 = the rule's default threshold
     halt_kv: str = "copy"  # what others read from an exited token: copy | full (asura.model.halting)
     halt_from: int = 0  # the step from which training runs under halting; before it, the run's own loss
+    # Under halting, train on the gate's own loss (model.exit_gate: expected CE over each token's exit
+    # distribution, minus exit_entropy·H) computed on the halting forward instead of CE at the exit, so
+    # the gate keeps learning where to stop while the model learns to read copied keys/values.
+    halt_gate_loss: bool = False
 
 
 @dataclass(frozen=True)

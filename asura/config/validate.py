@@ -38,7 +38,7 @@ def _validate_halting(cfg: Config) -> None:
     """depth.halt_*: training under per-token halting (asura.model.halting.train_spec)."""
     m, d = cfg.model, cfg.depth
     if not d.halt_rule:
-        for key, off in (("halt_threshold", 0.0), ("halt_from", 0), ("halt_kv", "copy")):
+        for key, off in (("halt_threshold", 0.0), ("halt_from", 0), ("halt_kv", "copy"), ("halt_gate_loss", False)):
             if getattr(d, key) != off:
                 raise ConfigError(f"depth.{key}={getattr(d, key)} is set but depth.halt_rule is empty (off)")
         return
@@ -59,11 +59,13 @@ def _validate_halting(cfg: Config) -> None:
         raise ConfigError(f"exit rule {d.halt_rule!r} has no default threshold; set depth.halt_threshold")
     if rule.needs_gate and not m.exit_gate:
         raise ConfigError(f"depth.halt_rule={d.halt_rule} reads the learned exit gate: it needs model.exit_gate=true")
-    if rule.needs_gate and not d.halt_from and not cfg.train.init_from:
+    if d.halt_gate_loss and not m.exit_gate:
+        raise ConfigError("depth.halt_gate_loss trains the exit gate under halting: it needs model.exit_gate=true")
+    if rule.needs_gate and not d.halt_from and not cfg.train.init_from and not d.halt_gate_loss:
         # its exits are not differentiated: an untrained gate (λ ≈ 1/2 everywhere) would fix the depths for good
         raise ConfigError(
             f"depth.halt_rule={d.halt_rule} reads a gate that only its own loss trains: set depth.halt_from > 0 "
-            "(train it first) or train.init_from (a run that trained it)"
+            "(train it first), train.init_from (a run that trained it) or depth.halt_gate_loss=true"
         )
     if d.bptt_k:
         # truncation counts back from n, not from each token's exit: a token that exits at depth <= n - k
@@ -76,10 +78,11 @@ def _validate_halting(cfg: Config) -> None:
             f"training under halting scores each token at its exit; model.guidance={m.guidance} weights every "
             "iteration's loss: set model.guidance=none (or depth.halt_from > 0 to use it before halting)"
         )
-    if m.exit_entropy and not d.halt_from:
+    if m.exit_entropy and not d.halt_from and not d.halt_gate_loss:
         raise ConfigError(
             "model.exit_entropy regularises the gate's own loss, which training under halting (depth.halt_rule) "
-            "replaces; set model.exit_entropy=0 (or depth.halt_from > 0 to train the gate first)"
+            "replaces; set model.exit_entropy=0 (or depth.halt_from > 0 to train the gate first, or "
+            "depth.halt_gate_loss=true)"
         )
 
 

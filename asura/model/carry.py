@@ -63,6 +63,13 @@ class GateState(NamedTuple):
     depth: jax.Array  # Σ_t masked mean of (t + 1)·p_t so far: the expected exit depth
 
 
+class HaltGate(NamedTuple):
+    """LoopCarry.state under halting with the gate's loss (depth.halt_gate_loss): both at once."""
+
+    halt: Any  # asura.model.halting.Halt
+    gate: GateState
+
+
 class Iterated(NamedTuple):
     """One loop step through `LoopedLM.iteration_cached` (asura.infer's KV cache)."""
 

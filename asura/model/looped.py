@@ -62,6 +62,7 @@ from asura.model.block import Block
 from asura.model.carry import (
     GateScoring,
     GateState,
+    HaltGate,
     Iterated,
     LoopCarry,
     LoopResult,
@@ -86,6 +87,11 @@ from asura.model.loss import (
     token_scores,
 )
 from asura.parallel.logical import constrain
+
+
+def _halt_of(state):
+    """The halting state inside LoopCarry.state (HaltGate carries it beside the gate's)."""
+    return state.halt if isinstance(state, HaltGate) else state
 
 
 class LoopedLM(nnx.Module):
@@ -215,12 +221,12 @@ class LoopedLM(nnx.Module):
         scoring: Scoring | None = ctx["scoring"]
         if mode == "skip":  # t >= n: the carry passes through; outputs keep their shapes
             zero = jnp.zeros((), f32(self.dtype)) if scoring is not None or ctx["gate"] is not None else None
-            h_BTD = carry.h_BTD if ctx["halt"] is None else halting.output(carry.state, carry.h_BTD)
+            h_BTD = carry.h_BTD if ctx["halt"] is None else halting.output(_halt_of(carry.state), carry.h_BTD)
             return carry, StepOut(h_BTD if ctx["keep_latents"] else None, zero, zero)
         if mode == "frozen":  # t < n - k: forward only
             return jax.lax.stop_gradient(self._step(carry, t, "run", ctx))
         if ctx["halt"] is not None:
-            return self._halting_step(carry, t, ctx)
+            return self._halting_step(carry, t, ctx) if ctx["gate"] is None else self._halting_gate_step(carry, t, ctx)
         if ctx["gate"] is not None:
             return self._gate_step(carry, t, ctx)
         h_BTD = self.iteration(
@@ -251,19 +257,35 @@ class LoopedLM(nnx.Module):
     def _gate_step(self, carry: LoopCarry, t, ctx: dict) -> tuple[LoopCarry, StepOut]:
         """One step under the exit gate's loss: iteration t, each token's exit probability p_t, and
         p_t-weighted CE, z-loss and entropy added to the carry."""
-        gate: GateScoring = ctx["gate"]
         h_BTD = self.iteration(
             carry.h_BTD, ctx["e_BTD"], self.slot(t), ctx["positions"], ctx["segments"], ctx["policy"]
         )
+        objective, z_term, state, out = self._gate_terms(carry, carry.state, h_BTD, t, ctx)
+        return LoopCarry(h_BTD, objective, z_term, state), out
+
+    def _gate_terms(self, carry: LoopCarry, gs: GateState, h_BTD, t, ctx: dict):
+        """(objective, z_term, GateState, StepOut) after iteration t's latents h_BTD (the gate's loss)."""
+        gate: GateScoring = ctx["gate"]
         tok = gate.tokens(h_BTD)
-        p_BT, survival_BT = exit_distribution(self.exit_prob(h_BTD), carry.state.survival_BT, t == gate.n - 1)
+        p_BT, survival_BT = exit_distribution(self.exit_prob(h_BTD), gs.survival_BT, t == gate.n - 1)
         mask = gate.mask_BT
         z_term = carry.z_term + gate.z_loss * masked_mean(p_BT * tok.z, mask)
         objective = carry.objective + masked_mean(p_BT * tok.ce, mask) + gate.z_loss * masked_mean(p_BT * tok.z, mask)
-        entropy = carry.state.entropy + masked_mean(entropy_terms(p_BT), mask)
-        depth = carry.state.depth + masked_mean(p_BT * (t + 1), mask)
+        entropy = gs.entropy + masked_mean(entropy_terms(p_BT), mask)
+        depth = gs.depth + masked_mean(p_BT * (t + 1), mask)
         out = StepOut(h_BTD if ctx["keep_latents"] else None, masked_mean(tok.ce, mask), masked_mean(tok.acc, mask))
-        return LoopCarry(h_BTD, objective, z_term, GateState(survival_BT, entropy, depth)), out
+        return objective, z_term, GateState(survival_BT, entropy, depth), out
+
+    def _halting_gate_step(self, carry: LoopCarry, t, ctx: dict) -> tuple[LoopCarry, StepOut]:
+        """Halting and the gate's loss at once (depth.halt_gate_loss): iteration t under the exit rule
+        (an exited token keeps its latent, and offers its copied keys/values under kv=copy), then the
+        gate's terms on every token's latent, so the gate learns where to stop in the world its exits
+        make. The loop runs all n steps (run_loop): an exited token's p_t then falls on its exit latent."""
+        hg: HaltGate = carry.state
+        stepped, _ = self._halting_step(LoopCarry(carry.h_BTD, carry.objective, carry.z_term, hg.halt), t, ctx)
+        h_out = halting.output(stepped.state, stepped.h_BTD)
+        objective, z_term, gs, out = self._gate_terms(carry, hg.gate, h_out, t, ctx)
+        return LoopCarry(stepped.h_BTD, objective, z_term, HaltGate(stepped.state, gs)), out
 
     def run_loop(
         self,
@@ -286,8 +308,8 @@ class LoopedLM(nnx.Module):
         iterations. Forward and backward run only while some token is active."""
         if unroll and not isinstance(n, int | np.integer):
             raise ValueError("unroll=True needs a static python int depth n")
-        if halt is not None and (scoring is not None or gate is not None):
-            raise ValueError("halting scores each token at its exit; a loss inside the loop does not apply")
+        if halt is not None and scoring is not None:
+            raise ValueError("halting scores each token at its exit; latent guidance does not apply")
         if halt is not None and halt.entry.needs_gate and not self.cfg.exit_gate:
             raise ValueError(f"exit rule {halt.rule!r} reads the learned exit gate: train with model.exit_gate=true")
         S = self.scan_len(n, max_depth)
@@ -318,8 +340,9 @@ class LoopedLM(nnx.Module):
         if halt is not None:
             kv_shape = (self.cfg.n_layers, B, T, self.cfg.kv_heads, self.cfg.d_head)
             real_BT = None if segment_ids_BT is None else segment_ids_BT != 0  # padding never iterates
-            state = halting.init(halt, h0_BTD, self.cfg.vocab_size, kv_shape, self.dtype, real_BT)
-            cont = self._live
+            halt_state = halting.init(halt, h0_BTD, self.cfg.vocab_size, kv_shape, self.dtype, real_BT)
+            # with the gate's loss every step runs: its exit distribution spans all n iterations
+            state, cont = (halt_state, self._live) if gate is None else (HaltGate(halt_state, state), None)
         carry = LoopCarry(h0_BTD, zero, zero, state)
         no_bptt = isinstance(bptt_k, int) and bptt_k <= 0
         if unroll:
@@ -346,7 +369,8 @@ class LoopedLM(nnx.Module):
             carry, ys = remat.scan_iterations(body, carry, S, ctx["policy"])
         h_BTD, depth_BT = carry.h_BTD, None
         if halt is not None:
-            h_BTD, depth_BT = halting.output(carry.state, carry.h_BTD), carry.state.depth_BT
+            hs = _halt_of(carry.state)
+            h_BTD, depth_BT = halting.output(hs, carry.h_BTD), hs.depth_BT
         res = LoopResult(h_BTD, carry.objective, carry.z_term, ys.ce, ys.acc, ys.h_BTD, S, n_arr, depth_BT, carry.state)
         if valid is None:
             return res
@@ -357,7 +381,7 @@ class LoopedLM(nnx.Module):
     @staticmethod
     def _live(carry: LoopCarry) -> jax.Array:
         """Under halting the loop goes on while some token is active (and t < n)."""
-        return halting.any_active(carry.state)
+        return halting.any_active(_halt_of(carry.state))
 
     def _unrolled(self, carry: LoopCarry, S: int, n: int, bptt_k, no_bptt: bool, ctx: dict):
         """Reference driver: a Python loop over the same `_step` (static n). Under halting it runs
@@ -395,14 +419,17 @@ class LoopedLM(nnx.Module):
         kw = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, max_depth=max_depth, unroll=unroll)
         return self.run_loop(tokens_BT, n, keep_latents=True, **kw).h_SBTD
 
-    def loss(self, batch, n=None, bptt_k=0, max_depth=None, unroll=False, with_pred=False, halt=None):
+    def loss(self, batch, n=None, bptt_k=0, max_depth=None, unroll=False, with_pred=False, halt=None, gate_loss=False):
         """(objective, aux): the guidance-weighted masked-mean CE over iterations + z-loss.
 
         aux: ce (the final iteration's CE), ce_per_iter [S] (NaN where a step did not run or,
         with guidance='none', was not scored), z_loss, accuracy, tokens; with_pred adds
         pred [B, T] = argmax of the final logits from the same loop (evaluation needs one pass).
         halt (asura.model.halting.HaltSpec): each token is scored at its exit (no guidance), and
-        aux adds depth_BT, the iterations each token ran.
+        aux adds depth_BT, the iterations each token ran. gate_loss (with halt, model.exit_gate): the
+        objective is the gate's own loss computed on the halting forward (every step runs; an exited
+        token's latent, and under kv=copy its keys/values, stay at its exit), so the gate keeps learning
+        while the model learns to read what exited tokens offer; ce is still each token's CE at its exit.
         """
         cfg = self.cfg
         n = cfg.iterations if n is None else n
@@ -423,13 +450,22 @@ class LoopedLM(nnx.Module):
         S = self.scan_len(n, max_depth)
         n_arr, _ = depth_index(n, S)  # run_loop's outputs are already NaN for a traced n out of range
         t_S = jnp.arange(S)
-        if cfg.exit_gate and halt is None:
+        if gate_loss and (halt is None or not cfg.exit_gate):
+            raise ValueError("gate_loss trains the exit gate under halting: it needs halt and model.exit_gate")
+        gated = cfg.exit_gate and (halt is None or gate_loss)
+        if gated:
             # Ouro's objective: the expected loss over each token's exit distribution, minus β·H(p)
             tokens = lambda h_BTD: token_scores(self.final_norm(h_BTD), w_DV, targets_BT, cfg.ce_chunk)
-            res = self.run_loop(batch["inputs"], n, gate=GateScoring(tokens, mask_BT, n_arr, cfg.z_loss), **kw)
-            objective, z_term = res.objective - cfg.exit_entropy * res.state.entropy, res.z_term
-            ce, acc = res.ce_S[n_arr - 1], res.acc_S[n_arr - 1]
-            ce_S = jnp.where(t_S < n_arr, res.ce_S, jnp.nan)
+            gate = GateScoring(tokens, mask_BT, n_arr, cfg.z_loss)
+            res = self.run_loop(batch["inputs"], n, gate=gate, halt=halt, **kw)
+            gs = res.state if halt is None else res.state.gate
+            objective, z_term = res.objective - cfg.exit_entropy * gs.entropy, res.z_term
+            if halt is None:
+                ce, acc = res.ce_S[n_arr - 1], res.acc_S[n_arr - 1]
+                ce_S = jnp.where(t_S < n_arr, res.ce_S, jnp.nan)
+            else:  # each token at its own exit, as under halting without the gate's loss
+                sc = score(res.h_BTD)
+                ce, acc, ce_S = sc.ce, sc.acc, jnp.full((S,), jnp.nan, sc.ce.dtype)
         elif cfg.guidance == "none" or halt is not None:
             res = self.run_loop(batch["inputs"], n, halt=halt, **kw)
             sc = score(res.h_BTD)
@@ -446,8 +482,8 @@ class LoopedLM(nnx.Module):
         aux = {"ce": ce, "ce_per_iter": ce_S, "z_loss": z_term, "accuracy": acc, "tokens": mask_BT.sum()}
         if halt is not None:
             aux["depth_BT"] = res.depth_BT
-        elif cfg.exit_gate:  # token means, as every train metric: the gate's exit entropy and expected depth
-            aux["exit_entropy"], aux["exit_depth"] = res.state.entropy, res.state.depth
+        if gated:  # token means, as every train metric: the gate's exit entropy and expected depth
+            aux["exit_entropy"], aux["exit_depth"] = gs.entropy, gs.depth
         if with_pred:  # the carry's latent is the final iteration's (skipped steps pass it through)
             aux["pred"] = jnp.argmax(self.head(res.h_BTD), axis=-1).astype(jnp.int32)
         return objective, aux

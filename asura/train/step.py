@@ -30,7 +30,8 @@ def _loss_and_grads(cfg: Config, graphdef, rest, halting: bool):
 
     def loss_fn(params, batch, n):
         model = merge_model(graphdef, params, rest)
-        objective, aux = model.loss(batch, n=n, bptt_k=bptt_k, max_depth=max_depth, halt=halt)
+        gate_loss = halt is not None and cfg.depth.halt_gate_loss
+        objective, aux = model.loss(batch, n=n, bptt_k=bptt_k, max_depth=max_depth, halt=halt, gate_loss=gate_loss)
         if halt is not None:  # a token mean like every train metric: the iterations each scored token ran
             depth_BT = aux.pop("depth_BT").astype(jnp.float32)
             mask_BT = batch["loss_mask"].astype(jnp.float32)
