@@ -62,10 +62,10 @@ def model_from_params(cfg, params):
 
 
 def checkpoint_steps(workdir) -> list[int]:
-    ckpt = to_path(workdir) / "checkpoints"
-    if not ckpt.exists():
-        return []
-    return sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
+    """The workdir's checkpoint steps, ascending (asura.train.resume.checkpoint_steps)."""
+    from asura.train.resume import checkpoint_steps as steps
+
+    return steps(workdir)
 
 
 def _meta_config(store, step: int):

@@ -16,18 +16,16 @@ resume, asura.train.checkpoint.HARMLESS_KEYS).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from asura.config import Config, ConfigError, config_from_yaml
+from asura.config import Config
 from asura.storage.paths import StorageError, is_remote, to_path
-from asura.train.integrity import check_seal
 from asura.train.preflight import PreflightError
-from asura.train.resume import META_FILE, newest_saved
+from asura.train.resume import checkpoint_steps, newest_saved, saved_at
 
 
 class InitFromError(PreflightError):
@@ -42,26 +40,6 @@ class Source(NamedTuple):
     @property
     def path(self) -> str:
         return str(self.workdir / "checkpoints" / str(self.step))
-
-
-def _steps(ckpt) -> list[int]:
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
-
-
-def _saved_config(workdir, step: int, where: str) -> Config:
-    """The config a step was trained with, read as resume reads it (committed, sealed meta)."""
-    step_dir = workdir / "checkpoints" / str(step)
-    if is_remote(step_dir) and not (step_dir / "commit_success.txt").exists():
-        raise InitFromError(f"train.init_from={where}: step {step} was never committed (a save cut short)")
-    try:
-        meta = json.loads(step_dir.joinpath(*META_FILE).read_text())
-        check_seal(meta)
-        return config_from_yaml(meta["config_yaml"])
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-        raise InitFromError(
-            f"train.init_from={where}: checkpoint step {step} has no readable config ({type(e).__name__}); "
-            "name another step as <workdir>/checkpoints/<step>"
-        ) from None
 
 
 def resolve(cfg: Config) -> Source | None:
@@ -80,9 +58,15 @@ def resolve(cfg: Config) -> Source | None:
     if p.name.isdigit() and p.parent.name == "checkpoints":
         workdir, step = p.parent.parent, int(p.name)
         if not p.exists():
-            have = _steps(p.parent)
+            have = checkpoint_steps(workdir)
             raise InitFromError(f"train.init_from={where}: no step {step}; the run has steps {have or 'none'}")
-        src_cfg = _saved_config(workdir, step, where)
+        saved = saved_at(workdir, step)  # resume's rule: committed, and its sealed meta reads
+        if saved is None:
+            raise InitFromError(
+                f"train.init_from={where}: checkpoint step {step} is not committed or has no readable config; "
+                "name another step as <workdir>/checkpoints/<step>"
+            )
+        src_cfg = saved.cfg
     else:
         if jax.process_count() > 1:  # each process would pick the newest step on its own, perhaps another
             raise InitFromError(

@@ -45,26 +45,35 @@ class Plan(NamedTuple):
 META_FILE = ("meta", "metadata")  # where orbax's JsonCheckpointHandler (default filename) keeps the meta item
 
 
+def checkpoint_steps(workdir) -> list[int]:
+    """The step directories under workdir/checkpoints, ascending (committed or not)."""
+    ckpt = to_path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def saved_at(workdir, step: int) -> Saved | None:
+    """Step `step` with its config when it is committed and its sealed meta reads; None otherwise.
+
+    Reads the meta JSON directly (no orbax manager, no JAX), so a refusal costs nothing."""
+    step_dir = to_path(workdir) / "checkpoints" / str(step)
+    # committed: locally orbax renames a temporary dir to the step's name; on gs:// (no atomic rename)
+    # it writes straight to the step's dir and marks the commit with a file
+    if is_remote(step_dir) and not (step_dir / "commit_success.txt").exists():
+        return None
+    try:
+        meta = json.loads(step_dir.joinpath(*META_FILE).read_text())
+        check_seal(meta)
+        return Saved(step, config_from_yaml(meta["config_yaml"]))
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):  # unreadable, torn, edited, foreign
+        return None
+
+
 def newest_saved(workdir) -> Saved | None:
     """The newest committed checkpoint whose meta reads and whose seal holds; None when there is none.
-
-    Reads the meta JSON directly (no orbax manager, no JAX), so a refusal costs nothing. A step whose
-    meta does not read is skipped here (the restore decides what to do with it)."""
-    ckpt = to_path(workdir) / "checkpoints"
-    if not ckpt.exists():
-        return None
-    steps = sorted((int(p.name) for p in ckpt.iterdir() if p.name.isdigit()), reverse=True)
-    for step in steps:
-        # committed: locally orbax renames a temporary dir to the step's name; on gs:// (no atomic rename)
-        # it writes straight to the step's dir and marks the commit with a file
-        if is_remote(ckpt) and not (ckpt / str(step) / "commit_success.txt").exists():
-            continue
-        try:
-            meta = json.loads((ckpt / str(step)).joinpath(*META_FILE).read_text())
-            check_seal(meta)
-            return Saved(step, config_from_yaml(meta["config_yaml"]))
-        except (OSError, ValueError, KeyError, TypeError, ConfigError):  # unreadable, torn, edited, foreign
-            continue
+    A step whose meta does not read is skipped here (the restore decides what to do with it)."""
+    for step in reversed(checkpoint_steps(workdir)):
+        if (saved := saved_at(workdir, step)) is not None:
+            return saved
     return None
 
 

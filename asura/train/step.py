@@ -19,6 +19,7 @@ from asura.compat import tree_norm
 from asura.config import Config
 from asura.depth import eval_depths, max_train_depth
 from asura.model.halting import train_spec
+from asura.model.loss import masked_mean
 from asura.train.evaluate import eval_step
 from asura.train.optim import lr_schedule, make_optimizer
 from asura.train.state import merge_model
@@ -27,15 +28,14 @@ from asura.train.state import merge_model
 def _loss_and_grads(cfg: Config, graphdef, rest, halting: bool):
     bptt_k, max_depth = cfg.depth.bptt_k, max_train_depth(cfg)
     halt = train_spec(cfg.depth) if halting else None  # None unless this step trains under per-token halting
+    gate_loss = halt is not None and cfg.depth.halt_gate_loss
 
     def loss_fn(params, batch, n):
         model = merge_model(graphdef, params, rest)
-        gate_loss = halt is not None and cfg.depth.halt_gate_loss
         objective, aux = model.loss(batch, n=n, bptt_k=bptt_k, max_depth=max_depth, halt=halt, gate_loss=gate_loss)
         if halt is not None:  # a token mean like every train metric: the iterations each scored token ran
             depth_BT = aux.pop("depth_BT").astype(jnp.float32)
-            mask_BT = batch["loss_mask"].astype(jnp.float32)
-            aux["halt_depth"] = (depth_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+            aux["halt_depth"] = masked_mean(depth_BT, batch["loss_mask"].astype(jnp.float32))
         return objective, aux
 
     return jax.value_and_grad(loss_fn, has_aux=True)

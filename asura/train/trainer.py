@@ -293,7 +293,7 @@ class Trainer:
                 self.window = (self.window[0], self.window[1] + 1)
             is_last = step_done == t.steps
             # the last step of the run's own loss is logged, so no record averages it with halting's
-            switch = bool(self.cfg.depth.halt_rule) and step_done == self.cfg.depth.halt_from
+            switch = halting_at(self.cfg, step_done) != halting_at(self.cfg, step)
             do_log = step_done % t.log_every == 0 or is_last or switch
             do_eval = step_done % t.eval_every == 0 or is_last
             do_ckpt = step_done % t.checkpoint_every == 0 or is_last
