@@ -5,8 +5,8 @@ What a pod user relies on, each checked here: a run killed and resumed on a buck
 local run bit for bit (params, every metrics record, TensorBoard); a SIGKILLed train.py resumes the
 same way; two trainers on one gs:// workdir: one is refused; a stale lock is taken over and its old
 holder stops; a corrupt object in the newest step falls back to the previous one; evaluate and
-generate read a gs:// workdir; a bucket that does not exist, another scheme or a missing package is
-one line before anything compiles.
+generate read a gs:// workdir; a fine-tune starts from a gs:// run (train.init_from); a bucket
+that does not exist, another scheme or a missing package is one line before anything compiles.
 
 The three tests that start real train.py processes are marked slow (about two minutes together);
 CI runs them after the suite (.ci/run), with the README test.
@@ -368,3 +368,26 @@ def test_two_processes_write_one_checkpoint_to_the_bucket_and_resume_from_it(gcs
             assert np.max(np.abs(got["params"][k] - want[k])) <= bound, (rank, k)
     assert len([r for r in read_records(workdir) if "train/ce" in r]) == 4  # one writer: no duplicated records
     assert not to_path(f"{workdir}/.lock").exists()
+
+
+def test_a_fine_tune_starts_from_a_bucket_run_and_refuses_an_uncommitted_step(gcs, tmp_path):
+    """train.init_from=gs://...: the source is resolved as resume resolves it (the commit marker a
+    bucket needs) and its parameters start the local run; the pinned step is the gs:// step path."""
+    from asura.config import config_from_yaml
+    from asura.train.init_from import InitFromError
+    from asura.train.optim import lr_schedule
+
+    src = f"{gcs}/src"
+    source = run(tiny_config("data.task=addition", "train.steps=2", "train.checkpoint_every=2", "train.eval_every=2"),
+                 src)  # fmt: skip
+    cfg = tiny_config("data.task=addition", "train.steps=3", "train.eval_every=100", f"train.init_from={src}",
+                      "train.seed=7")  # fmt: skip
+    assert float(lr_schedule(cfg.train)(0)) == 0.0  # warmup: step 1 leaves the parameters as they started
+    out = run(cfg, tmp_path / "ft", hooks=stop_at(1))
+    params_equal(out["params"], source["params"])
+    assert config_from_yaml((tmp_path / "ft" / "config.yaml").read_text()).train.init_from == f"{src}/checkpoints/2"
+    to_path(f"{src}/checkpoints/2/commit_success.txt").unlink()  # a save cut short on a bucket
+    named = tiny_config("data.task=addition", "train.steps=3", f"train.init_from={src}/checkpoints/2")
+    with pytest.raises(InitFromError, match="step 2 is not committed or has no readable config"):
+        run(named, tmp_path / "ft2")
+    assert not (tmp_path / "ft2").exists()
