@@ -26,15 +26,13 @@ difference and its test are reported beside it. Every other row is exploratory.
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from asura.sweep import manifest
-from asura.sweep.report import EmptySweep, latest_per_cell, read_meta, registered_protocol
+from asura.sweep.report import EmptySweep, own_complete_cells, read_meta, registered_protocol
 from asura.sweep.stats import CONFIDENCE, clip_interval, compare_seeds, describe
-from asura.sweep.tuning import ROLE as TUNE_ROLE
 
 RESULTS = "exits"  # DIR/exits/<cell>.json, committed with the records
 EM_BOUNDS = (0.0, 1.0)
@@ -107,31 +105,26 @@ def _evaluate_trial(trial_dir: Path, specs, batches: int | None) -> dict:
 
 
 def result_path(sweep_dir: Path, key: str) -> Path:
-    return Path(sweep_dir) / RESULTS / manifest.record_path(sweep_dir, key).name
+    """DIR/exits/<cell key as a file name>.json."""
+    return manifest.cell_result_path(sweep_dir, RESULTS, key)
 
 
 def evaluate_sweep(sweep_dir: str | Path, opts: Options, say=print) -> list[dict]:
     """Evaluate (or read from the committed results) every complete cell of the sweep's own."""
     d = Path(sweep_dir)
-    cells = [
-        m for m in latest_per_cell(manifest.read_all(d)) if m["status"] == "complete" and m.get("role") != TUNE_ROLE
-    ]
+    cells = own_complete_cells(d)
     if not cells:
         raise EmptySweep(f"sweep dir {d} has no complete trials to evaluate")
     key = f"{opts.kv}:{' '.join(opts.exits)}:{opts.batches or ''}"
     out = []
     for m in cells:
-        path = result_path(d, m["key"])
-        results = json.loads(path.read_text()) if path.exists() else {}
-        # a result belongs to one trained model: a cell retrained since has a new record
-        source = {"trial": m["trial"], "config_hash": m.get("config_hash"), "value": m.get("value")}
-        if results.get(key, {}).get("record") != source:
+
+        def evaluate(tdir, _missing, m=m):
             say(f"exits {m['key']}: {' '.join(opts.exits)} (kv={opts.kv})")
-            result = _evaluate_trial(d / "trials" / f"{int(m['trial']):04d}", opts.specs(), opts.batches)
-            results[key] = {**result, "commit": manifest.git_commit(), "record": source}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            manifest.write_json(path, results)
-        out.append({"key": m["key"], "group": m["group"], "seed": int(m["seed"]), **results[key]})
+            return {key: _evaluate_trial(tdir, opts.specs(), opts.batches)}
+
+        result = manifest.cell_results(d, RESULTS, m, [key], evaluate)[key]
+        out.append({"key": m["key"], "group": m["group"], "seed": int(m["seed"]), **result})
     return out
 
 

@@ -17,7 +17,6 @@ iteration's cross-entropy, ``exact_match`` the answer exact match), on each tria
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,8 @@ from pathlib import Path
 from asura.analysis.units import axis_label
 from asura.sweep import manifest
 from asura.sweep.metrics import METRICS as METRIC_REGISTRY
-from asura.sweep.report import EmptySweep, latest_per_cell, read_meta
+from asura.sweep.report import EmptySweep, own_complete_cells, read_meta
 from asura.sweep.stats import CONFIDENCE, clip_interval, describe
-from asura.sweep.tuning import ROLE as TUNE_ROLE
 
 RESULTS = "extrapolation"  # DIR/extrapolation/<cell>.json, committed with the records
 MODES = ("none", "last", "cycle")
@@ -86,12 +84,8 @@ def _evaluate_trial(trial_dir: Path, depths_by_mode: dict[str, list[int]], batch
 
 
 def result_path(sweep_dir: Path, key: str) -> Path:
-    """DIR/extrapolation/<cell key as a file name>.json: the record's file name, in its own dir."""
-    return Path(sweep_dir) / RESULTS / manifest.record_path(sweep_dir, key).name
-
-
-def _belongs(result: dict | None, source: dict) -> bool:
-    return result is not None and result.get("record") == source  # source's values come from JSON already
+    """DIR/extrapolation/<cell key as a file name>.json."""
+    return manifest.cell_result_path(sweep_dir, RESULTS, key)
 
 
 def evaluate_sweep(
@@ -100,31 +94,23 @@ def evaluate_sweep(
     """Evaluate (or read from the committed results) every complete cell of the sweep's own; returns
     one record per (cell, mode)."""
     d = Path(sweep_dir)
-    cells = [
-        m for m in latest_per_cell(manifest.read_all(d)) if m["status"] == "complete" and m.get("role") != TUNE_ROLE
-    ]
+    cells = own_complete_cells(d)
     if not cells:
         raise EmptySweep(f"sweep dir {d} has no complete trials to extrapolate")
     out = []
     for m in cells:
-        path = result_path(d, m["key"])
-        results = json.loads(path.read_text()) if path.exists() else {}
         cfg = m["config"]
         depths = {mode: [n for n in trial_depths(cfg, factor) if runnable(cfg, mode, n)] for mode in modes}
         keys = {mode: f"{mode}:{','.join(map(str, ds))}:{batches or ''}" for mode, ds in depths.items()}
-        # A result belongs to one trained model: a cell retrained since (another config, a new trial)
-        # has a new record, and its old results are not reused.
-        source = {"trial": m["trial"], "config_hash": m.get("config_hash"), "value": m.get("value")}
-        missing = {mode: ds for mode, ds in depths.items() if not _belongs(results.get(keys[mode]), source)}
-        if missing:
-            tdir = d / "trials" / f"{int(m['trial']):04d}"
-            for mode, ds in missing.items():
+        mode_of = {k: mode for mode, k in keys.items()}
+
+        def evaluate(tdir, missing, m=m, depths=depths, keys=keys, mode_of=mode_of):
+            todo = {mode_of[k]: depths[mode_of[k]] for k in missing}
+            for mode, ds in todo.items():
                 say(f"extrapolate {m['key']} mode={mode} depths 1..{max(ds)}")
-            commit = manifest.git_commit()
-            for mode, result in _evaluate_trial(tdir, missing, batches).items():
-                results[keys[mode]] = {**result, "commit": commit, "record": source}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            manifest.write_json(path, results)
+            return {keys[mode]: result for mode, result in _evaluate_trial(tdir, todo, batches).items()}
+
+        results = manifest.cell_results(d, RESULTS, m, [keys[mode] for mode in modes], evaluate)
         out += [{"key": m["key"], "group": m["group"], "seed": m["seed"], "mode": mode, "config": cfg,
                  **results[keys[mode]]} for mode in modes]  # fmt: skip
     return out

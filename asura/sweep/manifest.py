@@ -175,6 +175,35 @@ def train_curve(workdir: Path, eval_steps: list[int]) -> list[dict]:
     return out
 
 
+def trial_dir(sweep_dir: Path, trial: int) -> Path:
+    """A trial's workdir (checkpoints, metrics.jsonl): local only, never committed."""
+    return Path(sweep_dir) / "trials" / f"{int(trial):04d}"
+
+
+def cell_result_path(sweep_dir: Path, name: str, key: str) -> Path:
+    """DIR/<name>/<cell key as a file name>.json: the record's file name, in the results' own dir."""
+    return Path(sweep_dir) / name / record_path(sweep_dir, key).name
+
+
+def cell_results(sweep_dir: Path, name: str, cell: dict, keys: list[str], evaluate) -> dict[str, dict]:
+    """Results computed from a cell's checkpoint, kept per cell in DIR/<name>/ and committed with the
+    records (depth extrapolation, exit rules), so a report regenerates without the checkpoints.
+    Returns {key: result} for `keys`; `evaluate(trial_dir, missing) -> {key: result}` runs only for
+    the keys not kept yet, or kept from an earlier record of the cell: a result belongs to one
+    trained model, and a cell retrained since (another config, a new trial) has a new record."""
+    path = cell_result_path(sweep_dir, name, cell["key"])
+    results = json.loads(path.read_text()) if path.exists() else {}
+    source = {"trial": cell["trial"], "config_hash": cell.get("config_hash"), "value": cell.get("value")}
+    missing = [k for k in keys if (results.get(k) or {}).get("record") != source]
+    if missing:
+        commit = git_commit()
+        new = evaluate(trial_dir(sweep_dir, cell["trial"]), missing)
+        results.update({k: {**new[k], "commit": commit, "record": source} for k in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, results)
+    return {k: results[k] for k in keys}
+
+
 def add_train_curves(sweep_dir: Path) -> int:
     """Fill in ``train`` for the complete records that predate it, from their trial's
     metrics.jsonl where it is still on this machine; how many records changed."""
@@ -183,7 +212,7 @@ def add_train_curves(sweep_dir: Path) -> int:
         rec = json.loads(path.read_text())
         if rec.get("train") or rec.get("status") != "complete":
             continue
-        curve = train_curve(Path(sweep_dir) / "trials" / f"{rec['trial']:04d}", [e["step"] for e in rec["evals"]])
+        curve = train_curve(trial_dir(sweep_dir, rec["trial"]), [e["step"] for e in rec["evals"]])
         if curve:
             rec["train"] = curve
             write_json(path, rec)

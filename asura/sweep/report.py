@@ -104,6 +104,16 @@ def latest_per_cell(manifests: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def own_complete_cells(sweep_dir) -> list[dict]:
+    """The sweep's own cells (not its lr-tuning trials) whose latest trial completed: what is
+    evaluated again from its checkpoint (depth extrapolation, exit rules)."""
+    return [
+        m
+        for m in latest_per_cell(manifest.read_all(Path(sweep_dir)))
+        if m["status"] == "complete" and m.get("role") != TUNE_ROLE
+    ]
+
+
 def resolve_metric(meta: dict, manifests: Sequence[dict], metric: str | None = None) -> MetricSpec:
     """The metric to tabulate: ``metric`` if given, else the sweep's, else the trials', else ``ce``."""
     raw = metric or meta.get("metric") or next((m["metric"] for m in manifests if m.get("metric")), DEFAULT_METRIC)

@@ -194,7 +194,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg, info = self._resolve(trial)
-        wd = self.workdir / "trials" / f"{trial.number:04d}"
+        wd = manifest.trial_dir(self.workdir, trial.number)
         metric = self.spec.metric
         evals: list[tuple[int, dict]] = []
         reported: list[float] = []
