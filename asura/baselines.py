@@ -56,6 +56,9 @@ def vanilla(cfg: Config, **model_overrides) -> Config:
         "model.loop_start": "embed",  # no loop: h_0 = e is the vanilla model's input
         "model.exit_gate": False,
         "model.exit_entropy": 0.0,
+        "model.exit_gate_loss": "expected",
+        "model.exit_gate_k": 50.0,
+        "model.exit_gate_gamma": 0.005,
         "model.iter_norm": False,
         "model.post_norm": False,
         "model.adapter": "none",
@@ -73,6 +76,7 @@ def vanilla(cfg: Config, **model_overrides) -> Config:
         "depth.halt_kv": "copy",
         "depth.halt_gate_loss": False,
         "train.init_from": "",  # a baseline trains from scratch: its shapes are not the looped run's
+        "train.trainable": "all",  # a vanilla model has no gate to train alone
         "train.eval_depths": [],
     }
     overrides.update({f"model.{k}": v for k, v in model_overrides.items()})

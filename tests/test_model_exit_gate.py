@@ -170,3 +170,91 @@ def test_refusals():
         validate(Config(model=dataclasses.replace(GATED, exit_gate=False)))
     with pytest.raises(ConfigError, match=r"model\.exit_entropy must be >= 0"):
         validate(Config(model=dataclasses.replace(GATED, exit_entropy=-1.0)))
+
+
+# ------------------------------------------------------------------ Ouro's stage II (exit_gate_loss=improvement)
+STAGE2 = dataclasses.replace(GATED, exit_entropy=0.0, exit_gate_loss="improvement", exit_gate_k=50.0,
+                             exit_gate_gamma=0.05)  # fmt: skip
+
+
+def reference_improvement(model, n):
+    """Ouro's stage-II loss by hand from the fixed-depth latents: decision t (λ_t, exit after t + 1
+    iterations) is labelled c_t = σ(k·(max(0, ce_t − ce_{t+1}) − γ)) ("continuing helped"), and the
+    loss is Σ_{t<n−1} mean_mask(−c_t·log(1 − λ_t) − (1 − c_t)·log λ_t) / (n − 1); 0 at n = 1."""
+    cfg = model.cfg
+    h_SBTD = np.asarray(model.latents(BATCH["inputs"], n)[:n], np.float64)
+    w_DV = np.asarray(model.w_DV(), np.float64)
+    mask = np.asarray(BATCH["loss_mask"], np.float64)
+    tgt = np.asarray(BATCH["targets"])
+    ce, z = [], []
+    for t in range(n):
+        x = np.asarray(model.final_norm(jnp.asarray(h_SBTD[t], jnp.float32)), np.float64)
+        logits = x @ w_DV
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        ce.append(lse - np.take_along_axis(logits, tgt[..., None], -1)[..., 0])
+        z.append(x @ np.asarray(model.w_gate[...], np.float64) + float(model.b_gate[...][0]))
+    mean = lambda a: (a * mask).sum() / mask.sum()
+    total = 0.0
+    for t in range(n - 1):
+        c = 1 / (1 + np.exp(-cfg.exit_gate_k * (np.maximum(ce[t] - ce[t + 1], 0) - cfg.exit_gate_gamma)))
+        lam = 1 / (1 + np.exp(-z[t]))
+        total += mean(-c * np.log(1 - lam) - (1 - c) * np.log(lam))
+    return total / max(n - 1, 1)
+
+
+@pytest.mark.parametrize("loop", ["while", "scan"])
+def test_improvement_loss_matches_the_reference_at_every_depth(loop):
+    # w_gate at scale 0.5 and a depth-4 model at init: the CE changes by O(0.1) nats per iteration, so
+    # the labels straddle γ = 0.05 and neither term of the cross-entropy is idle
+    model = random_model(dataclasses.replace(STAGE2, loop=loop), 6, 0.5)
+    graphdef, state = nnx.split(model)
+    loss = jax.jit(lambda st, n: nnx.merge(graphdef, st).loss(BATCH, n=n, max_depth=N))
+    for n in range(1, N + 1):
+        objective, aux = loss(state, jnp.int32(n))
+        np.testing.assert_allclose(objective, reference_improvement(model, n), **TOL)
+        # the metrics keep their meaning: the final iteration's CE and the gate's expected depth
+        _, entropy, depth = reference(model, n)
+        np.testing.assert_allclose(aux["exit_depth"], depth, **TOL)
+        np.testing.assert_allclose(aux["exit_entropy"], entropy, **TOL)
+        np.testing.assert_allclose(aux["ce"], model.loss(BATCH, n=n)[1]["ce"], **TOL)
+    assert float(loss(state, jnp.int32(1))[0]) == 0.0  # one iteration: nothing to decide
+
+
+def test_improvement_loss_trains_the_gate_alone_and_while_equals_unrolled():
+    model = random_model(dataclasses.replace(STAGE2, remat="iteration"), 7, 0.5)
+    graphdef, state = nnx.split(model)
+
+    def grad(unroll):
+        return jax.grad(lambda st: nnx.merge(graphdef, st).loss(BATCH, n=3, unroll=unroll)[0])(state)
+
+    got, want = grad(False), grad(True)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, **TOL)
+    flat = nnx.to_flat_state(got)
+    gate = {path: v for path, v in flat if path[0] in ("w_gate", "b_gate")}
+    rest = [v for path, v in flat if path[0] not in ("w_gate", "b_gate")]
+    assert all(float(jnp.abs(v[...]).max()) > 0 for v in gate.values())
+    assert all(float(jnp.abs(v[...]).max()) == 0 for v in rest)  # no gradient reaches the body
+
+
+@pytest.mark.parametrize(
+    "model, train, message",
+    [
+        (dict(exit_gate_k=10.0, exit_gate_loss="expected", exit_gate_gamma=0.005), {},
+         "model.exit_gate_k=10.0 is set but model.exit_gate_loss=expected ignores it"),
+        ({}, {}, "model.exit_gate_loss=improvement trains the gate alone (Ouro's stage II): set train.trainable"),
+        (dict(exit_entropy=0.1), dict(trainable="exit_gate"), "model.exit_gate_loss=improvement has none"),
+        (dict(exit_gate=False), dict(trainable="exit_gate"), "it needs model.exit_gate=true"),
+        (dict(iterations=1), dict(trainable="exit_gate"), "needs model.iterations >= 2"),
+        (dict(exit_gate_gamma=-1.0), dict(trainable="exit_gate"), "model.exit_gate_gamma must be >= 0"),
+        (dict(exit_gate_loss="other"), {}, "model.exit_gate_loss='other' is not valid; choose one of expected"),
+        (dict(exit_gate_loss="expected"), dict(trainable="some"), "train.trainable='some' is not valid"),
+    ],
+)  # fmt: skip
+def test_stage_two_refusals(model, train, message):
+    from asura.config.schema import TrainConfig
+
+    cfg = Config(model=dataclasses.replace(STAGE2, **model), train=dataclasses.replace(TrainConfig(), **train))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -150,6 +150,29 @@ def test_init_from_a_named_step(source, tmp_path):
     assert saved.train.init_from == str(src / "checkpoints" / "3")
 
 
+def test_gate_only_fine_tune_moves_the_gate_and_leaves_the_rest_bit_for_bit(source, tmp_path):
+    # Ouro's stage II from the gate run: weight decay is on (0.1) and would move every decayed matrix
+    # if the frozen parameters were only given zero gradients
+    src, src_params = source
+    cfg = tiny("model.exit_gate=true", f"train.init_from={src}", "train.trainable=exit_gate", "train.steps=3",
+               "model.exit_gate_loss=improvement", "train.warmup_steps=0", "train.eval_every=3",
+               "train.lr=1e-2")  # fmt: skip
+    assert cfg.train.weight_decay > 0
+    said = []
+    out = run(cfg, tmp_path / "stage2", say=said.append, install_signal_handlers=False, compiler_options=FAST_COMPILE)
+    gate = cfg.model.d_model + 1  # w [d] and b
+    assert any(f"({gate} updated: train.trainable=exit_gate, the rest frozen)" in line for line in said), said
+    flat = lambda p: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(p)}
+    got, want = flat(out["params"]), flat(src_params)
+    gates = [k for k in want if k.startswith(("['w_gate']", "['b_gate']"))]
+    assert len(gates) == 2 and all(np.abs(np.asarray(got[k]) - want[k]).max() > 0 for k in gates)
+    for key, value in want.items():
+        if key not in gates:
+            np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+    records = [r for r in _records(tmp_path / "stage2") if "train/objective" in r]
+    assert records and all(r["train/grad_norm"] > 0 for r in records)
+
+
 def test_bad_sources_are_refused_in_one_line_before_the_workdir_exists(source, tmp_path):
     src, _ = source
     cases = [

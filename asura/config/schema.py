@@ -47,6 +47,13 @@ class ModelConfig:
     # exit_entropy·H(p); halting's `gate` rule exits when Σ_{j<=t} p_j passes its threshold
     exit_gate: bool = False
     exit_entropy: float = 0.0  # β of the entropy bonus (needs exit_gate)
+    # What trains the gate: expected (the loss above: Ouro's stage I) | improvement (Ouro's stage II,
+    # with everything but the gate frozen, train.trainable=exit_gate): binary cross-entropy of λ_t
+    # against the label "iteration t+1 was worth running", σ(k·(max(0, CE_t − CE_{t+1}) − γ)), from
+    # each scored token's CE improvement (nats) over the next iteration
+    exit_gate_loss: str = "expected"
+    exit_gate_k: float = 50.0  # k: the label's slope (Ouro's value)
+    exit_gate_gamma: float = 0.005  # γ: the improvement below which stopping is right (Ouro's value)
     guidance_weights: tuple[float, ...] = ()  # used when guidance=explicit; length max_iterations
     qk_norm: bool = True
     z_loss: float = 1e-4  # PaLM z-loss coefficient on logsumexp^2; 0 = off
@@ -151,6 +158,9 @@ class TrainConfig:
     # only when this workdir has no checkpoint (a resume continues its own), and the run's config.yaml
     # names the step it took (asura.train.init_from).
     init_from: str = ""
+    # Which parameters the optimiser updates (schema.TRAINABLE): all | exit_gate (only the gate's w and
+    # b; the rest stays bit for bit, weight decay included: Ouro's stage II gate-only fine-tuning)
+    trainable: str = "all"
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
@@ -202,6 +212,9 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+# train.trainable -> the top-level parameter names the optimiser updates (None: every parameter)
+TRAINABLE: dict[str, tuple[str, ...] | None] = {"all": None, "exit_gate": ("w_gate", "b_gate")}
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.extrapolation": ("none", "last", "cycle"),
     "model.loop": ("while", "scan"),
@@ -213,6 +226,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.guidance": ("none", "linear", "uniform", "explicit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "depth.halt_kv": ("copy", "full"),
+    "model.exit_gate_loss": ("expected", "improvement"),
+    "train.trainable": tuple(TRAINABLE),
     "model.param_dtype": ("float32", "bfloat16"),
 }
 

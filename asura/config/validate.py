@@ -16,6 +16,7 @@ from asura.config.schema import (
     REGISTRIES,
     Config,
     ConfigError,
+    ModelConfig,
     registry,
 )
 from asura.depth import DepthError, max_train_depth, scan_length
@@ -86,6 +87,43 @@ def _validate_halting(cfg: Config) -> None:
         )
 
 
+def _validate_gate_training(cfg: Config) -> None:
+    """The gate's two objectives (model.exit_gate_loss) and gate-only training (train.trainable)."""
+    m, d, t = cfg.model, cfg.depth, cfg.train
+    if m.exit_gate_loss == "expected":
+        for key in ("exit_gate_k", "exit_gate_gamma"):
+            if getattr(m, key) != getattr(ModelConfig, key):  # the dataclass default
+                raise ConfigError(f"model.{key}={getattr(m, key)} is set but model.exit_gate_loss=expected ignores it")
+    _positive(cfg, "model.exit_gate_k")
+    _positive(cfg, "model.exit_gate_gamma", allow_zero=True)
+    if m.exit_gate_loss == "improvement" or t.trainable == "exit_gate":
+        key = "model.exit_gate_loss=improvement" if m.exit_gate_loss == "improvement" else "train.trainable=exit_gate"
+        if not m.exit_gate:
+            raise ConfigError(f"{key} trains the learned exit gate: it needs model.exit_gate=true")
+        if d.halt_rule and not d.halt_gate_loss:
+            # CE at each token's exit does not depend on the gate: it would get no gradient at all
+            raise ConfigError(f"{key} trains the gate, which training under depth.halt_rule gives no gradient")
+    if m.exit_gate_loss != "improvement":
+        return
+    if t.trainable != "exit_gate":
+        # its objective has no CE term: trained with it, the rest of the model would only decay
+        raise ConfigError(
+            "model.exit_gate_loss=improvement trains the gate alone (Ouro's stage II): set train.trainable=exit_gate"
+        )
+    if m.exit_entropy:
+        raise ConfigError("model.exit_entropy regularises the expected loss; model.exit_gate_loss=improvement has none")
+    if d.halt_rule:
+        raise ConfigError(
+            "model.exit_gate_loss=improvement labels each exit from the full-depth forward; it does not combine "
+            "with depth.halt_rule (use depth.halt_gate_loss with the expected loss)"
+        )
+    if m.iterations < 2:
+        raise ConfigError(
+            f"model.exit_gate_loss=improvement needs model.iterations >= 2 (got {m.iterations}): "
+            "at depth 1 there is no exit to decide"
+        )
+
+
 def validate(cfg: Config) -> None:
     for key, valid in CHOICES.items():
         v = _get(cfg, key)
@@ -127,6 +165,7 @@ def validate(cfg: Config) -> None:
         )
     if m.exit_entropy and not m.exit_gate:
         raise ConfigError("model.exit_entropy is set but model.exit_gate=false; it regularises the gate")
+    _validate_gate_training(cfg)
     if m.adapter != "none":
         _positive(cfg, "model.adapter_rank", "model.adapter_rank2")
         if not m.adapter_targets:

@@ -46,13 +46,16 @@ class Scoring:
 
 @dataclass(frozen=True)
 class GateScoring:
-    """The exit gate's loss inside the loop (model.exit_gate): step t adds the masked token mean of
-    p_t · (ce_t + z_loss · lse²_t), p_t each token's probability of exiting after iteration t."""
+    """The exit gate's loss inside the loop (model.exit_gate). expected: step t adds the masked token
+    mean of p_t · (ce_t + z_loss · lse²_t), p_t each token's probability of exiting after iteration t.
+    improvement (k, γ): step t > 0 adds the binary cross-entropy of λ_{t-1} against the label
+    σ(k·(max(0, ce_{t-1} − ce_t) − γ)) that continuing was right, over n − 1 (Ouro's stage II)."""
 
     tokens: Callable[[jax.Array], Score]  # h_BTD -> per-token Score(ce_BT, lse²_BT, correct_BT)
     mask_BT: jax.Array
     n: jax.Array  # the traced depth: the last iteration takes the remaining survival
     z_loss: float
+    improvement: tuple[float, float] | None = None  # (k, γ) for model.exit_gate_loss=improvement
 
 
 class GateState(NamedTuple):
@@ -61,6 +64,8 @@ class GateState(NamedTuple):
     survival_BT: jax.Array  # Π_{j<t}(1 − λ_j): the token has not exited before iteration t
     entropy: jax.Array  # Σ_t masked mean of −p_t·log p_t so far
     depth: jax.Array  # Σ_t masked mean of (t + 1)·p_t so far: the expected exit depth
+    ce_BT: jax.Array  # the improvement loss: the previous iteration's per-token CE (no gradient)
+    logit_BT: jax.Array  # ... and the gate's logit there, whose decision this iteration labels
 
 
 class HaltGate(NamedTuple):

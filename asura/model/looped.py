@@ -46,6 +46,7 @@ Seams:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -128,12 +129,18 @@ class LoopedLM(nnx.Module):
         logits_BTV = dense(x_BTD, self.w_DV().astype(x_BTD.dtype), f32(x_BTD.dtype))
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
-    def exit_prob(self, h_BTD: jax.Array) -> jax.Array:
-        """λ_BT = σ(w·FinalNorm(h) + b) in fp32: the gate reads what the head reads (model.exit_gate)."""
+    def exit_logit(self, h_BTD: jax.Array, gate_only: bool = False) -> jax.Array:
+        """w·FinalNorm(h) + b in fp32: the gate reads what the head reads (model.exit_gate). gate_only:
+        its gradient reaches w and b alone (not the final norm or the latents)."""
         if self.w_gate is None:
             raise ValueError("the exit gate needs model.exit_gate=true (this model has no gate)")
         x_BTD = self.final_norm(h_BTD).astype(f32(self.dtype))
-        return jax.nn.sigmoid(x_BTD @ self.w_gate[...].astype(x_BTD.dtype) + self.b_gate[...][0])
+        x_BTD = jax.lax.stop_gradient(x_BTD) if gate_only else x_BTD
+        return x_BTD @ self.w_gate[...].astype(x_BTD.dtype) + self.b_gate[...][0]
+
+    def exit_prob(self, h_BTD: jax.Array) -> jax.Array:
+        """λ_BT = σ(exit_logit(h)): the probability of exiting after the iteration that made h."""
+        return jax.nn.sigmoid(self.exit_logit(h_BTD))
 
     def slot(self, t):
         """Per-iteration parameter index for loop step t (int or traced)."""
@@ -267,14 +274,25 @@ class LoopedLM(nnx.Module):
         """(objective, z_term, GateState, StepOut) after iteration t's latents h_BTD (the gate's loss)."""
         gate: GateScoring = ctx["gate"]
         tok = gate.tokens(h_BTD)
-        p_BT, survival_BT = exit_distribution(self.exit_prob(h_BTD), gs.survival_BT, t == gate.n - 1)
+        logit_BT = self.exit_logit(h_BTD, gate_only=gate.improvement is not None)  # stage II: the gate alone
+        p_BT, survival_BT = exit_distribution(jax.nn.sigmoid(logit_BT), gs.survival_BT, t == gate.n - 1)
         mask = gate.mask_BT
         z_term = carry.z_term + gate.z_loss * masked_mean(p_BT * tok.z, mask)
-        objective = carry.objective + masked_mean(p_BT * tok.ce, mask) + gate.z_loss * masked_mean(p_BT * tok.z, mask)
         entropy = gs.entropy + masked_mean(entropy_terms(p_BT), mask)
         depth = gs.depth + masked_mean(p_BT * (t + 1), mask)
         out = StepOut(h_BTD if ctx["keep_latents"] else None, masked_mean(tok.ce, mask), masked_mean(tok.acc, mask))
-        return objective, z_term, GateState(survival_BT, entropy, depth), out
+        if gate.improvement is None:
+            objective = carry.objective + masked_mean(p_BT * tok.ce, mask)
+            objective = objective + gate.z_loss * masked_mean(p_BT * tok.z, mask)
+            return objective, z_term, GateState(survival_BT, entropy, depth, gs.ce_BT, gs.logit_BT), out
+        # Ouro's stage II: iteration t labels the previous decision λ_{t-1} ("continue" when t improved
+        # the token's CE by more than γ); the n − 1 decisions are averaged (the last exit is forced)
+        k, gamma = gate.improvement
+        ce_BT = jax.lax.stop_gradient(tok.ce)
+        cont_BT = jax.nn.sigmoid(k * (jnp.maximum(gs.ce_BT - ce_BT, 0.0) - gamma))
+        bce_BT = -(cont_BT * jax.nn.log_sigmoid(-gs.logit_BT) + (1.0 - cont_BT) * jax.nn.log_sigmoid(gs.logit_BT))
+        decided = jnp.where(t > 0, masked_mean(bce_BT, mask), 0.0) / jnp.maximum(gate.n - 1, 1)
+        return carry.objective + decided, z_term, GateState(survival_BT, entropy, depth, ce_BT, logit_BT), out
 
     def _halting_gate_step(self, carry: LoopCarry, t, ctx: dict) -> tuple[LoopCarry, StepOut]:
         """Halting and the gate's loss at once (depth.halt_gate_loss): iteration t under the exit rule
@@ -321,7 +339,7 @@ class LoopedLM(nnx.Module):
         if scoring is not None and not unroll:  # never keep B×T×V logits for the backward pass
             scoring = Scoring(jax.checkpoint(scoring.score, prevent_cse=False), scoring.w_S, scoring.z_loss)
         if gate is not None and not unroll:
-            gate = GateScoring(jax.checkpoint(gate.tokens, prevent_cse=False), gate.mask_BT, gate.n, gate.z_loss)
+            gate = dataclasses.replace(gate, tokens=jax.checkpoint(gate.tokens, prevent_cse=False))
         ctx = {
             "e_BTD": e_BTD,
             "positions": positions_BT,
@@ -336,7 +354,8 @@ class LoopedLM(nnx.Module):
         h0_BTD = self.h0(e_BTD)
         state, cont = (), None
         if gate is not None:
-            state = GateState(jnp.ones((B, T), f32(self.dtype)), zero, zero)
+            ones_BT = jnp.ones((B, T), f32(self.dtype))
+            state = GateState(ones_BT, zero, zero, 0.0 * ones_BT, 0.0 * ones_BT)
         if halt is not None:
             kv_shape = (self.cfg.n_layers, B, T, self.cfg.kv_heads, self.cfg.d_head)
             real_BT = None if segment_ids_BT is None else segment_ids_BT != 0  # padding never iterates
@@ -456,7 +475,8 @@ class LoopedLM(nnx.Module):
         if gated:
             # Ouro's objective: the expected loss over each token's exit distribution, minus β·H(p)
             tokens = lambda h_BTD: token_scores(self.final_norm(h_BTD), w_DV, targets_BT, cfg.ce_chunk)
-            gate = GateScoring(tokens, mask_BT, n_arr, cfg.z_loss)
+            improvement = (cfg.exit_gate_k, cfg.exit_gate_gamma) if cfg.exit_gate_loss == "improvement" else None
+            gate = GateScoring(tokens, mask_BT, n_arr, cfg.z_loss, improvement)
             res = self.run_loop(batch["inputs"], n, gate=gate, halt=halt, **kw)
             gs = res.state if halt is None else res.state.gate
             objective, z_term = res.objective - cfg.exit_entropy * gs.entropy, res.z_term

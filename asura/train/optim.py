@@ -24,6 +24,7 @@ import jax
 import optax
 
 from asura.config import TrainConfig
+from asura.config.schema import TRAINABLE
 
 # Weight decay is a rule on logical axes (nanoGPT's "matrices decay" rule, made
 # iteration-aware): a parameter decays when it has >= 2 feature axes once the
@@ -132,12 +133,23 @@ def decay_mask(axes):
     return jax.tree.map(lambda a: decays(a.names), axes)
 
 
+def trained_mask(t: TrainConfig, tree):
+    """Pytree of bools shaped like `tree` (params, grads or axes): True where train.trainable updates."""
+    names = TRAINABLE[t.trainable]
+    return jax.tree_util.tree_map_with_path(lambda path, _: names is None or path[0].key in names, tree)
+
+
 def make_optimizer(t: TrainConfig, axes) -> optax.GradientTransformation:
-    """AdamW (+ clipping); `axes` is the params-shaped pytree of Axes that sets the decay mask."""
+    """AdamW (+ clipping); `axes` is the params-shaped pytree of Axes that sets the decay mask. With
+    train.trainable other than all, the rest gets zero updates (no decay) and no optimiser state."""
     parts = []
     if t.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(t.grad_clip))
     parts.append(
         optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask(axes))
     )
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if TRAINABLE[t.trainable] is None:
+        return tx
+    labels = jax.tree.map(lambda on: "trained" if on else "frozen", trained_mask(t, axes))
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
