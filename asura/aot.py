@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from asura.chips import CHIPS, Chip, tpu_generations
 from asura.config import Config
 from asura.config.cli import fail, parse_config_args
 
@@ -54,32 +55,27 @@ PROG = "asura.aot"
 GIB = 1 << 30
 
 
-@dataclass(frozen=True)
-class TpuChip:
-    device_kind: str  # as jax reports it for the topology's devices
-    hbm_gib: float  # HBM per chip, the vendor's number (XLA reserves a little: v5e compiles into 15.75G)
-    dims: int  # torus dimensions in the topology name (v5e:4x4, v5p:4x4x4)
-
-
-# Generation (the prefix of a topology name) -> facts. One device per chip on all of these.
-TPU_CHIPS: dict[str, TpuChip] = {
-    "v4": TpuChip("TPU v4", 32.0, 3),
-    "v5e": TpuChip("TPU v5 lite", 16.0, 2),
-    "v5p": TpuChip("TPU v5", 95.0, 3),
-    "v6e": TpuChip("TPU v6 lite", 32.0, 2),
-}
 HOST_BOUNDS = (2, 2, 1)  # libtpu's default chips per host; smaller slices (1x1, 2x1) need their own
 
 
 @dataclass(frozen=True)
 class Topology:
-    name: str  # e.g. "v5e:4x4"
-    chip: TpuChip
+    name: str  # e.g. "v5e:4x4": one slice
+    chip: Chip
     shape: tuple[int, ...]
+    slices: int = 1  # identical slices joined by the data-center network (TPU multislice)
+
+    @property
+    def chips_per_slice(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def chips(self) -> int:
-        return math.prod(self.shape)
+        return self.chips_per_slice * self.slices
+
+    @property
+    def label(self) -> str:
+        return self.name if self.slices == 1 else f"{self.slices} x {self.name}"
 
     @property
     def host_bounds(self) -> tuple[int, int, int]:
@@ -87,16 +83,21 @@ class Topology:
         return tuple(min(a, b) for a, b in zip(full, HOST_BOUNDS))  # type: ignore[return-value]
 
 
-def parse_topology(name: str) -> Topology:
-    """'v5e:4x4' -> Topology; ValueError (one line) for an unknown generation or a malformed shape."""
+def parse_topology(name: str, slices: int = 1) -> Topology:
+    """'v5e:4x4' -> Topology; ValueError (one line) for an unknown generation, a malformed shape or
+    a slice count below 1."""
     gen, _, dims = name.partition(":")
-    if gen not in TPU_CHIPS:
-        raise ValueError(f"--topology {name!r}: unknown TPU generation {gen!r}; choose one of {', '.join(TPU_CHIPS)}")
-    chip = TPU_CHIPS[gen]
-    example = "x".join(["4"] * chip.dims)
-    if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)*", dims) or dims.count("x") + 1 != chip.dims:
-        raise ValueError(f"--topology {name!r}: a {gen} topology has {chip.dims} dimensions, e.g. {gen}:{example}")
-    return Topology(name, chip, tuple(int(d) for d in dims.split("x")))
+    tpus = tpu_generations()
+    if gen not in tpus:
+        raise ValueError(f"--topology {name!r}: unknown TPU generation {gen!r}; choose one of {', '.join(tpus)}")
+    chip = CHIPS[gen]
+    example = "x".join(["4"] * chip.torus_dims)
+    if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)*", dims) or dims.count("x") + 1 != chip.torus_dims:
+        dims_n = chip.torus_dims
+        raise ValueError(f"--topology {name!r}: a {gen} topology has {dims_n} dimensions, e.g. {gen}:{example}")
+    if slices < 1:
+        raise ValueError(f"--slices {slices}: a run spans at least 1 slice")
+    return Topology(name, chip, tuple(int(d) for d in dims.split("x")), slices)
 
 
 def libtpu_available() -> bool:
@@ -120,8 +121,13 @@ def topology_devices(topo: Topology):
     """The slice's abstract devices (libtpu)."""
     from jax.experimental import topologies
 
+    kw = {"num_slices": topo.slices} if topo.slices > 1 else {}  # libtpu: identical slices over DCN
     desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=topo.name, chip_config_name="default", chips_per_host_bounds=topo.host_bounds
+        platform="tpu",
+        topology_name=topo.name,
+        chip_config_name="default",
+        chips_per_host_bounds=topo.host_bounds,
+        **kw,
     )
     return desc.devices
 
@@ -170,9 +176,10 @@ def compile_train_step(cfg: Config, devices, halting: bool | None = None) -> dic
 
     import jax
 
+    from asura.flops import flop_count
     from asura.hlo import uninitialised_buffers
     from asura.kernels.lowering import kernel_calls
-    from asura.parallel.mesh import make_mesh
+    from asura.parallel.mesh import dcn_span, granules, make_mesh
     from asura.parallel.placement import MeshPlacement
     from asura.train.state import abstract_state
     from asura.train.step import halting_at, make_train_step
@@ -208,9 +215,52 @@ def compile_train_step(cfg: Config, devices, halting: bool | None = None) -> dic
     stats = compiled.memory_analysis()
     out["memory"] = {k: getattr(stats, f, None) for k, f in MEMORY_FIELDS.items()}
     text = compiled.as_text()
+    out["slices"] = granules(devices, dcn_span(cfg.mesh))[0]
+    out["collectives"] = collective_bytes(cfg, text, out["slices"])
+    out["train_flops_per_chip"] = flop_count(cfg).train * cfg.train.batch_size * cfg.data.seq_len / len(devices)
     out["compiled_kernel_calls"] = text.count('custom_call_target="tpu_custom_call"')
     out["loop_buffers"] = dataclasses.asdict(uninitialised_buffers(text))
     return {**out, "status": "ok"}
+
+
+def collective_bytes(cfg: Config, hlo: str, slices: int) -> dict:
+    """Per chip per step, by network (ICI inside a slice, DCN across slices): the collectives'
+    count, payload and bytes sent under a ring algorithm (asura.hlo.collectives). The depth loop's
+    trip count is traced, so its collectives are counted at the expected depth (forward and backward
+    alike: depth.bptt_k's shorter backward is not taken off)."""
+    from asura.depth import expected_depth
+    from asura.hlo import collectives
+
+    trips = expected_depth(cfg)
+    out: dict = {"loop_trips": trips}
+    found = collectives(hlo, slices, trips)
+    for net in ("ici", "dcn"):
+        mine = [c for c in found if c.network == net]
+        by_op: dict[str, float] = {}
+        for c in mine:
+            by_op[c.op] = by_op.get(c.op, 0.0) + c.sent * c.runs
+        out[net] = {
+            "ops": len(mine),
+            "runs": sum(c.runs for c in mine),
+            "payload": sum(c.payload * c.runs for c in mine),
+            "payload_once": sum(c.payload for c in mine),  # each op counted once, whatever its loop
+            "sent": sum(c.sent * c.runs for c in mine),
+            "sent_by_op": dict(sorted(by_op.items())),
+            "sent_in_loops": sum(c.sent * c.runs for c in mine if c.in_loop),
+        }
+    return out
+
+
+def roofline(chip: Chip, res: dict) -> dict[str, float | None]:
+    """Lower bounds on one step's time, seconds (an estimate): compute at the chip's peak bf16 FLOP/s,
+    ICI bytes at half the bidirectional bandwidth (one direction), DCN bytes at the per-chip DCN rate.
+    None where the chip table has no published bandwidth."""
+    col = res["collectives"]
+    return {
+        "compute_s": res["train_flops_per_chip"] / chip.peak_bf16_flops,
+        "ici_s": col["ici"]["sent"] / (chip.ici_GBps * 1e9 / 2) if chip.ici_GBps else None,
+        "dcn_s": col["dcn"]["sent"] / (chip.dcn_Gbps * 1e9 / 8) if chip.dcn_Gbps else None,
+    }
 
 
 _OOM_SIZES = re.compile(r"\(([\d.]+)([KMGT]?)\)? exceeds available HBM \(([\d.]+)([KMGT]?)\)")
@@ -262,10 +312,10 @@ def suggestions(cfg: Config, topo: Topology, res: dict, need: float, have: float
     The parameters, their gradients and the Adam state (`fixed`) do not shrink with the batch;
     the rest (activations, mostly) scales with the microbatch rows per chip.
     """
-    from asura.parallel.mesh import mesh_shape
+    from asura.parallel.mesh import batch_split, mesh_levels
 
-    t, sizes = cfg.train, mesh_shape(cfg.mesh, topo.chips)
-    rows = sizes["data"] * sizes["fsdp"]
+    t, sizes = cfg.train, mesh_levels(cfg.mesh, topo.chips, topo.slices).sizes
+    rows = batch_split(cfg.mesh.rules, sizes)
     fixed = res.get("state_bytes", 0) + res.get("param_bytes", 0)
     out = []
     if fixed < 0.9 * have:
@@ -280,8 +330,10 @@ def suggestions(cfg: Config, topo: Topology, res: dict, need: float, have: float
             out.append(f"train.grad_accum={accum}")
         if cfg.model.remat == "none":
             out.append("model.remat=block")
-    if sizes["fsdp"] < topo.chips and fixed > 0.25 * have:
-        out.append(f"mesh.fsdp={topo.chips} mesh.data=1 (params, grads and Adam state take {_gib(fixed)} GiB/chip)")
+    if cfg.mesh.fsdp < topo.chips_per_slice and fixed > 0.25 * have:  # fsdp within a slice: its gathers run on ICI
+        out.append(
+            f"mesh.fsdp={topo.chips_per_slice} mesh.data=1 (params, grads and Adam state take {_gib(fixed)} GiB/chip)"
+        )
     elif fixed >= 0.9 * have:
         out.append(f"more chips with mesh.fsdp (params, grads and Adam state alone take {_gib(fixed)} GiB/chip)")
     return out
@@ -314,7 +366,7 @@ def report(cfg: Config, topo: Topology, res: dict) -> tuple[list[str], bool]:
     fits = peak is not None and peak <= cap
     kernels = ", ".join(f"{k} x{v}" for k, v in res["kernels"].items()) or "none"
     lines = [
-        f"{cfg.name} on {topo.name}: {topo.chips} x {res['device_kind']} ({topo.chip.hbm_gib:g} GiB HBM each), "
+        f"{cfg.name} on {topo.label}: {topo.chips} x {res['device_kind']} ({topo.chip.hbm_gib:g} GiB HBM each), "
         f"mesh {res['mesh']}",
         f"batch {t.batch_size} x {cfg.data.seq_len} ({t.batch_size / topo.chips:g} rows/chip), grad_accum "
         f"{t.grad_accum}, remat {cfg.model.remat}, attention {cfg.model.attention}",
@@ -327,10 +379,38 @@ def report(cfg: Config, topo: Topology, res: dict) -> tuple[list[str], bool]:
     ]
     if (buf := res.get("loop_buffers")) is not None:  # the while driver's S-row buffers
         lines.append(f"loop buffers: {buf['uninitialised']} uninitialised (AllocateBuffer), {buf['copied']} copied")
+    if res.get("collectives") is not None:
+        lines += collective_lines(topo, res)
     if not fits:
         fix = "; ".join(suggestions(cfg, topo, res, peak or 2 * cap, cap))
         lines.append(f"peak {_gib(peak)} GiB is over the chip's {topo.chip.hbm_gib:g} GiB; try {fix}")
     return lines, fits
+
+
+def _mib(x: float) -> str:
+    return f"{x / (1 << 20):.2f} MiB"
+
+
+def collective_lines(topo: Topology, res: dict) -> list[str]:
+    """The collective bytes by network and the roofline they imply (report lines)."""
+    col, chip = res["collectives"], topo.chip
+    lines = [f"collectives per chip per step (ring estimate; depth loop at {col['loop_trips']:g} iterations):"]
+    for net, what in (("ici", "ICI (inside a slice)"), ("dcn", "DCN (across slices)")):
+        c = col[net]
+        ops = ", ".join(f"{op} {_mib(b)}" for op, b in c["sent_by_op"].items()) or "none"
+        lines.append(
+            f"  {what:<21} sent {_mib(c['sent']):>12} ({_mib(c['sent_in_loops'])} inside loops) in {c['runs']:g} "
+            f"runs of {c['ops']} ops: {ops}"
+        )
+    roof = roofline(chip, res)
+    fmt = lambda x, bw: "unknown (no published bandwidth)" if x is None else f">= {1e3 * x:.3g} ms at {bw}"
+    lines += [
+        f"step-time lower bounds (estimate, {chip.source}):",
+        f"  compute {1e3 * roof['compute_s']:.3g} ms at {chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16 peak",
+        f"  ICI     {fmt(roof['ici_s'], f'{chip.ici_GBps:g} GB/s bidirectional / 2' if chip.ici_GBps else '')}",
+        f"  DCN     {fmt(roof['dcn_s'], f'{chip.dcn_Gbps:g} Gbit/s per chip' if chip.dcn_Gbps else '')}",
+    ]
+    return lines
 
 
 def _crash_line(log_text: str) -> str:
@@ -365,6 +445,9 @@ def run_worker(argv: list[str], timeout: float | None) -> tuple[dict | None, int
 
 def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v5p:4x4x4, v6e:2x2")
+    parser.add_argument(
+        "--slices", type=int, default=1, help="identical slices over the data-center network (needs mesh.dcn.*)"
+    )
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
     parser.add_argument("--timeout", type=float, default=0, help="give up on the compile after S seconds (0: never)")
     parser.add_argument("--worker-result", default=None, help=argparse.SUPPRESS)
@@ -374,23 +457,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, args = parse_config_args(argv, PROG, "Compile the train step for a TPU topology; print per-chip HBM.", _args)
     try:
-        topo = parse_topology(args.topology)
+        topo = parse_topology(args.topology, args.slices)
     except ValueError as e:
         fail(str(e), PROG)
     from asura.parallel.mesh import MeshError
     from asura.train.preflight import PreflightError, check_devices
 
     try:
-        check_devices(cfg, topo.chips)
+        check_devices(cfg, topo.chips, slices=topo.slices)
     except (MeshError, PreflightError) as e:
-        fail(f"{str(e).splitlines()[0]} ({topo.name})", PROG)
+        fail(f"{str(e).splitlines()[0]} ({topo.label})", PROG)
     if args.worker_result:
         _worker(cfg, topo, Path(args.worker_result))
         return 0
     if not libtpu_available():
         fail("compiling for a TPU needs libtpu: pip install -e '.[tpu]' (a 215 MB wheel)", PROG)
 
-    print(f"compiling the train step of {cfg.name} for {topo.name} ({topo.chips} chips)...", flush=True)
+    print(f"compiling the train step of {cfg.name} for {topo.label} ({topo.chips} chips)...", flush=True)
     res, rc, log_path = run_worker(argv, args.timeout or None)
     if res is None:  # the worker died before writing a result: a libtpu abort, or --timeout
         if rc is None:
@@ -424,6 +507,7 @@ def _write_json(path: str | None, cfg: Config, topo: Topology, res: dict) -> Non
     meta = {
         "config": cfg.name,
         "topology": topo.name,
+        "slices": topo.slices,
         "chips": topo.chips,
         "hbm_gib": topo.chip.hbm_gib,
         "batch_size": t.batch_size,

@@ -16,12 +16,22 @@ from collections.abc import Callable, Iterator
 
 import jax
 
-# name -> (device_kind, cores, jax platform, lowering platform). Device kinds as jax reports them.
+from asura.chips import CHIPS
+
+LOWERING_PLATFORM = {"gpu": "cuda", "tpu": "tpu"}  # jax platform -> lowering platform of our kernels
+
+
+def _target(chip: str) -> tuple[str, int, str, str]:
+    c = CHIPS[chip]
+    return c.device_kind, c.cores, c.platform, LOWERING_PLATFORM[c.platform]
+
+
+# name -> (device_kind, cores, jax platform, lowering platform), from the chip table (asura.chips)
 TARGETS: dict[str, tuple[str, int, str, str]] = {
-    "h100": ("NVIDIA H100 80GB HBM3", 132, "gpu", "cuda"),
-    "a100": ("NVIDIA A100-SXM4-80GB", 108, "gpu", "cuda"),
-    "tpu-v5e": ("TPU v5 lite", 1, "tpu", "tpu"),
-    "tpu-v4": ("TPU v4", 2, "tpu", "tpu"),
+    "h100": _target("h100"),
+    "a100": _target("a100"),
+    "tpu-v5e": _target("v5e"),
+    "tpu-v4": _target("v4"),
 }
 
 # Custom-call targets our kernels lower to, per lowering platform.

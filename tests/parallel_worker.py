@@ -14,6 +14,7 @@ Modes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -171,7 +172,9 @@ def mode_ckpt(workdir, out):
     dump(res, out)
 
 
-def mode_dist(rank, port, out):
+def mode_dist(rank, port, out, levels="one"):
+    """levels: one (a flat data mesh over both processes) | dcn (each process a DCN granule:
+    mesh.dcn.data=2 over mesh.data=1 per process, the multi-slice layout on CPUs)."""
     rank = int(rank)
     os.environ.update(ASURA_COORDINATOR=f"127.0.0.1:{port}", ASURA_NUM_PROCESSES="2", ASURA_PROCESS_ID=str(rank))
     from asura.parallel.distributed import initialize
@@ -183,12 +186,17 @@ def mode_dist(rank, port, out):
     from asura.train.state import init_state
 
     cfg = cfg_for()
+    if levels == "dcn":
+        m = cfg.mesh
+        cfg = cfg.replace(mesh=dataclasses.replace(m, data=1, dcn=dataclasses.replace(m.dcn, data=2)))
     # The same global batches as `single`, each process holding its half of the rows.
     half = cfg.train.batch_size // 2
     local = [{k: v[rank * half : (rank + 1) * half] for k, v in b.items()} for b in batches(cfg, 3)]
     built = init_state(cfg)
-    _, losses, _ = run_steps(cfg, MeshPlacement(cfg, built.axes), local, [2, 1, 2], built=built)
-    dump({"rank": rank, "devices": jax.device_count(), "losses": losses}, out)
+    placement = MeshPlacement(cfg, built.axes)
+    _, losses, _ = run_steps(cfg, placement, local, [2, 1, 2], built=built)
+    order = [d.process_index for d in placement.mesh.devices.flat]
+    dump({"rank": rank, "devices": jax.device_count(), "losses": losses, "mesh_processes": order}, out)
 
 
 def mode_single(out):

@@ -189,8 +189,26 @@ def test_looped_350m_fits_a_v5e_4x4_at_batch_32(tmp_path):
         (["--topology", "v5e:2x2", "mesh.data=8"], "needs 8 devices but 4 are available"),
         (["--topology", "v5e:2x2", "model.atention=pallas"], "model.atention"),
         ([], "--topology"),
+        (["--topology", "v5e:2x2", "--slices", "2"], "the 8 devices span 2 slices: set mesh.dcn sizes"),
+        (["--topology", "v5e:2x2", "--slices", "0"], "--slices 0: a run spans at least 1 slice"),
+        (
+            ["--topology", "v5e:2x2", "--slices", "2", "mesh.dcn.data=2", "train.batch_size=4"],
+            "train.batch_size=4 must be divisible by mesh data x fsdp (8) x train.grad_accum (1) on 8 device(s)",
+        ),
+        (["--topology", "v5e:2x2", "--slices", "2", "mesh.dcn.data=4"], "spans 4 slices but the devices form 2"),
     ],
-    ids=["generation", "dims", "batch-split", "mesh", "config-key", "missing-topology"],
+    ids=[
+        "generation",
+        "dims",
+        "batch-split",
+        "mesh",
+        "config-key",
+        "missing-topology",
+        "slices-no-dcn",
+        "slices-zero",
+        "slices-batch",
+        "slices-dcn",
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

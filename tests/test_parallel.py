@@ -135,12 +135,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("levels", ["one", "dcn"])
+def test_two_processes_match_single_process(tmp_path, levels):
+    # dcn: each process is a DCN granule (mesh.dcn.data=2 x mesh.data=1), the layout of a 2-slice run
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "dist", str(rank), str(port), str(tmp_path / f"d{rank}.json")],
+            [sys.executable, str(WORKER), "dist", str(rank), str(port), str(tmp_path / f"d{rank}.json"), levels],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -157,6 +159,7 @@ def test_two_processes_match_single_process(tmp_path):
     for rank in (0, 1):
         got = json.loads((tmp_path / f"d{rank}.json").read_text())
         assert got["devices"] == 2 and len(got["losses"]) == 3
+        assert got["mesh_processes"] == [0, 1]  # the data axis: process 0's rows first, then process 1's
         np.testing.assert_allclose(got["losses"], single, rtol=1e-5)
 
 

@@ -150,6 +150,9 @@ CHECKS: dict[str, Check] = {
     ".venv/bin/python -m asura.aot --config configs/demo.yaml --topology v5e:2x2 model.attention=pallas": Check(
         expect=("peak",)
     ),
+    ".venv/bin/python -m asura.aot --config configs/demo.yaml --topology v5e:2x2 --slices 2 mesh.dcn.data=2": Check(
+        expect=("on 2 x v5e:2x2: 8 x TPU v5 lite", "DCN (across slices)", "ALL_REDUCE", "DCN     >= ")
+    ),
 }
 
 

@@ -42,7 +42,7 @@ def parse_config_args(
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=256")
     if extra is not None:
         extra(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit on either side of the flags
     for o in args.overrides:
         if o.startswith("-"):
             fail(f"unknown flag {o!r}; see --help", prog)

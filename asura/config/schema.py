@@ -177,10 +177,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class MeshConfig:
-    data: int = -1  # -1 fills the remaining devices
+class DcnConfig:
+    """Mesh parallelism across slices (the data-center network), per mesh axis."""
+
+    data: int = 1
     fsdp: int = 1
     tensor: int = 1
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Within a slice (ICI): -1 fills the slice's remaining devices. Without mesh.dcn, one level over
+    # every device (a single slice, or several processes of one slice)
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Across slices (MaxText's dcn_*_parallelism): axis size = ICI size above x DCN size here, and the
+    # DCN sizes multiply to the number of slices (TPU multislice: the devices' slice_index; elsewhere
+    # one granule per process). DCN carries ~1/16 of ICI's bytes per chip (asura.chips): put data
+    # there, not fsdp or tensor, whose collectives run every layer
+    dcn: DcnConfig = field(default_factory=DcnConfig)
+    # Let one mesh axis take part of a physical torus axis (jax mesh_utils); off, a mesh that does
+    # not tile the slice's torus is refused rather than laid out in plain device order
+    allow_split_physical_axes: bool = False
     # Logical axis -> mesh axes. Parameters and activations are annotated with
     # the logical names; this table is the only place that maps them to devices.
     rules: dict[str, tuple[str, ...]] = field(

@@ -253,6 +253,9 @@ def validate(cfg: Config) -> None:
     for k, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{k} must be a positive size or -1, got {v}")
+    for k in MESH_AXES:
+        if (v := getattr(mesh.dcn, k)) < 1:
+            raise ConfigError(f"mesh.dcn.{k} must be a positive size (slices along {k}), got {v}")
     for logical, axes in mesh.rules.items():
         if logical not in LOGICAL_AXES:
             raise ConfigError(f"mesh.rules has unknown logical axis {logical!r}; valid: {', '.join(LOGICAL_AXES)}")

@@ -19,15 +19,17 @@ class PreflightError(ValueError):
     """A run that cannot work on this machine as configured; one line."""
 
 
-def check_devices(cfg: Config, n_devices: int, process_count: int = 1) -> None:
-    """The mesh must use exactly the devices there are, and the batch must split over it."""
-    from asura.parallel.mesh import mesh_shape
+def check_devices(cfg: Config, n_devices: int, process_count: int = 1, slices: int = 1, granule: str = "slice") -> None:
+    """The mesh must use exactly the devices there are (in `slices` granules: TPU slices or
+    processes, asura.parallel.mesh.granules), and the batch must split over its `batch` rule."""
+    from asura.parallel.mesh import batch_split, mesh_levels
 
-    sizes = mesh_shape(cfg.mesh, n_devices)  # MeshError (one line) when the mesh does not fit
-    rows = sizes["data"] * sizes["fsdp"]
+    sizes = mesh_levels(cfg.mesh, n_devices, slices, granule).sizes  # MeshError (one line) when it does not fit
+    rows = batch_split(cfg.mesh.rules, sizes)
     if cfg.train.batch_size % (rows * cfg.train.grad_accum):
+        axes = " x ".join(cfg.mesh.rules.get("batch", ())) or "(no axes)"
         raise PreflightError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by mesh data x fsdp ({rows}) x "
+            f"train.batch_size={cfg.train.batch_size} must be divisible by mesh {axes} ({rows}) x "
             f"train.grad_accum ({cfg.train.grad_accum}) on {n_devices} device(s)"
         )
     if cfg.train.batch_size % process_count:
@@ -125,7 +127,9 @@ def preflight(cfg: Config, workdir) -> None:
     check_writable(workdir)
     check_disk(cfg, workdir)
     check_packages(cfg)
-    check_devices(cfg, jax.device_count(), jax.process_count())
+    from asura.parallel.mesh import dcn_span, granules
+
+    check_devices(cfg, jax.device_count(), jax.process_count(), *granules(jax.devices(), dcn_span(cfg.mesh)))
     check_memory(cfg)
 
 
