@@ -125,7 +125,7 @@ def topology_devices(topo: Topology):
     desc = topologies.get_topology_desc(
         platform="tpu",
         topology_name=topo.name,
-        chip_config_name="default",
+        chip_config_name=topo.chip.chip_config,
         chips_per_host_bounds=topo.host_bounds,
         **kw,
     )
@@ -216,7 +216,10 @@ def compile_train_step(cfg: Config, devices, halting: bool | None = None) -> dic
     out["memory"] = {k: getattr(stats, f, None) for k, f in MEMORY_FIELDS.items()}
     text = compiled.as_text()
     out["slices"] = granules(devices, dcn_span(cfg.mesh))[0]
-    out["collectives"] = collective_bytes(cfg, text, out["slices"])
+    try:
+        out["collectives"] = collective_bytes(cfg, text, out["slices"])
+    except ValueError as e:  # a program the HLO reader cannot read: keep the memory report
+        out["collectives"], out["collectives_error"] = None, _first_line(e)
     out["train_flops_per_chip"] = flop_count(cfg).train * cfg.train.batch_size * cfg.data.seq_len / len(devices)
     out["compiled_kernel_calls"] = text.count('custom_call_target="tpu_custom_call"')
     out["loop_buffers"] = dataclasses.asdict(uninitialised_buffers(text))
@@ -314,8 +317,8 @@ def suggestions(cfg: Config, topo: Topology, res: dict, need: float, have: float
     """
     from asura.parallel.mesh import batch_split, mesh_levels
 
-    t, sizes = cfg.train, mesh_levels(cfg.mesh, topo.chips, topo.slices).sizes
-    rows = batch_split(cfg.mesh.rules, sizes)
+    t, levels = cfg.train, mesh_levels(cfg.mesh, topo.chips, topo.slices)
+    rows = batch_split(cfg.mesh.rules, levels.sizes)
     fixed = res.get("state_bytes", 0) + res.get("param_bytes", 0)
     out = []
     if fixed < 0.9 * have:
@@ -330,7 +333,7 @@ def suggestions(cfg: Config, topo: Topology, res: dict, need: float, have: float
             out.append(f"train.grad_accum={accum}")
         if cfg.model.remat == "none":
             out.append("model.remat=block")
-    if cfg.mesh.fsdp < topo.chips_per_slice and fixed > 0.25 * have:  # fsdp within a slice: its gathers run on ICI
+    if levels.ici["fsdp"] < topo.chips_per_slice and fixed > 0.25 * have:  # fsdp within a slice: gathers on ICI
         out.append(
             f"mesh.fsdp={topo.chips_per_slice} mesh.data=1 (params, grads and Adam state take {_gib(fixed)} GiB/chip)"
         )
@@ -381,6 +384,8 @@ def report(cfg: Config, topo: Topology, res: dict) -> tuple[list[str], bool]:
         lines.append(f"loop buffers: {buf['uninitialised']} uninitialised (AllocateBuffer), {buf['copied']} copied")
     if res.get("collectives") is not None:
         lines += collective_lines(topo, res)
+    elif res.get("collectives_error"):
+        lines.append(f"collectives: not read ({res['collectives_error']})")
     if not fits:
         fix = "; ".join(suggestions(cfg, topo, res, peak or 2 * cap, cap))
         lines.append(f"peak {_gib(peak)} GiB is over the chip's {topo.chip.hbm_gib:g} GiB; try {fix}")

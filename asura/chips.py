@@ -33,6 +33,7 @@ class Chip:
     torus_dims: int = 0  # TPU topology name dimensions (v5e:16x16, v5p:4x4x4); 0 for GPUs
     ici_GBps: float | None = None  # bidirectional ICI per chip, GB/s
     dcn_Gbps: float | None = None  # data-center network per chip, Gbit/s
+    chip_config: str = "default"  # libtpu's topology chip config: "megacore" makes one device of a 2-core chip
 
     def matches(self, device_kind: str) -> bool:
         kind = device_kind.lower()
@@ -50,7 +51,8 @@ CHIPS.add("v6e", Chip(
 CHIPS.add("v5p", Chip(
     "TPU v5", "tpu", 459e12, 95.0, 2, "cloud.google.com/tpu/docs/v5p", ("tpu v5p",), 3, 1200.0, 50.0,
 ))  # fmt: skip
-CHIPS.add("v4", Chip("TPU v4", "tpu", 275e12, 32.0, 2, "cloud.google.com/tpu/docs/v4", (), 3))
+# libtpu's default v4 config is one device per TensorCore (16 for a 2x2x2); megacore, as jax runs it
+CHIPS.add("v4", Chip("TPU v4", "tpu", 275e12, 32.0, 2, "cloud.google.com/tpu/docs/v4", (), 3, chip_config="megacore"))
 CHIPS.add("a100", Chip("NVIDIA A100-SXM4-80GB", "gpu", 312e12, 80.0, 108, "NVIDIA A100 datasheet (SXM)", ("a100",)))
 # SXM dense; PCIe parts peak lower (756 TFLOP/s) and are not matched separately
 CHIPS.add("h100", Chip("NVIDIA H100 80GB HBM3", "gpu", 989e12, 80.0, 132, "NVIDIA H100 datasheet (SXM)", ("h100",)))

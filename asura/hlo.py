@@ -102,16 +102,23 @@ def _order(shape: str) -> tuple[int, ...]:
 #
 # A multi-slice TPU program is compiled per slice: collectives inside a slice are ordinary HLO
 # collectives over replica groups of that slice's chips (ICI), and what crosses slices is handed to
-# the megascale runtime as host-transfer `send`s tagged `_xla_megascale_transfer_type` (DCN).
+# the megascale runtime as host-transfer send/recv pairs tagged `_xla_megascale_transfer_type` (DCN).
+# The TPU compiler may also split one collective into a start fusion, a continuation and a done
+# fusion, each holding a copy of it under the same channel_id: a collective is counted once.
 
 _ICI_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) (" + "|".join(_ICI_OPS) + r"|send)(-start)?\(")
+_OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) (" + "|".join(_ICI_OPS) + r"|send|recv)(-start)?\(")
 _ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_CHANNEL = re.compile(r"channel_id=(\d+)")
 _GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")  # mesh['data'=256,...] {'data'}
 _PAIRS = re.compile(r"source_target_pairs=\{([\d,{}]*)\}")
 _TRANSFER = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_RENDEZVOUS = re.compile(r'_xla_host_transfer_rendezvous="([^"]+)"')
+# which slices exchange: "{1,2}x{0:3}" (slices 1, 2 x chips 0..3: one group) or {{100000,200000},...}
+_TARGET_SLICES = re.compile(r'_xla_megascale_target="\{([\d,]*)\}x')
+_TARGET_GROUPS = re.compile(r"_xla_megascale_target=\{\{([\d,]*)\}")
 _WHILE = re.compile(r"\bwhile\(.*?body=%([\w.\-]+)")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLEES = re.compile(r"(?:calls|to_apply|condition|body|true_computation|false_computation)=%([\w.\-]+)")
@@ -128,16 +135,32 @@ def _array_bytes(shape: str) -> list[int]:
     return out
 
 
+def _tuple_elements(shape: str) -> list[str]:
+    """The top-level elements of a tuple shape "(a, (b, c), d)"; [shape] for an array."""
+    shape = shape.strip()
+    if not shape.startswith("("):
+        return [shape]
+    out, depth, cur = [], 0, ""
+    for ch in shape[1:-1]:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur] if cur.strip() else out
+
+
 @dataclass(frozen=True)
 class Collective:
     name: str
     op: str  # all-reduce | all-gather | reduce-scatter | all-to-all | collective-permute (ICI), or the
-    #          megascale transfer type (ALL_REDUCE, ...) for what crosses slices (DCN)
+    #          megascale transfer type (ALL_REDUCE, ALL_GATHER, ...) for what crosses slices (DCN)
     network: str  # "ici" | "dcn"
-    payload: int  # bytes: ICI the op's full buffer (all-gather: gathered; reduce-scatter: its input);
-    #              DCN the buffer one chip hands to the megascale runtime
-    group: int  # participants: ICI replica-group size; DCN the slice count
-    runs: float  # times per step: the product of the enclosing loops' trip counts
+    payload: int  # bytes per chip: the op's full buffer (all-gather: gathered; reduce-scatter: its input)
+    group: int  # participants: ICI chips of its replica group; DCN slices of its transfer group
+    runs: float  # times per step: the enclosing loops' trip counts, summed over call sites
     in_loop: bool = False  # inside a while loop (asura's depth loop, grad accumulation)
 
     @property
@@ -154,10 +177,11 @@ class Collective:
 
 
 def _multipliers(hlo: str, loop_trips: float) -> dict[str, tuple[float, bool]]:
-    """Computation -> (times it runs per step, inside a while loop): a while body runs its
-    known_trip_count, else `loop_trips` (asura's depth loop has a traced trip count) times per run
-    of its caller."""
-    calls: dict[str, list[tuple[str, float, bool]]] = {}
+    """Computation -> (times it runs per step, inside a while loop): the sum over its call sites of
+    the caller's runs times, for a while body, its known_trip_count, else `loop_trips` (asura's
+    depth loop has a traced trip count). Every branch of a conditional counts as running (an upper
+    bound)."""
+    callers: dict[str, list[tuple[str, float, bool]]] = {}
     entry, comp = None, ""
     for line in hlo.splitlines():
         if m := _COMP.match(line):
@@ -169,47 +193,74 @@ def _multipliers(hlo: str, loop_trips: float) -> dict[str, tuple[float, bool]]:
         for callee in _CALLEES.findall(line):
             looped = bool(body) and callee == body.group(1)
             times = (float(trips.group(1)) if trips else loop_trips) if looped else 1.0
-            calls.setdefault(comp, []).append((callee, times, looped))
+            callers.setdefault(callee, []).append((comp, times, looped))
         for group in _BRANCHES.findall(line):
-            calls.setdefault(comp, []).extend((c.strip().lstrip("%"), 1.0, False) for c in group.split(","))
-    runs: dict[str, tuple[float, bool]] = {}
-    stack = [(entry, 1.0, False)] if entry else []
-    while stack:
-        comp, times, looped = stack.pop()
-        if runs.get(comp, (0.0, False))[0] >= times:
-            continue
-        runs[comp] = (times, looped)
-        stack.extend((callee, times * k, looped or lp) for callee, k, lp in calls.get(comp, ()))
-    return runs
+            for c in group.split(","):
+                callers.setdefault(c.strip().lstrip("%"), []).append((comp, 1.0, False))
+    memo: dict[str, tuple[float, bool]] = {}
+
+    def runs(c: str) -> tuple[float, bool]:
+        if c not in memo:
+            memo[c] = (1.0, False) if c == entry else (0.0, False)  # HLO has no recursion
+            if c != entry:
+                total, looped = 0.0, False
+                for caller, k, lp in callers.get(c, ()):
+                    t, inner = runs(caller)
+                    total, looped = total + t * k, looped or ((lp or inner) and t > 0)
+                memo[c] = (total, looped)
+        return memo[c]
+
+    comps = {m.group(1) for line in hlo.splitlines() if (m := _COMP.match(line))}
+    return {c: runs(c) for c in comps}
 
 
 def collectives(hlo: str, slices: int = 1, loop_trips: float = 1.0) -> list[Collective]:
     """Every collective of a compiled per-slice TPU program with its network, payload and runs per
-    step. loop_trips: the runs of a while loop whose trip count the compiler does not know."""
+    step. slices: the slice count (a DCN transfer whose target does not name its group spans all);
+    loop_trips: the runs of a while loop whose trip count the compiler does not know."""
     runs = _multipliers(hlo, loop_trips)
-    out, comp = [], ""
+    received: dict[str, int] = {}  # DCN rendezvous -> bytes a chip receives (an all-gather's result)
+    for line in hlo.splitlines():
+        if (m := _OP.match(line)) and m.group(3) == "recv" and (r := _RENDEZVOUS.search(line)):
+            received[r.group(1)] = (_array_bytes(_tuple_elements(m.group(2))[0]) or [0])[0]
+    out, seen, comp = [], set(), ""
     for line in hlo.splitlines():
         if m := _COMP.match(line):
             comp = m.group(1)
             continue
-        if not (m := _OP.match(line)):
+        if not (m := _OP.match(line)) or m.group(3) == "recv":
             continue
         name, shape, op, start = m.groups()
-        sizes = _array_bytes(shape)
+        times, looped = runs.get(comp, (1.0, False))
         if op == "send":
             if not (t := _TRANSFER.search(line)):
                 continue  # a send that is not a cross-slice transfer
-            times, looped = runs.get(comp, (1.0, False))
-            out.append(Collective(name, t.group(1), "dcn", sizes[0] if sizes else 0, slices, times, looped))
+            sent = (_array_bytes(_tuple_elements(shape)[0]) or [0])[0]
+            r = _RENDEZVOUS.search(line)
+            payload = max(sent, received.get(r.group(1), 0) if r else 0)  # all-gather: the gathered bytes
+            out.append(Collective(name, t.group(1), "dcn", payload, _dcn_group(line, slices), times, looped))
             continue
-        if start and op in ("all-gather", "collective-permute"):
-            sizes = sizes[1:2]  # (operand, result, contexts...): the result
-        payload, group = sum(sizes), _group_size(line, name)
+        if (ch := _CHANNEL.search(line)) is not None:
+            if (op, ch.group(1)) in seen:
+                continue  # another piece of a split (start / continuation / done) collective
+            seen.add((op, ch.group(1)))
+        parts = _tuple_elements(shape)
+        if start and op in ("all-gather", "collective-permute", "reduce-scatter"):
+            parts = parts[1:2]  # (operands, results, contexts...): the results
+        payload, group = sum(_array_bytes(",".join(parts))), _group_size(line, name)
         if op == "reduce-scatter":
             payload *= group  # its input: the result is one chip's share
-        times, looped = runs.get(comp, (1.0, False))
         out.append(Collective(name, op, "ici", payload, group, times, looped))
     return out
+
+
+def _dcn_group(line: str, slices: int) -> int:
+    """Slices in one transfer group, from `_xla_megascale_target` (all of them when it is absent)."""
+    if m := _TARGET_SLICES.search(line):
+        return m.group(1).count(",") + 1
+    if m := _TARGET_GROUPS.search(line):
+        return m.group(1).count(",") + 1
+    return slices
 
 
 def _group_size(line: str, name: str) -> int:

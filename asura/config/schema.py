@@ -194,12 +194,12 @@ class MeshConfig:
     tensor: int = 1
     # Across slices (MaxText's dcn_*_parallelism): axis size = ICI size above x DCN size here, and the
     # DCN sizes multiply to the number of slices (TPU multislice: the devices' slice_index; elsewhere
-    # one granule per process). DCN carries ~1/16 of ICI's bytes per chip (asura.chips): put data
-    # there, not fsdp or tensor, whose collectives run every layer
+    # one granule per process). DCN moves 1/128 (v5e) to 1/192 (v5p) of ICI's bytes per chip and
+    # second (asura.chips): put data there, not fsdp or tensor, whose collectives run every layer
     dcn: DcnConfig = field(default_factory=DcnConfig)
-    # Let one mesh axis take part of a physical torus axis (jax mesh_utils); off, a mesh that does
-    # not tile the slice's torus is refused rather than laid out in plain device order
-    allow_split_physical_axes: bool = False
+    # Let one mesh axis take part of a physical torus axis (jax mesh_utils: fsdp=8 on a 4x4 slice);
+    # false refuses such a mesh in one line. Never laid out in plain device order behind your back
+    allow_split_physical_axes: bool = True
     # Logical axis -> mesh axes. Parameters and activations are annotated with
     # the logical names; this table is the only place that maps them to devices.
     rules: dict[str, tuple[str, ...]] = field(
