@@ -216,10 +216,7 @@ def compile_train_step(cfg: Config, devices, halting: bool | None = None) -> dic
     out["memory"] = {k: getattr(stats, f, None) for k, f in MEMORY_FIELDS.items()}
     text = compiled.as_text()
     out["slices"] = granules(devices, dcn_span(cfg.mesh))[0]
-    try:
-        out["collectives"] = collective_bytes(cfg, text, out["slices"])
-    except ValueError as e:  # a program the HLO reader cannot read: keep the memory report
-        out["collectives"], out["collectives_error"] = None, _first_line(e)
+    out.update(read_collectives(cfg, text, out["slices"]))
     out["train_flops_per_chip"] = flop_count(cfg).train * cfg.train.batch_size * cfg.data.seq_len / len(devices)
     out["compiled_kernel_calls"] = text.count('custom_call_target="tpu_custom_call"')
     out["loop_buffers"] = dataclasses.asdict(uninitialised_buffers(text))
@@ -252,6 +249,15 @@ def collective_bytes(cfg: Config, hlo: str, slices: int) -> dict:
             "sent_in_loops": sum(c.sent * c.runs for c in mine if c.in_loop),
         }
     return out
+
+
+def read_collectives(cfg: Config, hlo: str, slices: int) -> dict:
+    """{"collectives": collective_bytes(...)}, or None and "collectives_error" (one line) for a
+    program the HLO reader cannot read: the rest of the compile's report is kept."""
+    try:
+        return {"collectives": collective_bytes(cfg, hlo, slices)}
+    except ValueError as e:
+        return {"collectives": None, "collectives_error": _first_line(e)}
 
 
 def roofline(chip: Chip, res: dict) -> dict[str, float | None]:

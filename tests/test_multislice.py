@@ -255,3 +255,29 @@ def test_overrides_may_sit_on_both_sides_of_the_flags():
     argv = ["train.batch_size=16", "--config", str(DEMO), "--topology", "v5e:2x2", "mesh.dcn.data=2", "train.seed=3"]
     cfg, args = parse_config_args(argv, "t", "test", extra)
     assert (cfg.train.batch_size, cfg.mesh.dcn.data, cfg.train.seed, args.topology) == (16, 2, 3, "v5e:2x2")
+
+
+def test_the_fsdp_suggestion_reads_the_resolved_sizes():
+    # a config that already shards over the whole slice (fsdp=-1 resolves to 16) is not told to set
+    # mesh.fsdp=16; one that does not is; with 2 slices the suggestion is per slice
+    topo = aot.parse_topology("v5e:4x4")
+    res = {"state_bytes": 6 * aot.GIB, "param_bytes": 2 * aot.GIB}  # params + Adam: over a quarter of HBM
+    have = 16 * aot.GIB
+
+    def fsdp_hint(*overrides, t=topo):
+        return [s for s in aot.suggestions(load_config(DEMO, list(overrides)), t, res, 2 * have, have) if "fsdp" in s]
+
+    assert fsdp_hint("mesh.data=1", "mesh.fsdp=-1") == []
+    assert fsdp_hint("mesh.fsdp=2")[0].startswith("mesh.fsdp=16 mesh.data=1")
+    two = aot.parse_topology("v5e:4x4", 2)
+    assert fsdp_hint("mesh.fsdp=2", "mesh.dcn.data=2", t=two)[0].startswith("mesh.fsdp=16 mesh.data=1")
+
+
+def test_an_unreadable_program_keeps_the_rest_of_the_report():
+    cfg = load_config(DEMO, [])
+    bad = "HloModule m\n\nENTRY %main () -> f32[4] {\n  %x = f32[4]{0} all-reduce(f32[4]{0} %y), replica_groups=?\n}\n"
+    got = aot.read_collectives(cfg, bad, 1)
+    assert (
+        got["collectives"] is None and "replica groups in a format asura.hlo does not read" in got["collectives_error"]
+    )
+    assert aot.read_collectives(cfg, HLO, 2)["collectives"]["dcn"]["ops"] == 3
