@@ -98,8 +98,8 @@ def teacher_forced(cm: CachedModel, batch: dict, n: int, policy: str, max_depth:
 
 
 def gap(args) -> None:
-    from asura.analysis.load import load
     from asura.data import build_eval_batches
+    from asura.io.load import load
 
     loaded = load(args.workdir, args.step, extrapolation="last")
     cm = CachedModel(loaded.model)

@@ -47,10 +47,10 @@ def main() -> None:
 
     import jax
 
-    from asura.analysis.load import load
     from asura.data import tasks
     from asura.flops import executed_flops
     from asura.infer.generate import generate
+    from asura.io.load import load
     from asura.model.halting import parse_specs
 
     try:

@@ -45,9 +45,10 @@ LOOP_DEPTH = [
         + """
 import numpy as np
 
-from asura.analysis import depth, exits, load, plots, telemetry
+from asura.analysis import depth, exits, plots, telemetry
 from asura.config import load_config
 from asura.data import build_eval_batches
+from asura.io import load
 from asura.train.loop import run
 
 named = os.environ.get("ASURA_NB_WORKDIR")

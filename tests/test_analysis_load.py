@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import DEMO, ROOT, tiny_config
 
-from asura.analysis import load
 from asura.config import config_to_yaml
+from asura.io import load
 from asura.train.checkpoint import CheckpointStore, config_meta
 from asura.train.integrity import CHECKSUMS
 from asura.train.state import init_state
@@ -113,7 +113,7 @@ def test_read_only_loads_print_no_orbax_read_only_notices(workdir):
     wd, _, _ = workdir
     code = (
         "from absl import logging\n"
-        "from asura.analysis.load import load\n"
+        "from asura.io.load import load\n"
         f"load({str(wd)!r}); load({str(wd)!r})\n"
         "logging.warning('another absl warning')\n"
     )

@@ -147,9 +147,9 @@ def test_depths_past_the_limit_are_refused_before_loading():
 def test_prompt_bytes_reach_a_byte_model_and_any_output_prints(byte_wd):
     """An argv byte that is not UTF-8 (0xff) is the byte the model sees; output bytes that are not
     UTF-8 print as \\xNN escapes, even on an ASCII-only stdout."""
-    from asura.analysis.load import load
     from asura.infer.generate import generate
     from asura.infer.sample import Sampling
+    from asura.io.load import load
 
     flags = ["--depth", "2", "--max-new-tokens", "16", "--temperature", "1", "--seed", "5"]
     r = gen("--workdir", str(byte_wd), "--prompt", b"ab\xff", *flags, env={**os.environ, "PYTHONIOENCODING": "ascii"})
@@ -257,9 +257,9 @@ def test_evaluate_shows_the_metrics_that_fit_the_data(addition_wd, tmp_path):
     import json
     import math
 
-    from asura.analysis.load import load
     from asura.config import with_overrides
     from asura.data import prepare
+    from asura.io.load import load
     from asura.train.evaluate import SHOWN, shown_metrics
 
     shards = tmp_path / "pydoc"

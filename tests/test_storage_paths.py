@@ -22,7 +22,7 @@ RUN_PATH_MODULES = [
     "train.py",
     "asura/evaluate.py",
     "asura/generate.py",
-    "asura/analysis/load.py",
+    "asura/io/load.py",
     "asura/data/text.py",
     "asura/data/prepare.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "asura" / "train").glob("*.py")),

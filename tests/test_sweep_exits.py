@@ -47,9 +47,9 @@ def test_study_evaluates_exits_against_an_independent_path_and_regenerates_from_
     assert sum(s.startswith("exits ") for s in said) == 6  # 3 groups x 2 seeds, tuning trials none here
 
     from asura.analysis.depth import evaluate_depths, evaluate_exits
-    from asura.analysis.load import load
     from asura.data import build_eval_batches
     from asura.flops import executed_flops
+    from asura.io.load import load
     from asura.model.halting import HaltSpec
     from asura.sweep import manifest
 

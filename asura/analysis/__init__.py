@@ -1,6 +1,6 @@
-"""Analysis of looped models: load, depth sweeps, per-iteration telemetry, early exit, plots.
+"""Analysis of looped models: depth sweeps, per-iteration telemetry, early exit, plots. Models
+are loaded by asura.io.load (below this package and asura.infer).
 
-    load           load(path, step=None) -> Loaded(model, cfg, step, workdir)
     depth          evaluate_depths, logits_at, model_telemetry, batches_telemetry
     telemetry      pure telemetry over latents [S, B, T, D] + a head fn -> {key: [B, T, n]}
     exits          Huginn-style exit criteria and accuracy-vs-mean-depth curves

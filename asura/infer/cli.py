@@ -77,10 +77,10 @@ def show(tok, ids) -> str:
 
 
 def load_model(args, prog: str, depths: list[int]):
-    """asura.analysis.load.Loaded for --workdir/--step/--extrapolation; refuses depths the model
+    """asura.io.load.Loaded for --workdir/--step/--extrapolation; refuses depths the model
     cannot run (past max_iterations without extrapolation) with the fix in one line."""
-    from asura.analysis.load import LoadError, load
     from asura.depth import DepthError, scan_length
+    from asura.io.load import LoadError, load
 
     try:
         warn = lambda msg: print(f"{prog}: warning: {msg}", file=sys.stderr)

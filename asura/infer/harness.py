@@ -74,8 +74,8 @@ class AsuraLM(LM):
     ):
         super().__init__()
         check_depth(depth)  # before loading: a bad argument costs nothing
-        from asura.analysis.load import load
         from asura.data.tokenizer import load_tokenizer
+        from asura.io.load import load
 
         step = int(step) if isinstance(step, str) and step.isdigit() else step
         loaded = load(workdir, step, extrapolation=extrapolation or None)

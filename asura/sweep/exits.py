@@ -86,9 +86,9 @@ def _label(rule: str, tau) -> str:
 def _evaluate_trial(trial_dir: Path, specs, batches: int | None) -> dict:
     """{step, depth, fixed: [...], exits: [...]} of one trial's newest checkpoint."""
     from asura.analysis.depth import evaluate_depths, evaluate_exits
-    from asura.analysis.load import load
     from asura.data import build_eval_batches
     from asura.flops import executed_flops
+    from asura.io.load import load
 
     loaded = load(trial_dir, "latest")
     cfg, n = loaded.cfg, loaded.cfg.model.iterations

@@ -69,8 +69,8 @@ def _evaluate_trial(trial_dir: Path, depths_by_mode: dict[str, list[int]], batch
     from flax import nnx
 
     from asura.analysis.depth import evaluate_depths
-    from asura.analysis.load import load, model_from_params, with_extrapolation
     from asura.data import build_eval_batches
+    from asura.io.load import load, model_from_params, with_extrapolation
 
     loaded = load(trial_dir, "latest")
     data = build_eval_batches(loaded.cfg, batches or loaded.cfg.train.eval_batches)

@@ -1,0 +1,45 @@
+"""The package layering the data flow reads from (issue #31): a trained model is read by asura.io,
+which sits below both the analysis tools and inference; inference never imports analysis, and the
+I/O layer imports neither. Checked on the syntax trees, so an import inside a function counts too."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+from conftest import ROOT
+
+# package -> packages it must not import (anywhere in its modules, lazily or not)
+FORBIDDEN = {
+    "asura/infer": ("asura.analysis",),
+    "asura/io": ("asura.analysis", "asura.infer", "asura.sweep"),
+}
+
+
+def imported_modules(path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_does_not_import_upward(package):
+    bad = [
+        f"{py.relative_to(ROOT)}:{line} imports {name}"
+        for py in sorted((ROOT / package).glob("*.py"))
+        for line, name in imported_modules(py)
+        if any(name == f or name.startswith(f + ".") for f in FORBIDDEN[package])
+    ]
+    assert not bad, bad
+
+
+def test_the_check_sees_a_lazy_import(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from asura.analysis.depth import evaluate_depths\n    from asura import analysis\n")
+    assert [n for _, n in imported_modules(src)] == [
+        "asura.analysis.depth", "asura.analysis.depth.evaluate_depths", "asura", "asura.analysis",
+    ]  # fmt: skip
