@@ -76,16 +76,21 @@ def test_gate_loss_matches_the_reference_at_every_depth(loop):
     assert loss._cache_size() == 1
 
 
-def test_gate_loss_gradients_while_equal_unrolled_and_reach_the_gate():
-    model = random_model(dataclasses.replace(GATED, remat="iteration"), 1, 0.5)
-    graphdef, state = nnx.split(model)
+def while_grads_equal_unrolled(cfg: ModelConfig, seed: int, n: int = 3):
+    """The loss's gradients through the while driver, checked against the unrolled loop's."""
+    graphdef, state = nnx.split(random_model(dataclasses.replace(cfg, remat="iteration"), seed, 0.5))
 
     def grad(unroll):
-        return jax.grad(lambda st: nnx.merge(graphdef, st).loss(BATCH, n=3, unroll=unroll)[0])(state)
+        return jax.grad(lambda st: nnx.merge(graphdef, st).loss(BATCH, n=n, unroll=unroll)[0])(state)
 
     got, want = grad(False), grad(True)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, **TOL)
+    return got
+
+
+def test_gate_loss_gradients_while_equal_unrolled_and_reach_the_gate():
+    got = while_grads_equal_unrolled(GATED, 1)
     assert float(jnp.abs(got["w_gate"][...]).max()) > 0 and float(jnp.abs(got["b_gate"][...]).max()) > 0
 
 
@@ -221,16 +226,7 @@ def test_improvement_loss_matches_the_reference_at_every_depth(loop):
 
 
 def test_improvement_loss_trains_the_gate_alone_and_while_equals_unrolled():
-    model = random_model(dataclasses.replace(STAGE2, remat="iteration"), 7, 0.5)
-    graphdef, state = nnx.split(model)
-
-    def grad(unroll):
-        return jax.grad(lambda st: nnx.merge(graphdef, st).loss(BATCH, n=3, unroll=unroll)[0])(state)
-
-    got, want = grad(False), grad(True)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, **TOL)
-    flat = nnx.to_flat_state(got)
+    flat = nnx.to_flat_state(while_grads_equal_unrolled(STAGE2, 7))
     gate = {path: v for path, v in flat if path[0] in ("w_gate", "b_gate")}
     rest = [v for path, v in flat if path[0] not in ("w_gate", "b_gate")]
     assert all(float(jnp.abs(v[...]).max()) > 0 for v in gate.values())
