@@ -93,8 +93,9 @@ def parse_topology(name: str, slices: int = 1) -> Topology:
     chip = CHIPS[gen]
     example = "x".join(["4"] * chip.torus_dims)
     if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)*", dims) or dims.count("x") + 1 != chip.torus_dims:
-        dims_n = chip.torus_dims
-        raise ValueError(f"--topology {name!r}: a {gen} topology has {dims_n} dimensions, e.g. {gen}:{example}")
+        raise ValueError(
+            f"--topology {name!r}: a {gen} topology has {chip.torus_dims} dimensions, e.g. {gen}:{example}"
+        )
     if slices < 1:
         raise ValueError(f"--slices {slices}: a run spans at least 1 slice")
     return Topology(name, chip, tuple(int(d) for d in dims.split("x")), slices)

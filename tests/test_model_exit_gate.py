@@ -3,6 +3,7 @@ the fixed-depth latents, its gradients through the while driver against the unro
 `gate` exit rule against the cumulative exit probability, and the refusals."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -34,30 +35,43 @@ BATCH = {
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def reference(model, n, h_SBTD=None):
-    """Ouro's objective by hand: λ_t from the gate on FinalNorm(h_t), p_t = λ_t·S_{t−1} (S_{n−1} at
-    t = n), Σ_t mean_mask(p_t·(ce_t + z·lse_t²)) − β·Σ_t mean_mask(−p_t log p_t). h_SBTD: the n
-    latents it is computed on (default: the fixed-depth model's)."""
-    cfg = model.cfg
+def per_iteration(model, n, h_SBTD=None):
+    """float64, one [B, T] array per iteration t < n: (ce_t, lse_t, gate logit_t) read from the
+    latents h_t (default: the fixed-depth model's), by hand: FinalNorm, the head, the gate."""
     if h_SBTD is None:
         h_SBTD = model.latents(BATCH["inputs"], n)[:n]
     h_SBTD = np.asarray(h_SBTD, np.float64)
     w_DV = np.asarray(model.w_DV(), np.float64)
-    mask = np.asarray(BATCH["loss_mask"], np.float64)
     tgt = np.asarray(BATCH["targets"])
-    survival, objective, entropy, depth = np.ones((B, T)), 0.0, 0.0, 0.0
+    out = []
     for t in range(n):
         x = np.asarray(model.final_norm(jnp.asarray(h_SBTD[t], jnp.float32)), np.float64)
         logits = x @ w_DV
         lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         ce = lse - np.take_along_axis(logits, tgt[..., None], -1)[..., 0]
-        lam = 1 / (1 + np.exp(-(x @ np.asarray(model.w_gate[...], np.float64) + float(model.b_gate[...][0]))))
+        out.append((ce, lse, x @ np.asarray(model.w_gate[...], np.float64) + float(model.b_gate[...][0])))
+    return out
+
+
+def masked(a):
+    """The masked token mean of the losses."""
+    mask = np.asarray(BATCH["loss_mask"], np.float64)
+    return (a * mask).sum() / mask.sum()
+
+
+def reference(model, n, h_SBTD=None):
+    """Ouro's objective by hand: λ_t from the gate on FinalNorm(h_t), p_t = λ_t·S_{t−1} (S_{n−1} at
+    t = n), Σ_t mean_mask(p_t·(ce_t + z·lse_t²)) − β·Σ_t mean_mask(−p_t log p_t). h_SBTD: the n
+    latents it is computed on (default: the fixed-depth model's)."""
+    cfg = model.cfg
+    survival, objective, entropy, depth = np.ones((B, T)), 0.0, 0.0, 0.0
+    for t, (ce, lse, logit) in enumerate(per_iteration(model, n, h_SBTD)):
+        lam = 1 / (1 + np.exp(-logit))
         p = survival if t == n - 1 else lam * survival
         survival = survival * (1 - lam)
-        mean = lambda a: (a * mask).sum() / mask.sum()
-        objective += mean(p * (ce + cfg.z_loss * lse**2))
-        entropy += mean(-p * np.log(p))
-        depth += mean(p * (t + 1))
+        objective += masked(p * (ce + cfg.z_loss * lse**2))
+        entropy += masked(-p * np.log(p))
+        depth += masked(p * (t + 1))
     return objective - cfg.exit_entropy * entropy, entropy, depth
 
 
@@ -187,23 +201,12 @@ def reference_improvement(model, n):
     iterations) is labelled c_t = σ(k·(max(0, ce_t − ce_{t+1}) − γ)) ("continuing helped"), and the
     loss is Σ_{t<n−1} mean_mask(−c_t·log(1 − λ_t) − (1 − c_t)·log λ_t) / (n − 1); 0 at n = 1."""
     cfg = model.cfg
-    h_SBTD = np.asarray(model.latents(BATCH["inputs"], n)[:n], np.float64)
-    w_DV = np.asarray(model.w_DV(), np.float64)
-    mask = np.asarray(BATCH["loss_mask"], np.float64)
-    tgt = np.asarray(BATCH["targets"])
-    ce, z = [], []
-    for t in range(n):
-        x = np.asarray(model.final_norm(jnp.asarray(h_SBTD[t], jnp.float32)), np.float64)
-        logits = x @ w_DV
-        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        ce.append(lse - np.take_along_axis(logits, tgt[..., None], -1)[..., 0])
-        z.append(x @ np.asarray(model.w_gate[...], np.float64) + float(model.b_gate[...][0]))
-    mean = lambda a: (a * mask).sum() / mask.sum()
+    steps = per_iteration(model, n)
     total = 0.0
-    for t in range(n - 1):
-        c = 1 / (1 + np.exp(-cfg.exit_gate_k * (np.maximum(ce[t] - ce[t + 1], 0) - cfg.exit_gate_gamma)))
-        lam = 1 / (1 + np.exp(-z[t]))
-        total += mean(-c * np.log(1 - lam) - (1 - c) * np.log(lam))
+    for (ce, _, logit), (ce_next, _, _) in itertools.pairwise(steps):
+        c = 1 / (1 + np.exp(-cfg.exit_gate_k * (np.maximum(ce - ce_next, 0) - cfg.exit_gate_gamma)))
+        lam = 1 / (1 + np.exp(-logit))
+        total += masked(-c * np.log(1 - lam) - (1 - c) * np.log(lam))
     return total / max(n - 1, 1)
 
 

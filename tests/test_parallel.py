@@ -19,7 +19,7 @@ from conftest import DEMO, ROOT
 
 from asura.config import load_config
 from asura.parallel.logical import logical_to_spec
-from asura.parallel.mesh import MeshError, mesh_shape
+from asura.parallel.mesh import MeshError, mesh_levels
 
 WORKER = ROOT / "tests" / "parallel_worker.py"
 U32 = 2.0**-24  # fp32 unit roundoff
@@ -53,14 +53,14 @@ def _run(args, *, devices: int | None = None, timeout=600):
     return proc
 
 
-def test_mesh_shape_fills_and_rejects():
+def test_mesh_levels_fill_and_reject():
     cfg = load_config(DEMO, ["mesh.data=-1", "mesh.fsdp=4"])
-    assert mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert mesh_levels(cfg.mesh, 8).sizes == {"data": 2, "fsdp": 4, "tensor": 1}
     with pytest.raises(MeshError, match="do not divide"):
-        mesh_shape(cfg.mesh, 6)
+        mesh_levels(cfg.mesh, 6)
     fixed = load_config(DEMO, ["mesh.data=2", "mesh.fsdp=2"])
     with pytest.raises(MeshError, match="needs 4 devices"):
-        mesh_shape(fixed.mesh, 8)
+        mesh_levels(fixed.mesh, 8)
 
 
 def test_logical_rules_map_each_mesh_axis_once():

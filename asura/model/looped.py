@@ -277,13 +277,13 @@ class LoopedLM(nnx.Module):
         logit_BT = self.exit_logit(h_BTD, gate_only=gate.improvement is not None)  # stage II: the gate alone
         p_BT, survival_BT = exit_distribution(jax.nn.sigmoid(logit_BT), gs.survival_BT, t == gate.n - 1)
         mask = gate.mask_BT
-        z_term = carry.z_term + gate.z_loss * masked_mean(p_BT * tok.z, mask)
+        z_step = gate.z_loss * masked_mean(p_BT * tok.z, mask)
+        z_term = carry.z_term + z_step
         entropy = gs.entropy + masked_mean(entropy_terms(p_BT), mask)
         depth = gs.depth + masked_mean(p_BT * (t + 1), mask)
         out = StepOut(h_BTD if ctx["keep_latents"] else None, masked_mean(tok.ce, mask), masked_mean(tok.acc, mask))
         if gate.improvement is None:
-            objective = carry.objective + masked_mean(p_BT * tok.ce, mask)
-            objective = objective + gate.z_loss * masked_mean(p_BT * tok.z, mask)
+            objective = carry.objective + masked_mean(p_BT * tok.ce, mask) + z_step
             return objective, z_term, GateState(survival_BT, entropy, depth, gs.ce_BT, gs.logit_BT), out
         # Ouro's stage II: iteration t labels the previous decision λ_{t-1} ("continue" when t improved
         # the token's CE by more than γ); the n − 1 decisions are averaged (the last exit is forced)
@@ -355,7 +355,7 @@ class LoopedLM(nnx.Module):
         state, cont = (), None
         if gate is not None:
             ones_BT = jnp.ones((B, T), f32(self.dtype))
-            state = GateState(ones_BT, zero, zero, 0.0 * ones_BT, 0.0 * ones_BT)
+            state = GateState(ones_BT, zero, zero, jnp.zeros_like(ones_BT), jnp.zeros_like(ones_BT))
         if halt is not None:
             kv_shape = (self.cfg.n_layers, B, T, self.cfg.kv_heads, self.cfg.d_head)
             real_BT = None if segment_ids_BT is None else segment_ids_BT != 0  # padding never iterates

@@ -80,11 +80,6 @@ def _count(n: int, granule: str) -> str:
     return f"{n} {granule}" if n == 1 else f"{n} {granule}es" if granule.endswith("s") else f"{n} {granule}s"
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int, slices: int = 1) -> dict[str, int]:
-    """Each mesh axis's total size for n_devices (resolving -1); MeshError (one line) when it cannot."""
-    return mesh_levels(cfg, n_devices, slices).sizes
-
-
 def batch_split(rules: Mapping[str, Sequence[str]], sizes: Mapping[str, int]) -> int:
     """How many ways the batch rows split: the product of the mesh axes the `batch` rule names."""
     return math.prod(sizes[a] for a in rules.get("batch", ()))
@@ -95,12 +90,12 @@ def dcn_span(cfg: MeshConfig) -> int:
     return math.prod(getattr(cfg.dcn, a) for a in MESH_AXES)
 
 
-def granules(devices: Sequence, dcn_span: int) -> tuple[int, str]:
+def granules(devices: Sequence, span: int) -> tuple[int, str]:
     """(count, kind) of the DCN granules of a device set: TPU slices (their slice_index), or on other
     platforms, where mesh.dcn spans more than one, the processes (GPU hosts; CPU tests)."""
     if devices[0].platform == "tpu":
         return len({getattr(d, "slice_index", 0) for d in devices}), "slice"
-    if dcn_span > 1:
+    if span > 1:
         return len({d.process_index for d in devices}), "process"
     return 1, "slice"
 

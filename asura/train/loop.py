@@ -40,7 +40,7 @@ from asura.flops import param_count
 from asura.storage.paths import to_path
 from asura.train import init_from
 from asura.train.metrics import to_python
-from asura.train.optim import trained_mask
+from asura.train.optim import freezes, trained_mask
 from asura.train.preflight import preflight
 from asura.train.resume import plan_resume
 from asura.train.state import count_params
@@ -136,7 +136,7 @@ def _run(trainer: Trainer) -> tuple[str, int | None, int]:
     held = (
         f" ({trained:,} trained: slots past the deepest trained iteration stay at init)" if trained < n_params else ""
     )
-    if cfg.train.trainable != "all":  # gate-only fine-tuning: say what the optimiser updates
+    if freezes(cfg.train):  # gate-only fine-tuning: say what the optimiser updates
         params = trainer.state["params"]
         on = jax.tree.leaves(trained_mask(cfg.train, params))
         updated = sum(int(p.size) for p, o in zip(jax.tree.leaves(params), on, strict=True) if o)

@@ -133,6 +133,11 @@ def decay_mask(axes):
     return jax.tree.map(lambda a: decays(a.names), axes)
 
 
+def freezes(t: TrainConfig) -> bool:
+    """Whether train.trainable leaves some parameters out of the optimiser's updates."""
+    return TRAINABLE[t.trainable] is not None
+
+
 def trained_mask(t: TrainConfig, tree):
     """Pytree of bools shaped like `tree` (params, grads or axes): True where train.trainable updates."""
     names = TRAINABLE[t.trainable]
@@ -149,7 +154,7 @@ def make_optimizer(t: TrainConfig, axes) -> optax.GradientTransformation:
         optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask(axes))
     )
     tx = optax.chain(*parts)
-    if TRAINABLE[t.trainable] is None:
+    if not freezes(t):
         return tx
     labels = jax.tree.map(lambda on: "trained" if on else "frozen", trained_mask(t, axes))
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

@@ -17,12 +17,11 @@ import optax
 
 from asura.compat import tree_norm
 from asura.config import Config
-from asura.config.schema import TRAINABLE
 from asura.depth import eval_depths, max_train_depth
 from asura.model.halting import train_spec
 from asura.model.loss import masked_mean
 from asura.train.evaluate import eval_step
-from asura.train.optim import lr_schedule, make_optimizer, trained_mask
+from asura.train.optim import freezes, lr_schedule, make_optimizer, trained_mask
 from asura.train.state import merge_model
 
 
@@ -32,7 +31,7 @@ def _loss_and_grads(cfg: Config, graphdef, rest, halting: bool):
     gate_loss = halt is not None and cfg.depth.halt_gate_loss
 
     def loss_fn(params, batch, n):
-        if TRAINABLE[cfg.train.trainable] is not None:  # frozen parameters: no gradient, none in grad_norm
+        if freezes(cfg.train):  # frozen parameters: no gradient, none in grad_norm
             on = trained_mask(cfg.train, params)
             params = jax.tree.map(lambda p, o: p if o else jax.lax.stop_gradient(p), params, on)
         model = merge_model(graphdef, params, rest)
