@@ -43,3 +43,15 @@ def test_the_check_sees_a_lazy_import(tmp_path):
     assert [n for _, n in imported_modules(src)] == [
         "asura.analysis.depth", "asura.analysis.depth.evaluate_depths", "asura", "asura.analysis",
     ]  # fmt: skip
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages explicitly (kernels/ installs as asura.kernels), so a new package left out
+    works in the editable checkout and is missing from a wheel; every folder with an __init__.py is listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "asura").rglob("__init__.py")}
+    on_disk |= {"asura." + ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kernels").rglob("__init__.py")}
+    assert on_disk - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+    assert listed - on_disk == set(), "listed in pyproject.toml but not a package folder"

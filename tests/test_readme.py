@@ -95,6 +95,30 @@ def _retrained_nothing(copy: Path) -> None:
     assert new[new.index("## exact_match") :] == old[old.index("## exact_match") :]  # from the committed results
 
 
+def readme_python(text: str, after: str) -> str:
+    """The first ```python block after the heading `after`."""
+    section = text[text.index(after) :]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _export_loads(copy: Path) -> None:
+    """The export's files, and (with the hf extra) the README's transformers snippet run as written: its
+    greedy completions at depths 1, 3, 6 are those `python -m asura.generate` prints."""
+    config = json.loads((copy / "exports/demo/config.json").read_text())
+    assert config["asura_step"] == 600 and (copy / "exports/demo/modeling_asura.py").is_file(), config
+    py = str(copy / ".venv/bin/python")
+    if subprocess.run([py, "-c", "import torch, transformers"], capture_output=True).returncode != 0:
+        return  # without the hf extra only the files are checked (CI installs it)
+    snippet = readme_python(README.read_text(), "## Sharing a trained model")
+    p = subprocess.run([py, "-c", snippet], cwd=copy, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-1500:]
+    for depth, line in zip((1, 3, 6), p.stdout.splitlines(), strict=True):
+        ours = subprocess.run([py, "-m", "asura.generate", "--workdir", "runs/demo", "--depth", str(depth), "--prompt",
+                               "12+34=", "--max-new-tokens", "4", "--extrapolation", "last"], cwd=copy,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert line == f"{depth} {ours.stdout[:-1]!r}", (line, ours.stdout, ours.stderr[-500:])
+
+
 CHECKS: dict[str, Check] = {
     "make demo": Check(expect=("done at step 600", "exact_match"), verify=_finished("runs/demo", 600)),
     "make test": Check(),  # the suite itself: CI runs it directly, before this test
@@ -110,6 +134,9 @@ CHECKS: dict[str, Check] = {
     ),
     '.venv/bin/python -m asura.generate --workdir runs/demo --depth 3 --prompt "12+34=" --max-new-tokens 4': Check(
         expect=("4 tokens",)
+    ),
+    ".venv/bin/python -m asura.export --workdir runs/demo --out exports/demo": Check(
+        expect=("exports/demo: AsuraForCausalLM from step 600",), verify=_export_loads
     ),
     ".venv/bin/python train.py --workdir runs/demo train.steps=900 --extend continue": Check(
         expect=("extending train.steps 600 -> 900", "done at step 900"), verify=_finished("runs/demo", 900)

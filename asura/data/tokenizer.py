@@ -27,7 +27,7 @@ class ByteTokenizer:
 
 class JsonTokenizer:
     def __init__(self, path: str):
-        import tokenizers  # lazy: optional dependency
+        import tokenizers  # lazy: only JSON tokenizers need it
 
         self.spec = path
         try:
