@@ -5,7 +5,9 @@ and exit 2 with nothing written. (The PyTorch side: tests/test_export_torch.py.)
 
 import importlib.util
 import json
+import os
 import re
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +17,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from asura import export as export_cli
-from asura.config import config_to_yaml
-from asura.io.export import ExportError, byte_chars, export_model, load_export
+from asura.config import config_from_yaml, config_to_yaml
+from asura.io.export import ExportError, byte_chars, export_model, hf_config, load_export
 from asura.io.load import load
 
 PROG = "python -m asura.export"
@@ -138,12 +140,20 @@ def test_stock_export_of_a_vanilla_config(tmp_path):
         tok = jnp.arange(12)[None] % cfg.model.vocab_size
         assert np.asarray(back.model(tok, 1)).tobytes() == np.asarray(model(tok, 1)).tobytes()
     looped = tiny_config("model.mlp=swiglu", "model.norm=rmsnorm")
-    with pytest.raises(ExportError, match=r"--format stock: model.iterations=2 \(max_iterations=2\)"):
+    with pytest.raises(ExportError, match=r"--format stock: model\.iterations=2: a stock model runs each layer once"):
         export_model(random_model(looped.model), looped, tmp_path / "looped", fmt="stock")
     gelu = tiny_config(*vanilla[:5], "model.guidance=none")
     with pytest.raises(ExportError, match=r"model\.mlp=gelu: Llama/Qwen3 MLPs are SwiGLU"):
         export_model(random_model(gelu.model), gelu, tmp_path / "gelu", fmt="stock")
-    assert not (tmp_path / "looped").exists() and not (tmp_path / "gelu").exists()
+    bf16 = tiny_config(*vanilla, "model.dtype=bfloat16")
+    with pytest.raises(ExportError, match=r"model\.dtype=bfloat16 with param_dtype=float32: a stock model computes in"):
+        export_model(random_model(bf16.model), bf16, tmp_path / "bf16", fmt="stock")
+    assert not any((tmp_path / n).exists() for n in ("looped", "gelu", "bf16"))
+    # one iteration of a run with more slots but no per-iteration parameter is still exactly Qwen3 (QK-norm)
+    slots = tiny_config(*vanilla[:1], "model.max_iterations=2", *vanilla[2:])
+    done = export_model(random_model(slots.model, seed=2), slots, tmp_path / "slots", fmt="stock")
+    config = json.loads((tmp_path / "slots" / "config.json").read_text())
+    assert done.architecture == "Qwen3ForCausalLM" and config["eos_token_id"] is None  # no special tokens
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
 
 
@@ -165,7 +175,7 @@ def test_refusals_are_one_line_and_write_nothing(demo, tmp_path, capsys):
     refused(["--workdir", demo, "--out", tmp_path / "o4", "--step", "x"], capsys, "--step must be an integer")
     refused(["--workdir", demo, "--out", tmp_path / "o5", "--format", "onnx"], capsys, "invalid choice: 'onnx'")
     refused(["--workdir", demo, "--out", tmp_path / "o6", "--format", "stock"], capsys,
-            "--format stock: model.iterations=3 (max_iterations=4): a stock model runs each layer once")  # fmt: skip
+            "--format stock: model.iterations=3: a stock model runs each layer once")  # fmt: skip
     refused(["--workdir", demo], capsys, "the following arguments are required: --out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty_run", "file", "full"]
     # an empty directory is a valid target
@@ -189,9 +199,52 @@ def test_load_export_refuses_what_it_cannot_read(demo, tmp_path, capsys):
     with pytest.raises(ExportError, match="has no asura_config"):
         load_export(out)
     other = config_to_yaml(load(demo).cfg).replace("d_model: 64", "d_model: 32")
-    (out / "config.json").write_text(json.dumps({**config, "asura_config": other}))
+    # a consistent config.json for another width: the weights no longer fit it
+    (out / "config.json").write_text(json.dumps(hf_config(config_from_yaml(other), "asura", 2)))
     want = (
         "model.safetensors: tensor model.layers.0.self_attn.k_proj.weight has shape [64, 64], the model needs [32, 32]"
     )
     with pytest.raises(ExportError, match=re.escape(want)):
         load_export(out)
+
+
+def test_load_export_refuses_an_edited_config(demo, tmp_path, capsys):
+    """PyTorch reads config.json's keys, asura its asura_config: an edit to one side is refused, naming the key."""
+    out = tmp_path / "exp"
+    assert run(["--workdir", demo, "--out", out], capsys)[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    for key, value in (("norm_eps", 1e-3), ("depth", 2), ("rope_theta", 50.0), ("adapter", "lora")):
+        (out / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ExportError, match=rf"config\.json: {key}={value!r} disagrees with asura_config"):
+            load_export(out)
+    edited = config["asura_config"].replace("rope_theta: 10000.0", "rope_theta: 50.0")
+    assert edited != config["asura_config"]
+    (out / "config.json").write_text(json.dumps({**config, "asura_config": edited}))
+    with pytest.raises(ExportError, match=r"rope_theta=10000\.0 disagrees with asura_config \(50\.0\)"):
+        load_export(out)
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "asura_step": 9}))
+    assert load_export(out).step == 9  # the load dtype and provenance are not the model
+
+
+def test_out_paths(demo, tmp_path, capsys, monkeypatch):
+    """The current directory (empty), group/world-readable files under the umask, and one-line refusals for
+    an out whose parent is a file or that lies inside the run."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    old = os.umask(0o022)
+    try:
+        rc, stdout, err = run(["--workdir", demo, "--out", "."], capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    assert stdout.startswith(f"{here}: AsuraForCausalLM from step 2")  # the resolved directory, not "."
+    assert (here / "model.safetensors").is_file() and not [p for p in here.iterdir() if p.name.startswith(".")]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in here.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    refused(["--workdir", demo, "--out", tmp_path / "a_file" / "exp"], capsys, "cannot write --out")
+    refused(["--workdir", demo, "--out", demo / "exports"], capsys, "is inside the run's workdir")
+    refused(["--workdir", demo / "checkpoints" / "2", "--out", demo / "x"], capsys, "is inside the run's workdir")
+    assert not (demo / "exports").exists() and not (demo / "x").exists()

@@ -5,7 +5,10 @@ Llama/Qwen3 exports against transformers' own classes. Needs the `hf` extra (tor
 skipped without it; tests/test_export.py checks the files with numpy everywhere."""
 
 import json
+import os
+import stat
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -114,7 +117,9 @@ def test_exit_gate_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="extrapolation='sideways' is not valid"):
         hf(torch.as_tensor(tok), depth=2, extrapolation="sideways")
     out = hf(torch.as_tensor(tok), depth=2, use_cache=True)
-    with pytest.raises(ValueError, match="this cache was filled at depth 2; a cache serves one depth"):
+    with pytest.raises(
+        ValueError, match=r"this cache was filled at depth 2, extrapolation 'none'; a cache serves one depth"
+    ):
         hf(torch.as_tensor(tok[:, :1]), depth=3, past_key_values=out.past_key_values)
 
 
@@ -162,3 +167,98 @@ def test_generate_matches_asura_generate(arm, tmp_path, capsys):
     assert config["adapter"] == ("abba" if arm == "every_trick" else "none")
     for n, ours, theirs in generate_both(wd, tmp_path / "exp", capsys, "12+34="):
         assert ours == theirs, (n, ours, theirs)
+
+
+def test_tiktoken_tokenizer_is_converted(tmp_path, monkeypatch):
+    """A tiktoken run's tokenizer, converted by transformers from the encoding asura trained with, gives the
+    same ids (a small offline encoding stands in for a downloaded one)."""
+    import tiktoken
+
+    ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"abc": 257, b" t": 258}
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    enc = tiktoken.Encoding(name="tiny", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
+    cfg = tiny_config("data.tokenizer=tiktoken:tiny", "model.vocab_size=259")
+    old = os.umask(0o022)
+    try:
+        export_model(random_model(cfg.model), cfg, tmp_path / "e")
+    finally:
+        os.umask(old)
+    # transformers' converter writes a subdirectory: it must stay traversable (0o755, not 0o644)
+    modes = {
+        p.relative_to(tmp_path / "e").as_posix(): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "e").rglob("*")
+    }
+    assert {m for p, m in modes.items() if (tmp_path / "e" / p).is_dir()} == {0o755}, modes
+    assert {m for p, m in modes.items() if (tmp_path / "e" / p).is_file()} == {0o644}, modes
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "e"), trust_remote_code=True)
+    text = "abc ab t, tt 12+34= é"
+    assert tok(text, add_special_tokens=False).input_ids == enc.encode_ordinary(text)
+    assert tok.decode(enc.encode_ordinary(text)) == text
+
+
+def test_dtypes_compute_what_asura_computes(tmp_path):
+    """bf16 parameters with fp32 compute equal asura at fp32 tolerance whatever dtype transformers loads
+    them in (the weights are cast at use, as asura casts them); bf16 compute is as close to the fp32 model
+    as asura's own bf16 is, and really runs in bf16; the gate's λ works on bf16 weights."""
+    from asura.config import with_overrides
+
+    tok = np.random.default_rng(5).integers(0, 32, (2, 16))
+    for name in sorted(VARIANTS):
+        cfg = tiny_config(*VARIANTS[name], "model.param_dtype=bfloat16")
+        model = random_model(cfg.model, seed=14)
+        nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model, nnx.Param)))
+        export_model(model, cfg, tmp_path / name)
+        hf = hf_load(tmp_path / name)
+        assert next(hf.parameters()).dtype == torch.bfloat16  # transformers loads them as stored
+        for n in (1, 2):
+            np.testing.assert_allclose(logits(hf, tok, depth=n), np.asarray(model(jnp.asarray(tok), n)), **TOL)
+        if cfg.model.exit_gate:
+            normed, _ = hf.model(torch.as_tensor(tok[:1]), torch.arange(16)[None], torch.ones(1, 1, 16, 16).tril() > 0)
+            h = model.run_loop(jnp.asarray(tok[:1]), cfg.model.iterations).h_BTD
+            np.testing.assert_allclose(hf.exit_prob(normed).detach().numpy(), np.asarray(model.exit_prob(h)), **TOL)
+
+        fp32 = with_overrides(cfg, {"model.param_dtype": "float32"})
+        bf = with_overrides(fp32, {"model.dtype": "bfloat16"})
+        f32_model = random_model(fp32.model, seed=15)
+        params = nnx.to_pure_dict(nnx.state(f32_model, nnx.Param))
+        bf_model = model_from_params(bf, params)
+        export_model(bf_model, bf, tmp_path / f"{name}_bf16")
+        hf = hf_load(tmp_path / f"{name}_bf16")
+        _, h = hf.model(torch.as_tensor(tok), torch.arange(16)[None].expand(2, -1), torch.ones(1, 1, 16, 16).tril() > 0)
+        assert h.dtype == torch.bfloat16
+        for n in (1, 2):
+            exact = np.asarray(f32_model(jnp.asarray(tok), n))
+            ours = np.abs(np.asarray(bf_model(jnp.asarray(tok), n)).astype(np.float32) - exact).max()
+            theirs = np.abs(logits(hf, tok, depth=n) - exact).max()
+            # XLA fuses bf16 elementwise chains in fp32 and rounds once, torch rounds per op: two rounding paths
+            # of the same size (u = 2^-8 per rounding). Ask torch's bf16 to be as close to the fp32 model as
+            # asura's bf16 is, within a factor 2; a missing cast (fp32 weights into a bf16 product, a bf16
+            # softmax) or a wrong slot is far outside it
+            assert theirs <= 2 * ours, (name, n, theirs, ours)
+
+
+def test_caches_transformers_would_size_wrongly_are_refused(tmp_path):
+    cfg = tiny_config(*VARIANTS["every_trick"])
+    export_model(random_model(cfg.model, seed=16), cfg, tmp_path / "e")
+    hf = hf_load(tmp_path / "e")
+    ids = torch.as_tensor(np.arange(6)[None])
+    sized = transformers.DynamicCache(config=hf.config)  # num_hidden_layers entries: one iteration's worth
+    with pytest.raises(ValueError, match=r"depth 3 caches 6 \(iteration, layer\) entries: pass DynamicCache\(\)"):
+        hf.generate(ids, depth=3, past_key_values=sized, max_new_tokens=2, do_sample=False)
+    out = hf(ids, depth=4, extrapolation="last", use_cache=True)
+    mixed = r"filled at depth 4, extrapolation 'last'.*got depth 4, extrapolation 'cycle'"
+    with pytest.raises(ValueError, match=mixed):
+        hf(ids[:, :1], depth=4, extrapolation="cycle", past_key_values=out.past_key_values)
+
+
+def test_save_pretrained_round_trips_into_asura(tmp_path):
+    """transformers' own save_pretrained of a loaded export still imports into asura bit for bit."""
+    from asura.io.export import load_export
+
+    cfg = tiny_config(*VARIANTS["lora_swiglu_gqa_untied_rms_add_zero_gate"])
+    model = random_model(cfg.model, seed=17)
+    export_model(model, cfg, tmp_path / "e")
+    hf_load(tmp_path / "e").save_pretrained(str(tmp_path / "resaved"))
+    back = load_export(tmp_path / "resaved")
+    tok = jnp.asarray(np.arange(12)[None] % 32)
+    assert np.asarray(back.model(tok, 3)).tobytes() == np.asarray(model(tok, 3)).tobytes()

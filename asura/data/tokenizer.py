@@ -60,6 +60,11 @@ class TiktokenTokenizer:
             ) from None
         self.vocab_size = self._enc.n_vocab
 
+    @property
+    def encoding(self):
+        """The tiktoken.Encoding (asura.io.export converts it for transformers)."""
+        return self._enc
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts)
 

@@ -29,6 +29,11 @@ from asura.io.names import NameTableError, from_hf, to_hf
 FORMATS = ("asura", "stock")
 HF_FILES = ("configuration_asura.py", "modeling_asura.py")
 WEIGHTS = "model.safetensors"
+# config.json keys that may change without changing the model: load dtype, provenance, transformers' own
+FREE_KEYS = frozenset(
+    ("dtype", "torch_dtype", "use_cache", "initializer_range", "asura_config", "asura_step", "bos_token_id",
+     "eos_token_id", "pad_token_id", "auto_map", "max_position_embeddings")
+)  # fmt: skip
 HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -50,8 +55,7 @@ class Exported:
 def stock_refusal(m) -> str | None:
     """Why a ModelConfig has no stock transformers architecture (naming the flag), or None."""
     checks = (
-        (m.iterations == 1 and m.max_iterations == 1,
-         f"model.iterations={m.iterations} (max_iterations={m.max_iterations}): a stock model runs each layer once"),
+        (m.iterations == 1, f"model.iterations={m.iterations}: a stock model runs each layer once"),
         (m.injection == "none", f"model.injection={m.injection}: a stock model has no input injection"),
         (not m.iter_norm, "model.iter_norm=true: a stock model has no per-iteration norm"),
         (not m.post_norm, "model.post_norm=true: a stock model has no post-block norm"),
@@ -61,6 +65,8 @@ def stock_refusal(m) -> str | None:
         (m.norm == "rmsnorm", f"model.norm={m.norm}: Llama/Qwen3 norms are RMSNorm"),
         (m.position == "rope", f"model.position={m.position}: Llama/Qwen3 use RoPE"),
         (m.loop_start == "embed", f"model.loop_start={m.loop_start}: a stock model reads the embeddings"),
+        (m.dtype == m.param_dtype, f"model.dtype={m.dtype} with param_dtype={m.param_dtype}: a stock model computes "
+         "in the dtype its weights load in"),
     )  # fmt: skip
     return next((why for ok, why in checks if not ok), None)
 
@@ -89,6 +95,10 @@ def _common(cfg) -> dict:
         "dtype": HF_DTYPES[m.param_dtype],
         "torch_dtype": HF_DTYPES[m.param_dtype],
         "use_cache": True,
+        # asura's models have no special tokens (a task's answer ends at a newline): no BOS/EOS/PAD defaults
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
     }
 
 
@@ -140,6 +150,7 @@ def hf_config(cfg, fmt: str, step: int) -> dict:
         "qk_norm": m.qk_norm,
         "position": m.position,
         "rope_theta": m.rope_theta,
+        "compute_dtype": m.dtype,
         **provenance,
     }
 
@@ -195,10 +206,11 @@ def check_tokenizer(spec: str) -> None:
         return
     if spec.startswith("tiktoken:"):
         try:
+            import blobfile  # noqa: F401  (transformers' converter writes the BPE file through it)
             import transformers.integrations.tiktoken  # noqa: F401
         except ImportError:
-            raise ExportError(f"data.tokenizer={spec}: converting a tiktoken encoding needs transformers "
-                              "(pip install 'asura[hf]')") from None  # fmt: skip
+            raise ExportError(f"data.tokenizer={spec}: converting a tiktoken encoding needs transformers and "
+                              "blobfile (pip install 'asura[hf]')") from None  # fmt: skip
         return
     raise ExportError(
         f"data.tokenizer={spec!r} cannot be exported; valid: byte, path/to/tokenizer.json, tiktoken:<enc>"
@@ -208,10 +220,16 @@ def check_tokenizer(spec: str) -> None:
 def write_tokenizer(spec: str, dest: Path, seq_len: int) -> None:
     if spec == "byte":
         return _byte_tokenizer(dest, seq_len)
-    if spec.startswith("tiktoken:"):
+    if spec.startswith("tiktoken:"):  # the encoding as training loaded it, converted by transformers
         from transformers.integrations.tiktoken import convert_tiktoken_to_fast
 
-        return convert_tiktoken_to_fast(spec.split(":", 1)[1], str(dest))
+        from asura.data.tokenizer import load_tokenizer
+
+        try:
+            convert_tiktoken_to_fast(load_tokenizer(spec).encoding, str(dest))
+        except ValueError as e:
+            raise ExportError(f"data.tokenizer={spec}: {str(e).splitlines()[0]}") from None
+        return _tokenizer_config(dest, seq_len)
     try:
         shutil.copyfile(spec, dest / "tokenizer.json")
     except OSError as e:
@@ -246,42 +264,60 @@ def _card(cfg, fmt: str, arch: str, step: int) -> str:
 
 
 def _readable(d: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; an export is for sharing (the umask decides)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(d, 0o777 & ~umask)
-    for f in d.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+    for root, _, files in os.walk(d):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
+def _write(tensors, config, cfg, fmt: str, step: int, dest: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(dest / WEIGHTS), metadata={"format": "pt", "asura_step": str(step)})
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"do_sample": False}  # greedy, as python -m asura.generate; the context is config.json's
+    (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_tokenizer(cfg.data.tokenizer, dest, cfg.data.seq_len)
+    if fmt == "asura":
+        for name in HF_FILES:
+            shutil.copyfile(Path(__file__).parent / "hf" / name, dest / name)
+    (dest / "README.md").write_text(_card(cfg, fmt, config["architectures"][0], step))
+    _readable(dest)
 
 
 def export_model(model, cfg, out, *, fmt: str = "asura", step: int = 0) -> Exported:
     """Write a LoopedLM (with its run Config) to the empty or new local directory ``out``. Everything is
-    checked before anything is written, and the files appear at once (written beside, then renamed)."""
+    checked before anything is written, and the files are written into a temporary directory first: a
+    new ``out`` appears whole (one rename); into an existing empty one the finished files are moved."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
-    out = check_out(out)
+    out = check_out(out).resolve()
     check_tokenizer(cfg.data.tokenizer)
     config = hf_config(cfg, fmt, step)  # refuses a config the format cannot express
     tensors = to_hf(flat_params(model))
-    from safetensors.numpy import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    existed = out.is_dir()
+    tmp = None
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "asura_step": str(step)})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gen = {"do_sample": False}  # greedy, as python -m asura.generate; the context is config.json's
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        write_tokenizer(cfg.data.tokenizer, tmp, cfg.data.seq_len)
-        if fmt == "asura":
-            for name in HF_FILES:
-                shutil.copyfile(Path(__file__).parent / "hf" / name, tmp / name)
-        (tmp / "README.md").write_text(_card(cfg, fmt, config["architectures"][0], step))
-        _readable(tmp)  # mkdtemp and safetensors create owner-only; an export is for sharing
-        if out.exists():
-            out.rmdir()  # empty (check_out)
-        os.replace(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # beside a new out (renamed into place), inside an existing one (its parent may not be ours to write)
+        tmp = Path(tempfile.mkdtemp(prefix=".asura-export-", dir=out if existed else out.parent))
+        _write(tensors, config, cfg, fmt, step, tmp)
+        if existed:
+            for p in tmp.iterdir():
+                os.replace(p, out / p.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write --out {out}: {e.strerror or e}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = tuple(sorted(p.name for p in out.iterdir()))
     return Exported(out, fmt, config["architectures"][0], step, len(tensors), files)
@@ -293,7 +329,12 @@ def export(workdir, out, *, step=None, fmt: str = "asura", warn=None) -> Exporte
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
-    check_out(out)  # before loading anything
+    target = check_out(out).resolve()  # before loading anything
+    if "://" not in os.fspath(workdir):
+        run = Path(os.fspath(workdir)).expanduser().resolve()
+        run = run.parent.parent if run.parent.name == "checkpoints" else run
+        if target == run or run in target.parents:
+            raise ExportError(f"--out {out} is inside the run's workdir {run}; export it elsewhere")
     loaded = load(workdir, step, warn=warn)
     return export_model(loaded.model, loaded.cfg, out, fmt=fmt, step=loaded.step)
 
@@ -322,6 +363,16 @@ def load_export(path) -> Imported:
         cfg = config_from_yaml(meta["asura_config"])
     except ConfigError as e:
         raise ExportError(f"{p / 'config.json'}: asura_config is not a valid config: {e}") from None
+    # PyTorch reads the top-level keys, asura the YAML: an edit to either would make them two models
+    fmt = "asura" if meta.get("model_type") == "asura" else "stock"
+    try:
+        expect = hf_config(cfg, fmt, 0)
+    except ExportError as e:
+        raise ExportError(f"{p / 'config.json'}: asura_config does not fit its model_type: {e}") from None
+    for key, value in expect.items():
+        if key not in FREE_KEYS and meta.get(key, value) != value:
+            raise ExportError(f"{p / 'config.json'}: {key}={meta[key]!r} disagrees with asura_config ({value!r}); "
+                              "the file was edited: re-export, or edit both")  # fmt: skip
     import jax.numpy as jnp
     from flax import traverse_util
 

@@ -3,7 +3,7 @@
 Names are Llama's where Llama has the tensor (model.embed_tokens, model.layers.{i}.self_attn.q_proj,
 model.layers.{i}.mlp.gate_proj, model.norm, lm_head; Qwen3's q_norm/k_norm), so a vanilla config's
 tensors are a stock Llama/Qwen3 checkpoint as they stand. The looped model's own tensors follow the
-same torch module layout (asura/io/hf/modeling_asura.py loads them with a strict state dict):
+same torch module layout (asura/io/hf/modeling_asura.py's modules carry exactly these names):
 
     w_proj [M, 2D, D]          model.inject.{t}.weight [D, 2D]
     post_norm, iter_norm [M, D] model.post_norm.{t}.weight / .bias, model.iter_norm.{t}.weight / .bias

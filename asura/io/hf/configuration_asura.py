@@ -45,6 +45,7 @@ class AsuraConfig(PretrainedConfig):
         max_position_embeddings=64,
         initializer_range=0.02,
         tie_word_embeddings=True,
+        compute_dtype="float32",
         asura_config="",
         **kwargs,
     ):
@@ -76,5 +77,6 @@ class AsuraConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
+        self.compute_dtype = compute_dtype  # asura's model.dtype, whatever dtype the weights load in
         self.asura_config = asura_config
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -27,6 +27,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_asura import AsuraConfig
 
 EXTRAPOLATION = ("none", "last", "cycle")
+# asura's model.dtype: activations and matmul inputs (weights cast at use, whatever dtype they loaded in);
+# norms, softmax and logits run in at least fp32, as in asura
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Norm(nn.Module):
@@ -59,7 +62,8 @@ class LoRA(nn.Module):
         self.lora_B = nn.Linear(config.adapter_rank, d_out, bias=False)
 
     def forward(self, x):
-        return self.gamma * self.lora_B(self.lora_A(x))
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return self.gamma * F.linear(F.linear(x, a), b)
 
 
 class ABBA(nn.Module):
@@ -235,7 +239,7 @@ class AsuraModel(AsuraPreTrainedModel):
         depth = config.depth if depth is None else int(depth)
         extrapolation = config.extrapolation if extrapolation is None else extrapolation
         self.check_depth(depth, extrapolation)
-        e = self.embed_tokens(input_ids)
+        e = self.embed_tokens(input_ids).to(DTYPES[config.compute_dtype])  # asura: parameters cast to it at use
         h = torch.zeros_like(e) if config.loop_start == "zero" else e
         L = len(self.layers)
         for t in range(depth):
@@ -279,7 +283,8 @@ class AsuraForCausalLM(AsuraPreTrainedModel, GenerationMixin):
         """λ = σ(w·Norm(h) + b) per token (asura's exit gate; model.exit_gate runs only)."""
         if self.model.exit_gate is None:
             raise ValueError("this model has no exit gate (asura model.exit_gate=false)")
-        return torch.sigmoid(self.model.exit_gate(normed.float()).squeeze(-1))
+        gate = self.model.exit_gate
+        return torch.sigmoid(F.linear(normed.float(), gate.weight.float(), gate.bias.float()).squeeze(-1))
 
     def forward(
         self,
@@ -300,10 +305,20 @@ class AsuraForCausalLM(AsuraPreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         depth = self.config.depth if depth is None else int(depth)
         if cache is not None:
+            mode = self.config.extrapolation if extrapolation is None else extrapolation
             held = getattr(cache, "asura_depth", None)
-            if held is not None and held != depth:
-                raise ValueError(f"this cache was filled at depth {held}; a cache serves one depth, got depth {depth}")
-            cache.asura_depth = depth
+            if held is not None and held != (depth, mode):
+                raise ValueError(
+                    f"this cache was filled at depth {held[0]}, extrapolation {held[1]!r}; a cache serves one depth "
+                    f"and mode, got depth {depth}, extrapolation {mode!r}"
+                )
+            needed = depth * self.config.num_hidden_layers
+            if getattr(cache, "layer_class_to_replicate", True) is None and len(cache.layers) < needed:
+                raise ValueError(
+                    f"this cache holds {len(cache.layers)} layers; depth {depth} caches {needed} (iteration, layer) "
+                    "entries: pass DynamicCache() without a config, or no cache"
+                )
+            cache.asura_depth = (depth, mode)
         past = cache.get_seq_length() if cache is not None else 0
         S = past + T
         device = input_ids.device
@@ -316,7 +331,8 @@ class AsuraForCausalLM(AsuraPreTrainedModel, GenerationMixin):
         normed, _ = self.model(input_ids, position_ids, mask, cache, depth, extrapolation)
         if logits_to_keep:
             normed = normed[:, -logits_to_keep:]
-        logits = F.linear(normed, self.vocab_weight().to(normed.dtype)).float()
+        # asura: the weight cast to the compute dtype, products accumulated and returned in fp32
+        logits = F.linear(normed.float(), self.vocab_weight().to(normed.dtype).float())
         loss = None
         if labels is not None:  # Hugging Face's convention: predict labels shifted by one, -100 ignored
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
