@@ -19,8 +19,8 @@
 # summary.txt
 #
 # The device image (python3, jax 0.11.2, no grain, no asura install) is used as it is. asura is put
-# on the path through a view in $TMPDIR: asura/* linked, asura/kernels -> kernels/ (what pyproject's
-# package-dir does when installed), bench/ and tests/ copied so their repo-root lookups land in it.
+# on the path through a view in $TMPDIR: asura/* linked, bench/ and tests/ copied so their repo-root
+# lookups land in it.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,7 +54,6 @@ fi
 VIEW="${TMPDIR:-/tmp}/asura_view.$$"
 rm -rf "$VIEW" && mkdir -p "$VIEW/asura"
 for f in "$REPO"/asura/*; do ln -s "$f" "$VIEW/asura/"; done
-ln -s "$REPO/kernels" "$VIEW/asura/kernels"
 ln -s "$REPO/configs" "$VIEW/configs"
 cp -r "$REPO/bench" "$REPO/tests" "$REPO/pyproject.toml" "$VIEW/"
 rm -rf "$VIEW/tests/__pycache__" "$VIEW/bench/__pycache__"

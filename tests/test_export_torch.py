@@ -52,6 +52,11 @@ def hf_load(path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True).eval()
 
 
+def cache_of(out):
+    """The output's cache: field `cache` (transformers >= 5.2x) or `past_key_values` (before)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def logits(hf, tok, **kw):
     with torch.no_grad():
         return hf(torch.as_tensor(np.asarray(tok)), **kw).logits.numpy()
@@ -94,9 +99,17 @@ def test_left_padding_and_cache_agree(exported):
         got = hf(torch.as_tensor(padded), attention_mask=torch.as_tensor(mask), depth=2).logits.numpy()[:, 4:]
     np.testing.assert_allclose(got, logits(hf, tok, depth=2), **TOL)
     ids = torch.as_tensor(tok[:, :5])
-    for n in (1, 2, 5):
-        kw = dict(depth=n, extrapolation="cycle", max_new_tokens=7, do_sample=False)
-        assert hf.generate(ids, **kw).tolist() == hf.generate(ids, use_cache=False, **kw).tolist()
+    lengths = []  # tokens per forward call: with the cache, the prompt once and then one new token per step
+    hook = hf.model.embed_tokens.register_forward_hook(lambda mod, args, out: lengths.append(args[0].shape[1]))
+    try:
+        for n in (1, 2, 5):
+            kw = dict(depth=n, extrapolation="cycle", max_new_tokens=7, do_sample=False)
+            lengths.clear()
+            cached = hf.generate(ids, **kw).tolist()
+            assert lengths == [5] + [1] * 6, lengths  # the cache was really carried from step to step
+            assert cached == hf.generate(ids, use_cache=False, **kw).tolist()
+    finally:
+        hook.remove()
 
 
 def test_exit_gate_and_refusals(tmp_path):
@@ -120,7 +133,7 @@ def test_exit_gate_and_refusals(tmp_path):
     with pytest.raises(
         ValueError, match=r"this cache was filled at depth 2, extrapolation 'none'; a cache serves one depth"
     ):
-        hf(torch.as_tensor(tok[:, :1]), depth=3, past_key_values=out.past_key_values)
+        hf(torch.as_tensor(tok[:, :1]), depth=3, past_key_values=cache_of(out))
 
 
 def test_stock_matches_transformers_own_classes(tmp_path):
@@ -248,7 +261,7 @@ def test_caches_transformers_would_size_wrongly_are_refused(tmp_path):
     out = hf(ids, depth=4, extrapolation="last", use_cache=True)
     mixed = r"filled at depth 4, extrapolation 'last'.*got depth 4, extrapolation 'cycle'"
     with pytest.raises(ValueError, match=mixed):
-        hf(ids[:, :1], depth=4, extrapolation="cycle", past_key_values=out.past_key_values)
+        hf(ids[:, :1], depth=4, extrapolation="cycle", past_key_values=cache_of(out))
 
 
 def test_save_pretrained_round_trips_into_asura(tmp_path):

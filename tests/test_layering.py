@@ -46,12 +46,19 @@ def test_the_check_sees_a_lazy_import(tmp_path):
 
 
 def test_every_package_is_installed():
-    """pyproject lists packages explicitly (kernels/ installs as asura.kernels), so a new package left out
-    works in the editable checkout and is missing from a wheel; every folder with an __init__.py is listed."""
+    """pyproject lists packages explicitly, so a new package left out works in the editable checkout and is
+    missing from a wheel; every folder with an __init__.py is listed."""
     import tomllib
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "asura").rglob("__init__.py")}
-    on_disk |= {"asura." + ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kernels").rglob("__init__.py")}
     assert on_disk - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
     assert listed - on_disk == set(), "listed in pyproject.toml but not a package folder"
+
+
+def test_no_top_level_package_shadows_an_installed_one():
+    """Commands run from the repository root put it first on sys.path, so a top-level package folder there
+    shadows any installed package of that name (a top-level kernels/ broke transformers, which imports
+    Hugging Face's `kernels`). Only asura (and the tests and examples, not packages) sit at the root."""
+    top = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert top == ["asura"], top

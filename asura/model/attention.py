@@ -218,7 +218,7 @@ IMPLS.add(
 )
 IMPLS.add("xla", AttentionImpl("plain JAX reference: fp32 softmax, any backend", xla_attention, _xla_supports))
 IMPLS.add("cudnn", AttentionImpl("cuDNN fused attention (GPU, bf16/fp16)", cudnn_attention, _cudnn_supports))
-IMPLS.add("pallas", AttentionImpl("our Pallas flash kernels (kernels/)", pallas_attention, _pallas_supports))
+IMPLS.add("pallas", AttentionImpl("our Pallas flash kernels (asura/kernels/)", pallas_attention, _pallas_supports))
 
 
 def attention(

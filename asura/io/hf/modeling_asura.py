@@ -27,6 +27,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_asura import AsuraConfig
 
 EXTRAPOLATION = ("none", "last", "cycle")
+# transformers renamed the cache argument and output field past_key_values -> cache (5.2x); both are read, and
+# the output carries whichever field this version's CausalLMOutputWithPast has
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # asura's model.dtype: activations and matmul inputs (weights cast at use, whatever dtype they loaded in);
 # norms, softmax and logits run in at least fp32, as in asura
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -297,10 +300,11 @@ class AsuraForCausalLM(AsuraPreTrainedModel, GenerationMixin):
         depth=None,
         extrapolation=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         B, T = input_ids.shape
-        cache = past_key_values
+        cache = past_key_values if cache is None else cache
         if cache is None and use_cache:
             cache = DynamicCache()
         depth = self.config.depth if depth is None else int(depth)
@@ -336,7 +340,7 @@ class AsuraForCausalLM(AsuraPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:  # Hugging Face's convention: predict labels shifted by one, -100 ignored
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
     def prepare_inputs_for_generation(
         self,
@@ -346,13 +350,15 @@ class AsuraForCausalLM(AsuraPreTrainedModel, GenerationMixin):
         depth=None,
         extrapolation=None,
         use_cache=True,
+        cache=None,
         **kwargs,
     ):
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            input_ids = input_ids[:, past_key_values.get_seq_length() :]
+        cache = past_key_values if cache is None else cache
+        if cache is not None and cache.get_seq_length() > 0:  # the new tokens only: the rest is cached
+            input_ids = input_ids[:, cache.get_seq_length() :]
         return {
             "input_ids": input_ids,
-            "past_key_values": past_key_values,
+            "past_key_values": cache,
             "attention_mask": attention_mask,
             "use_cache": use_cache,
             "depth": depth,

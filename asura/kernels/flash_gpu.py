@@ -20,10 +20,11 @@ from typing import Unpack
 
 import jax
 import jax.numpy as jnp
-from asura.kernels import common as C
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from asura.kernels import common as C
 
 # Defaults per padded head dim: (block_q, block_k, num_warps, num_stages) for fwd and bwd.
 # Priors from published Triton/Pallas flash configs for A100/H100; NOT yet swept on our H100

@@ -30,9 +30,10 @@ from typing import Any, NamedTuple, TypedDict
 
 import jax
 import jax.numpy as jnp
-from asura.kernels.lowering import target_platform
 from jax import lax
 from jax.experimental import pallas as pl
+
+from asura.kernels.lowering import target_platform
 
 # Finite stand-in for -inf in the running max: exp(m_prev - m_new) never sees inf - inf.
 MASK_VALUE = -1e30

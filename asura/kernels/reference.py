@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from asura.kernels.common import check_inputs, scale_for
 
 

@@ -18,9 +18,10 @@ from typing import Unpack
 
 import jax
 import jax.numpy as jnp
-from asura.kernels import common as C
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from asura.kernels import common as C
 
 # (block_q, block_k) per head dim for fwd and bwd. Priors in the range splash/flash
 # attention use on v4/v5; NOT swept on a TPU in this repo yet.
