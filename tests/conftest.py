@@ -53,6 +53,25 @@ def tiny():
     return tiny_config
 
 
+def train_main():
+    """train.py's main(argv) -> exit status (the script is not a module: loaded from its file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("asura_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def train_demo(wd, *overrides, config=DEMO):
+    """A real train.py run of `config` (default configs/demo.yaml) for 2 steps, evaluated and checkpointed
+    at step 2, no progress bar or TensorBoard; overrides come last. Returns the workdir."""
+    flags = ["train.steps=2", "train.batch_size=8", "train.eval_batches=1", "train.eval_every=2",
+             "train.checkpoint_every=2", "train.progress=false", "train.tensorboard=false"]  # fmt: skip
+    assert train_main()(["--config", str(config), "--workdir", str(wd), *flags, *overrides]) == 0
+    return wd
+
+
 def quiet(_msg: str) -> None:
     pass
 

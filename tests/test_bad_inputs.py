@@ -25,7 +25,6 @@ In a subprocess: the run takes < SUBPROCESS_LIMIT_S and no checkpoints/<step> ap
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import DEMO, ROOT, TINY, quiet, tiny_config
+from conftest import DEMO, ROOT, TINY, quiet, tiny_config, train_main
 
 SUBPROCESS_LIMIT_S = 20.0  # a compile of even the tiny model plus imports takes longer on 2 busy cores
 COMPILE_MARK = "compil"  # matches /jax/core/compile/* and /jax/compilation_cache/*
@@ -127,16 +126,9 @@ class Case:
     setup: Callable[[Env], contextlib.AbstractContextManager | None] | None = None  # may skip, may hold a lock
 
 
-def _load_train_main():
-    spec = importlib.util.spec_from_file_location("asura_train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _main(cli: str) -> Callable:
     if cli == "train":
-        return _load_train_main()
+        return train_main()
     if cli == "prepare":
         from asura.data.prepare import main
     elif cli == "sweep":

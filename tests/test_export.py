@@ -3,7 +3,6 @@ with numpy equal the checkpoint's parameters, config.json states every forward f
 is asura's byte tokenizer, import back into asura is bit-exact, and every bad request is one line
 and exit 2 with nothing written. (The PyTorch side: tests/test_export_torch.py.)"""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,31 +11,21 @@ import stat
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DEMO, ROOT, random_model, tiny_config
+from conftest import ROOT, random_model, tiny_config, train_demo
 from flax import nnx
 from safetensors.numpy import load_file
 
 from asura import export as export_cli
 from asura.config import config_from_yaml, config_to_yaml
-from asura.io.export import ExportError, byte_chars, export_model, hf_config, load_export
+from asura.io.export import ExportError, byte_chars, export_model, flat_params, hf_config, load_export
 from asura.io.load import load
 
 PROG = "python -m asura.export"
 
 
-def train(wd, *overrides, config=DEMO):
-    spec = importlib.util.spec_from_file_location("asura_train_script", ROOT / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    flags = ["train.steps=2", "train.batch_size=8", "train.eval_batches=1", "train.eval_every=2",
-             "train.checkpoint_every=2", "train.progress=false", "train.tensorboard=false"]  # fmt: skip
-    assert script.main(["--config", str(config), "--workdir", str(wd), *flags, *overrides]) == 0
-    return wd
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("export") / "demo")
+    return train_demo(tmp_path_factory.mktemp("export") / "demo")
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -64,7 +53,7 @@ def test_export_reads_back_with_numpy(demo, tmp_path, capsys):
     assert files == {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json", "configuration_asura.py", "modeling_asura.py", "README.md"}  # fmt: skip
     loaded = load(demo)
-    params = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param))}
+    params = flat_params(loaded.model)
     tensors = load_file(str(out / "model.safetensors"))
     m = loaded.cfg.model
     # read by name, by hand (not through the table): the layout a PyTorch reader sees

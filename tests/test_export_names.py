@@ -10,6 +10,7 @@ from flax import nnx
 
 from asura.compat import variable_axes
 from asura.config.schema import ModelConfig
+from asura.io.export import flat_params
 from asura.io.names import NameTableError, entry, from_hf, to_hf
 
 V = 32
@@ -30,10 +31,6 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def flat(model) -> dict:
-    return {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
 def like(params: dict) -> dict:
     return {k: (v.shape, v.dtype) for k, v in params.items()}
 
@@ -42,7 +39,7 @@ def like(params: dict) -> dict:
 def variant(request):
     cfg = VARIANTS[request.param]
     model = random_model(cfg, seed=3)
-    return request.param, cfg, model, flat(model)
+    return request.param, cfg, model, flat_params(model)
 
 
 def test_per_iteration_is_the_models_iteration_axis(variant):
@@ -103,7 +100,9 @@ def test_round_trip_is_bit_exact(variant):
 
 
 def test_round_trip_bfloat16():
-    params = {k: v.astype(ml_dtypes.bfloat16) for k, v in flat(random_model(VARIANTS["vanilla"], seed=4)).items()}
+    params = {
+        k: v.astype(ml_dtypes.bfloat16) for k, v in flat_params(random_model(VARIANTS["vanilla"], seed=4)).items()
+    }
     back = from_hf(to_hf(params), like(params))
     assert all(back[k].dtype == ml_dtypes.bfloat16 and back[k].tobytes() == v.tobytes() for k, v in params.items())
 
@@ -111,7 +110,7 @@ def test_round_trip_bfloat16():
 def test_vanilla_names_are_llamas():
     """A vanilla config's tensors are named as transformers' Llama names its own (tied embeddings: no lm_head)."""
     cfg = VARIANTS["vanilla"]
-    names = set(to_hf(flat(random_model(cfg, seed=5))))
+    names = set(to_hf(flat_params(random_model(cfg, seed=5))))
     per_layer = [
         "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
         "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
@@ -123,7 +122,7 @@ def test_vanilla_names_are_llamas():
 
 
 def test_bad_tensors_are_one_line_errors():
-    params = flat(random_model(VARIANTS["abba_layernorm_projconcat"], seed=6))
+    params = flat_params(random_model(VARIANTS["abba_layernorm_projconcat"], seed=6))
     hf = to_hf(params)
     cases = {
         "is missing": {k: v for k, v in hf.items() if k != "model.inject.2.weight"},

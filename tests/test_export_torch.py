@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DEMO, random_model, tiny_config
+from conftest import random_model, tiny_config, train_demo
 from flax import nnx
 
 torch = pytest.importorskip("torch", reason="the PyTorch parity tests need the hf extra: pip install -e '.[hf]'")
 transformers = pytest.importorskip("transformers", reason="the parity tests need the hf extra: pip install -e '.[hf]'")
 
 from test_export import run as run_export  # noqa: E402
-from test_export import train  # noqa: E402
 
 from asura import generate as generate_cli  # noqa: E402
 from asura.data.tokenizer import ByteTokenizer  # noqa: E402
@@ -174,7 +173,7 @@ def test_generate_matches_asura_generate(arm, tmp_path, capsys):
     """The issue's bar: export a run, load it in transformers (trust_remote_code), and generate the tokens
     `python -m asura.generate` generates at depths 1-6 (past the run's max_iterations with extrapolation)."""
     overrides = () if arm == "demo" else EVERY_TRICK
-    wd = train(tmp_path / "run", *overrides, "train.steps=6", "train.checkpoint_every=6", config=DEMO)
+    wd = train_demo(tmp_path / "run", *overrides, "train.steps=6", "train.checkpoint_every=6")
     assert run_export(["--workdir", wd, "--out", tmp_path / "exp"], capsys)[0] == 0
     config = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert config["adapter"] == ("abba" if arm == "every_trick" else "none")

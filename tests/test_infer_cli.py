@@ -1,14 +1,13 @@
 """`python -m asura.generate` and `python -m asura.evaluate` on a workdir written by train.py on
 configs/demo.yaml (what `make demo` runs, a few steps), and their refusals: one line, exit 2."""
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 
 import pytest
-from conftest import DEMO, ROOT
+from conftest import ROOT, train_demo
 
 from asura import evaluate as evaluate_cli
 from asura import generate as generate_cli
@@ -16,14 +15,7 @@ from asura import generate as generate_cli
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("asura_train_script", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    wd = tmp_path_factory.mktemp("demo") / "run"
-    args = ["--config", str(DEMO), "--workdir", str(wd), "train.steps=2", "train.batch_size=8", "train.eval_batches=1"]
-    flags = ["train.eval_every=2", "train.checkpoint_every=2", "train.progress=false", "train.tensorboard=false"]
-    assert train.main([*args, *flags]) == 0
-    return wd
+    return train_demo(tmp_path_factory.mktemp("demo") / "run")
 
 
 def run(main, argv, capsys) -> tuple[int, str, str]:

@@ -4,7 +4,7 @@ import re
 
 import nbformat
 import pytest
-from conftest import ROOT
+from conftest import ROOT, train_main
 from test_analysis_helpers import make_sweep_dir
 
 from asura.analysis import sweep_results
@@ -54,14 +54,9 @@ def test_read_sweep(tmp_path):
 def test_loop_depth_notebook_on_a_make_demo_workdir(tmp_path, monkeypatch):
     """The user's own run: a workdir written by train.py on configs/demo.yaml (what `make demo` runs),
     with extrapolation 'none' in its config; depths past max_iterations are chosen at evaluation time."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("asura_train_script", REPO / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     wd = tmp_path / "demo"
     args = ["--config", str(REPO / "configs/demo.yaml"), "--workdir", str(wd), "train.steps=3"]
-    assert train.main([*args, "train.eval_every=3", "train.checkpoint_every=3", "train.progress=false"]) == 0
+    assert train_main()([*args, "train.eval_every=3", "train.checkpoint_every=3", "train.progress=false"]) == 0
     before = sorted(p.name for p in (wd / "checkpoints").iterdir())
     monkeypatch.setenv("ASURA_NB_WORKDIR", str(wd))
     text = _text(_execute("loop_depth.ipynb"))

@@ -5,7 +5,7 @@ What a pod user relies on, each checked here: a run killed and resumed on a buck
 local run bit for bit (params, every metrics record, TensorBoard); a SIGKILLed train.py resumes the
 same way; two trainers on one gs:// workdir: one is refused; a stale lock is taken over and its old
 holder stops; a corrupt object in the newest step falls back to the previous one; evaluate and
-generate read a gs:// workdir; a fine-tune starts from a gs:// run (train.init_from); a bucket
+generate and export read a gs:// workdir; a fine-tune starts from a gs:// run (train.init_from); a bucket
 that does not exist, another scheme or a missing package is one line before anything compiles.
 
 The three tests that start real train.py processes are marked slow (about two minutes together);
@@ -287,7 +287,7 @@ def test_a_config_that_changes_the_maths_is_refused_before_anything_is_written(g
     assert after == before  # no lock left, config and metrics untouched
 
 
-def test_evaluate_and_generate_read_a_bucket_workdir(gcs, tmp_path):
+def test_evaluate_generate_and_export_read_a_bucket_workdir(gcs, tmp_path):
     cfg = tiny_config("data.task=addition", "train.steps=2", "train.checkpoint_every=2", "train.eval_every=2")
     workdir = f"{gcs}/run"
     run(cfg, workdir)
@@ -301,6 +301,16 @@ def test_evaluate_and_generate_read_a_bucket_workdir(gcs, tmp_path):
                           "--question", "5+7", "--max-new-tokens", "3"], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert gen.returncode == 0 and "prompt '05+07='" in gen.stderr, gen.stderr[-2000:]
+    # export from the bucket to a local directory; the export holds the bucket checkpoint's parameters
+    from asura.io.export import ExportError, export, flat_params, load_export
+    from asura.io.load import load
+
+    done = export(workdir, tmp_path / "exp")
+    assert done.step == 2
+    ours, back = flat_params(load(workdir).model), flat_params(load_export(tmp_path / "exp").model)
+    assert ours.keys() == back.keys() and all(ours[k].tobytes() == back[k].tobytes() for k in ours)
+    with pytest.raises(ExportError, match="is not a local directory"):
+        export(workdir, f"{workdir}/exp")
 
 
 @pytest.mark.parametrize(

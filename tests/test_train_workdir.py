@@ -6,7 +6,6 @@ usable (and untouched where the run refuses).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, quiet, stop_at, tiny_config
+from conftest import ROOT, TINY, quiet, stop_at, tiny_config, train_main
 
 from asura.train import integrity
 from asura.train.checkpoint import CheckpointError, CheckpointMismatchError, CheckpointStore, SaveError
@@ -41,13 +40,6 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 def steps_of(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def load_train_main():
-    spec = importlib.util.spec_from_file_location("asura_train_script", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
 
 
 # ------------------------------------------------------------ store level
@@ -160,7 +152,7 @@ def test_wrong_data_state_refuses_and_moves_nothing(tmp_path):
 
 def test_rerun_of_finished_run_reports_final_metrics(tmp_path, capsys):
     args = ["--workdir", str(tmp_path), *TINY, "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
-    main = load_train_main()
+    main = train_main()
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0  # crashed with a TypeError on None before

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from asura.io.names import NameTableError, from_hf, to_hf
+from asura.storage.paths import is_remote
 
 FORMATS = ("asura", "stock")
 HF_FILES = ("configuration_asura.py", "modeling_asura.py")
@@ -52,6 +53,11 @@ class Exported:
 
 
 # ------------------------------------------------------------------ pure: what a config exports as
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
+
+
 def stock_refusal(m) -> str | None:
     """Why a ModelConfig has no stock transformers architecture (naming the flag), or None."""
     checks = (
@@ -159,7 +165,7 @@ def hf_config(cfg, fmt: str, step: int) -> dict:
 def check_out(out) -> Path:
     """The output directory: local, and absent or empty (nothing is ever overwritten)."""
     s = os.fspath(out)
-    if "://" in s:
+    if is_remote(s):
         raise ExportError(f"--out {s} is not a local directory (export locally, then upload, e.g. `hf upload`)")
     p = Path(s).expanduser()
     if p.exists() and not p.is_dir():
@@ -292,8 +298,7 @@ def export_model(model, cfg, out, *, fmt: str = "asura", step: int = 0) -> Expor
     """Write a LoopedLM (with its run Config) to the empty or new local directory ``out``. Everything is
     checked before anything is written, and the files are written into a temporary directory first: a
     new ``out`` appears whole (one rename); into an existing empty one the finished files are moved."""
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     out = check_out(out).resolve()
     check_tokenizer(cfg.data.tokenizer)
     config = hf_config(cfg, fmt, step)  # refuses a config the format cannot express
@@ -325,16 +330,13 @@ def export_model(model, cfg, out, *, fmt: str = "asura", step: int = 0) -> Expor
 
 def export(workdir, out, *, step=None, fmt: str = "asura", warn=None) -> Exported:
     """Export a run's checkpoint (asura.io.load.load's step: int, latest/None or best)."""
-    from asura.io.load import load
+    from asura.io.load import load, resolve
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     target = check_out(out).resolve()  # before loading anything
-    if "://" not in os.fspath(workdir):
-        run = Path(os.fspath(workdir)).expanduser().resolve()
-        run = run.parent.parent if run.parent.name == "checkpoints" else run
-        if target == run or run in target.parents:
-            raise ExportError(f"--out {out} is inside the run's workdir {run}; export it elsewhere")
+    run, _ = resolve(workdir)  # the workdir of any accepted path (checkpoints/<step> included)
+    if not is_remote(run) and (target == Path(run) or Path(run) in target.parents):
+        raise ExportError(f"--out {out} is inside the run's workdir {run}; export it elsewhere")
     loaded = load(workdir, step, warn=warn)
     return export_model(loaded.model, loaded.cfg, out, fmt=fmt, step=loaded.step)
 
